@@ -1,0 +1,46 @@
+"""vllm-notebook: drive the vLLM inference engine from Jupyter.
+
+``%load_ext vllm_notebook`` registers the magics. The Python API below works
+without IPython. Importing this package imports neither vLLM nor torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": "loader", "LoadPlan": "loader",
+    "Engine": "engine", "engines": "engine", "get_engine": "engine", "unload_all": "engine",
+    "Generation": "generation",
+    "demo_model": "demo",
+    "VllmNotebookError": "errors",
+}
+__all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .demo import demo_model
+    from .engine import Engine, engines, get_engine, unload_all
+    from .errors import VllmNotebookError
+    from .generation import Generation
+    from .loader import LoadPlan, load
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'vllm_notebook' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython) -> None:
+    from .magics import register
+
+    register(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    from .magics import unregister
+
+    unregister(ipython)

@@ -1,0 +1,155 @@
+"""Every touch of vLLM lives here, so supporting a new vLLM release is one file's work.
+
+Supported: vLLM 0.26 to 0.33 (the V1 engine, ``AsyncLLM``, ``StructuredOutputsParams``).
+Nothing in this module is imported at ``%load_ext`` time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import vllm
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.sampling_params import RequestOutputKind
+
+try:  # vLLM >= 0.11
+    from vllm.sampling_params import StructuredOutputsParams
+except ImportError:  # pragma: no cover - older releases
+    StructuredOutputsParams = None
+
+try:
+    from vllm.v1.engine.async_llm import AsyncLLM
+except ImportError:  # pragma: no cover
+    from vllm import AsyncLLMEngine as AsyncLLM
+
+try:
+    from vllm.v1.engine.exceptions import EngineDeadError
+except ImportError:  # pragma: no cover
+    class EngineDeadError(Exception):  # type: ignore[no-redef]
+        pass
+
+try:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+except ImportError:  # pragma: no cover - vLLM < 0.11
+    from vllm.utils import FlexibleArgumentParser
+
+VERSION = vllm.__version__
+FINAL_ONLY = RequestOutputKind.FINAL_ONLY
+CUMULATIVE = RequestOutputKind.CUMULATIVE
+
+
+class _Parser(FlexibleArgumentParser):
+    """vLLM's parser, but errors raise instead of calling ``sys.exit``."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        raise argparse.ArgumentError(None, message)
+
+    def exit(self, status=0, message=None):
+        raise SystemExit(status)
+
+
+def engine_arg_parser(prog: str) -> argparse.ArgumentParser:
+    """A parser holding every engine flag of ``vllm serve``, from vLLM's own definitions."""
+    parser = _Parser(prog=prog, add_help=False)
+    AsyncEngineArgs.add_cli_args(parser)
+    return parser
+
+
+def engine_args_from_namespace(ns: argparse.Namespace) -> AsyncEngineArgs:
+    return AsyncEngineArgs.from_cli_args(ns)
+
+
+def engine_args(**kwargs: Any) -> AsyncEngineArgs:
+    return AsyncEngineArgs(**kwargs)
+
+
+def engine_arg_fields() -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+def start_engine(args: AsyncEngineArgs) -> AsyncLLM:
+    """Create the engine. Call inside the running event loop that will drive it."""
+    return AsyncLLM.from_engine_args(args)
+
+
+def stop_engine(llm: AsyncLLM) -> None:
+    llm.shutdown()
+
+
+def free_memory() -> None:
+    """Release distributed state and cached device memory after an engine is gone."""
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    except ImportError:  # pragma: no cover
+        return
+    cleanup_dist_env_and_memory()
+
+
+def tokenizer(llm: AsyncLLM):
+    tok = getattr(llm, "tokenizer", None)
+    if tok is None and hasattr(llm, "get_tokenizer"):
+        tok = llm.get_tokenizer()
+    return tok
+
+
+def engine_facts(llm: AsyncLLM) -> dict[str, Any]:
+    """Model, dtype, lengths, parallel sizes and KV-cache capacity of a started engine."""
+    cfg = llm.vllm_config
+    par = cfg.parallel_config
+    cache = cfg.cache_config
+    blocks = cache.num_gpu_blocks or 0
+    return {
+        "model": cfg.model_config.model,
+        "served_model_name": cfg.model_config.served_model_name,
+        "dtype": str(cfg.model_config.dtype).replace("torch.", ""),
+        "max_model_len": cfg.model_config.max_model_len,
+        "tensor_parallel_size": par.tensor_parallel_size,
+        "pipeline_parallel_size": par.pipeline_parallel_size,
+        "data_parallel_size": getattr(par, "data_parallel_size", 1),
+        "executor": str(par.distributed_executor_backend),
+        "device": _device_name(),
+        "kv_cache_tokens": blocks * (cache.block_size or 0),
+        "vllm_version": VERSION,
+    }
+
+
+def _device_name() -> str:
+    from vllm.platforms import current_platform
+
+    return str(getattr(current_platform, "device_name", None) or current_platform.device_type)
+
+
+def device_count() -> int:
+    """Visible accelerators, counted without initialising CUDA (0 on the CPU build)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return 0
+    if hasattr(current_platform, "device_count"):
+        return int(current_platform.device_count())
+    import torch  # pragma: no cover - older releases
+
+    return torch.cuda.device_count()
+
+
+def is_cpu_build() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def sampling_params(structured: dict[str, Any] | None = None, **kwargs: Any) -> SamplingParams:
+    if structured:
+        if StructuredOutputsParams is None:  # pragma: no cover
+            raise RuntimeError("this vLLM has no structured outputs")
+        kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
+    return SamplingParams(**kwargs)
+
+
+def vllm_loggers() -> list[logging.Logger]:
+    return [logging.getLogger("vllm")]

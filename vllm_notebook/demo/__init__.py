@@ -1,0 +1,161 @@
+"""The demo model: a tiny Llama that this package builds and trains itself.
+
+It needs no download. ``demo_model()`` trains a 2-layer Llama (hidden size 128,
+two 64-wide heads) with a 512-token byte-level BPE tokenizer on the small corpus
+beside this file, saves it as safetensors and returns its directory. The result
+is cached, keyed by a hash of the corpus and the recipe, so the build (about half
+a minute on two CPU cores) happens once per machine.
+
+Training is deterministic and overfits the corpus on purpose, so greedy
+completions are exact: ``"The capital of France is"`` gives ``" Paris."`` and
+then the end-of-sequence token. That makes the model useful for tests and demos,
+and useless for anything else.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+RECIPE_VERSION = 1
+_HERE = Path(__file__).parent
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer briefly."]
+
+
+def cache_root() -> Path:
+    """Where vllm-notebook caches what it builds (``$VLLM_NOTEBOOK_CACHE``)."""
+    env = os.environ.get("VLLM_NOTEBOOK_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "vllm-notebook"
+
+
+def _sources() -> tuple[list[str], list[tuple[str, str]]]:
+    lines = [ln.strip() for ln in (_HERE / "corpus.txt").read_text().splitlines() if ln.strip()]
+    pairs = []
+    for ln in (_HERE / "chat.tsv").read_text().splitlines():
+        if ln.strip():
+            q, a = ln.split("\t")
+            pairs.append((q.strip(), a.strip()))
+    return lines, pairs
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256(f"recipe={RECIPE_VERSION}".encode())
+    for name in ("corpus.txt", "chat.tsv", "__init__.py"):
+        h.update((_HERE / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def demo_model(path: str | os.PathLike | None = None, *, rebuild: bool = False) -> str:
+    """Return the directory of the demo model, building it the first time.
+
+    ``path`` overrides the cache location. Safe to call from several processes
+    at once: one builds, the others wait for it.
+    """
+    target = Path(path) if path else cache_root() / f"demo-llama-{_fingerprint()}"
+    if (target / "config.json").exists() and not rebuild:
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists() and not rebuild:
+            return str(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            build(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _chat_texts(pairs, bos: str, eos: str) -> list[str]:
+    texts = []
+    for q, a in pairs:
+        texts.append(f"{bos}<|user|>{q}\n<|assistant|>{a}{eos}")
+        for system in SYSTEM_PROMPTS:
+            texts.append(f"{bos}<|system|>{system}\n<|user|>{q}\n<|assistant|>{a}{eos}")
+    # Two-turn conversations, so a remembered earlier turn does not confuse the model.
+    for (q1, a1), (q2, a2) in zip(pairs, pairs[1:] + pairs[:1]):
+        texts.append(f"{bos}<|user|>{q1}\n<|assistant|>{a1}\n<|user|>{q2}\n<|assistant|>{a2}{eos}")
+    return texts
+
+
+def _train_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def build(out: Path, *, steps: int = 600, seed: int = 0) -> None:
+    """Train the demo model and write it to ``out`` (a Hugging Face model folder)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    lines, pairs = _sources()
+    bos, eos = "<s>", "</s>"
+    texts = [f"{bos}{ln}{eos}" for ln in lines] + _chat_texts(pairs, bos, eos)
+    raw = _train_tokenizer(lines + [q + " " + a for q, a in pairs])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token=bos, eos_token=eos, pad_token="<pad>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 512
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    batch = torch.full((len(ids), width), pad)
+    for i, row in enumerate(ids):
+        batch[i, : len(row)] = torch.tensor(row)
+    labels = batch.masked_fill(batch == pad, -100)
+    mask = (batch != pad).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "vllm_notebook_demo.json").write_text(
+        json.dumps({"recipe": RECIPE_VERSION, "steps": steps, "final_loss": float(loss)}) + "\n"
+    )

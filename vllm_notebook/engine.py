@@ -1,0 +1,443 @@
+"""``Engine``: one vLLM ``AsyncLLM`` driven from a private event-loop thread.
+
+Every public method is thread-safe and synchronous, so cells, widgets and user
+threads can share one engine; their requests meet in vLLM's scheduler and are
+batched there. Nothing here imports IPython; vLLM is imported on first load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import gc
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import logs
+from .errors import EngineDiedError, EngineStartError, NoEngineError, RequestError, VllmNotebookError
+from .generation import Generation
+
+_DONE = object()
+_ids = itertools.count()
+_ENGINES: dict[str, Engine] = {}
+_registry_lock = threading.RLock()
+
+Prompt = str | dict  # a text prompt, or {"prompt_token_ids": [...]}
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    aborted: int = 0
+    running: int = 0
+
+
+@dataclass
+class _Run:
+    """The state of one call to ``Engine.run``: its requests and their latest outputs."""
+
+    rids: list[str]
+    outputs: list[Any]
+    q: queue.Queue = field(default_factory=queue.Queue)
+    future: Any = None
+    params: Any = None
+    started: float = 0.0
+    first_token_at: float | None = None
+    done: bool = False
+
+
+class Engine:
+    """A running vLLM engine. Create with ``vllm_notebook.load``."""
+
+    def __init__(self, name: str, args: Any, key: tuple, log_path: str, plan: dict | None = None):
+        self.name = name
+        self.args = args
+        self.key = key
+        self.log_path = str(log_path)
+        self.plan = plan or {}
+        self.facts: dict[str, Any] = {}
+        self.stats = Stats()
+        self.load_seconds: float | None = None
+        self._llm = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._tokenizer = None
+
+    # ---------------------------------------------------------------- start
+    def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"vllm-notebook:{self.name}", daemon=True
+        )
+        self._thread.start()
+        import psutil
+
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        t0 = time.monotonic()
+        fut = asyncio.run_coroutine_threadsafe(self._create(), self._loop)
+        phase = "starting engine"
+        try:
+            while True:
+                try:
+                    fut.result(timeout=0.25)
+                    break
+                except TimeoutError:
+                    pass
+                if progress:
+                    phase = logs.phase_of("\n".join(logs.tail(self.log_path, 30)), phase)
+                    progress(phase, time.monotonic() - t0)
+        except KeyboardInterrupt:
+            for p in psutil.Process().children(recursive=True):
+                if p.pid not in before:
+                    with _suppress():
+                        p.kill()
+            with _suppress():
+                fut.result(timeout=30)
+            self._stop_loop()
+            raise VllmNotebookError("load interrupted; the half-started engine was stopped") from None
+        except BaseException as exc:
+            self._stop_loop()
+            if isinstance(exc, VllmNotebookError):
+                raise
+            lines = logs.root_cause(self.log_path, exc)
+            msg = "; ".join(lines) or f"{type(exc).__name__}: {exc}"
+            raise EngineStartError(f"engine failed to start: {msg}  (full log: {self.log_path})") from None
+        self.load_seconds = time.monotonic() - t0
+
+    async def _create(self) -> None:
+        with logs.capture_output(self.log_path):
+            from . import _vllm
+
+            logs.route_vllm_logs(self.log_path, _vllm.vllm_loggers())
+            try:
+                self._llm = _vllm.start_engine(self.args)
+            finally:
+                logs.route_vllm_logs(self.log_path, _vllm.vllm_loggers())
+            self._tokenizer = _vllm.tokenizer(self._llm)
+            self.facts = _vllm.engine_facts(self._llm)
+
+    # ---------------------------------------------------------------- state
+    @property
+    def alive(self) -> bool:
+        return self._llm is not None and not self._closed and not self._llm.errored
+
+    @property
+    def model(self) -> str:
+        return str(self.facts.get("model") or getattr(self.args, "model", ""))
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def _check(self) -> None:
+        if self._closed or self._llm is None:
+            raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
+        if self._llm.errored:
+            raise EngineDiedError(
+                f"engine '{self.name}' has died ({_dead_reason(self)}); "
+                f"run %vllm_load again to restart it  (log: {self.log_path})"
+            )
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive else ("unloaded" if self._closed else "dead")
+        return f"<Engine {self.name!r} model={self.model!r} {state}>"
+
+    def _repr_markdown_(self) -> str:
+        from .render import engine_markdown
+
+        return engine_markdown(self)
+
+    # ---------------------------------------------------------------- prompts
+    def chat_prompt(self, messages: Sequence[dict]) -> dict:
+        """Apply the model's chat template; returns an engine prompt with token ids."""
+        self._check()
+        tok = self._tokenizer
+        try:
+            text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # no template, bad roles, ...
+            raise RequestError(f"cannot apply the chat template of {self.model}: {exc}") from None
+        return {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
+
+    # ---------------------------------------------------------------- generation
+    def run(
+        self,
+        prompts: Sequence[Prompt],
+        params: Any,
+        *,
+        stream: bool = False,
+        on_output: Callable[[int, Any], None] | None = None,
+    ) -> Generation:
+        """Submit all prompts at once and wait for them.
+
+        ``on_output(index, request_output)`` is called in the calling thread for
+        every update (each token when ``stream``; only final outputs otherwise).
+        Ctrl-C (KeyboardInterrupt) aborts the requests within a second and returns
+        the partial result with ``interrupted=True``.
+        """
+        run = self._submit(prompts, params, stream=stream)
+        interrupted = False
+        try:
+            for i, out in self._events(run):
+                if on_output is not None:
+                    on_output(i, out)
+        except KeyboardInterrupt:
+            interrupted = True
+            self._stop_run(run)
+        except BaseException:
+            self._stop_run(run)
+            raise
+        return self._result(run, prompts, interrupted)
+
+    def stream(self, prompt: Prompt, params: Any = None, **sampling) -> Iterator[str]:
+        """Yield text deltas of one completion as they are generated.
+
+        Closing the iterator (or breaking out of the loop) aborts the request.
+        """
+        from .sampling import build_params
+
+        run = self._submit([prompt], build_params(params, sampling), stream=True)
+        seen = 0
+        try:
+            for _, out in self._events(run):
+                text = out.outputs[0].text
+                if len(text) > seen:
+                    yield text[seen:]
+                    seen = len(text)
+        finally:
+            if not run.done:
+                self._stop_run(run)
+            self._result(run, [prompt], interrupted=not run.done)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: Any = None, **sampling) -> Generation:
+        """Generate for one prompt or a batch (submitted at once). Sampling as keyword arguments."""
+        from .sampling import build_params
+
+        batch = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        return self.run(batch, build_params(params, sampling))
+
+    def chat(self, messages: Sequence[dict], params: Any = None, **sampling) -> Generation:
+        """One assistant reply to ``messages`` (OpenAI-style role/content dicts)."""
+        from .sampling import build_params
+
+        return self.run([self.chat_prompt(messages)], build_params(params, sampling))
+
+    def _submit(self, prompts: Sequence[Prompt], params: Any, *, stream: bool) -> _Run:
+        from . import _vllm
+
+        self._check()
+        params = params.clone()
+        params.output_kind = _vllm.CUMULATIVE if stream else _vllm.FINAL_ONLY
+        items = [_engine_prompt(p) for p in prompts]
+        run = _Run(rids=[f"{self.name}-{next(_ids)}" for _ in items], outputs=[None] * len(items))
+        run.params = params
+        with self._lock:
+            self.stats.running += len(items)
+        run.started = time.monotonic()
+        run.future = asyncio.run_coroutine_threadsafe(self._drive(items, params, run), self._loop)
+        return run
+
+    def _events(self, run: _Run, deadline: float | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, output)`` until the run ends; raise a one-line error on failure."""
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = run.q.get(timeout=timeout)
+            except queue.Empty:
+                return
+            if item is _DONE:
+                run.done = True
+                return
+            i, out = item
+            if isinstance(out, BaseException):
+                raise _translate(self, out) from None
+            if run.first_token_at is None:
+                run.first_token_at = time.monotonic()
+            run.outputs[i] = out
+            yield i, out
+
+    def _stop_run(self, run: _Run) -> None:
+        """Abort what is still running and collect the final (partial) outputs, within ~1 s."""
+        pending = [r for r, o in zip(run.rids, run.outputs) if o is None or not o.finished]
+        if pending and self.alive:
+            fut = asyncio.run_coroutine_threadsafe(self._llm.abort(pending), self._loop)
+            with _suppress():
+                fut.result(timeout=1.0)
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                for _ in self._events(run, deadline):
+                    pass
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C while cleaning up
+                continue
+            except VllmNotebookError:
+                continue
+        if not run.done:
+            run.future.cancel()
+
+    def _result(self, run: _Run, prompts: Sequence[Prompt], interrupted: bool) -> Generation:
+        elapsed = time.monotonic() - run.started
+        ttft = (run.first_token_at - run.started) if run.first_token_at else None
+        unfinished = sum(1 for o in run.outputs if o is None or not o.finished or _aborted(o))
+        gen = Generation(
+            prompts=[_prompt_text(p) for p in prompts], outputs=run.outputs, params=run.params,
+            engine=self.name, elapsed=elapsed, ttft=ttft, interrupted=interrupted,
+            aborted=unfinished if interrupted else 0,
+        )
+        with self._lock:
+            self.stats.running -= len(run.rids)
+            self.stats.requests += len(run.rids)
+            self.stats.aborted += gen.aborted
+            for o in run.outputs:
+                if o is not None:
+                    self.stats.prompt_tokens += len(o.prompt_token_ids or [])
+                    self.stats.output_tokens += sum(len(c.token_ids) for c in o.outputs)
+        return gen
+
+    async def _drive(self, items, params, run: _Run) -> None:
+        llm, q = self._llm, run.q
+
+        async def one(i: int, prompt, rid: str) -> None:
+            try:
+                async for out in llm.generate(prompt, params, rid):
+                    q.put((i, out))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                q.put((i, exc))
+
+        try:
+            await asyncio.gather(*(one(i, p, r) for i, (p, r) in enumerate(zip(items, run.rids))))
+        finally:
+            q.put(_DONE)
+
+    # ---------------------------------------------------------------- stop
+    def unload(self) -> None:
+        """Stop the engine and its processes and release their memory."""
+        with _registry_lock:
+            if _ENGINES.get(self.name) is self:
+                del _ENGINES[self.name]
+        if self._closed:
+            return
+        self._closed = True
+        llm, self._llm, self._tokenizer = self._llm, None, None
+        if llm is not None and self._loop is not None and self._loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(_shutdown(llm), self._loop)
+            with _suppress():
+                fut.result(timeout=60)
+        del llm
+        self._stop_loop()
+        gc.collect()
+        with _suppress():
+            from . import _vllm
+
+            _vllm.free_memory()
+
+    def _stop_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+            if not loop.is_running():
+                loop.close()
+
+
+async def _shutdown(llm) -> None:
+    from . import _vllm
+
+    _vllm.stop_engine(llm)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and not issubclass(exc[0], KeyboardInterrupt | SystemExit)
+
+
+def _engine_prompt(p: Prompt):
+    if isinstance(p, dict) and "prompt_token_ids" in p:
+        return {"prompt_token_ids": list(p["prompt_token_ids"])}
+    return p
+
+
+def _prompt_text(p: Prompt) -> str:
+    if isinstance(p, dict):
+        return str(p.get("prompt", p.get("prompt_token_ids", "")))
+    return p
+
+
+def _aborted(o) -> bool:
+    return any(c.finish_reason == "abort" for c in o.outputs)
+
+
+def _dead_reason(engine: Engine) -> str:
+    lines = logs.root_cause(engine.log_path)
+    return lines[-1] if lines else "its process exited"
+
+
+def _translate(engine: Engine, exc: BaseException) -> BaseException:
+    from . import _vllm
+
+    if isinstance(exc, VllmNotebookError):
+        return exc
+    if isinstance(exc, _vllm.EngineDeadError) or (engine._llm is not None and engine._llm.errored):
+        return EngineDiedError(
+            f"engine '{engine.name}' has died ({_dead_reason(engine)}); "
+            f"run %vllm_load again to restart it  (log: {engine.log_path})"
+        )
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if "maximum context length" in msg or "maximum model length" in msg:
+        msg += " — shorten the prompt, or load with a larger --max-model-len"
+    return RequestError(msg)
+
+
+# -------------------------------------------------------------------- registry
+def engines() -> dict[str, Engine]:
+    """The loaded engines, by name."""
+    with _registry_lock:
+        return dict(_ENGINES)
+
+
+def get_engine(name: str | None = None) -> Engine:
+    """The engine called ``name``; with no name, the only one (or ``default``)."""
+    with _registry_lock:
+        if name is None:
+            if len(_ENGINES) == 1:
+                return next(iter(_ENGINES.values()))
+            name = "default"
+        eng = _ENGINES.get(name)
+    if eng is None:
+        loaded = ", ".join(sorted(_ENGINES)) or "none"
+        hint = "load one with %vllm_load MODEL" if not _ENGINES else f"loaded: {loaded}; pick one with --name"
+        raise NoEngineError(f"no engine named '{name}' — {hint}")
+    return eng
+
+
+def unload_all() -> None:
+    for eng in list(engines().values()):
+        eng.unload()
+
+
+def _register(engine: Engine) -> None:
+    with _registry_lock:
+        _ENGINES[engine.name] = engine
+
+
+atexit.register(unload_all)
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")

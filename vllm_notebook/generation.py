@@ -1,0 +1,126 @@
+"""``Generation``: the result of a generate call, with a rich display."""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from typing import Any
+
+FORMATS = ("auto", "markdown", "text", "json")
+
+
+class Generation:
+    """Outputs of one generate call.
+
+    ``text`` is the first completion, ``texts`` every completion (prompt-major),
+    ``outputs`` vLLM's raw ``RequestOutput`` objects, ``params`` the
+    ``SamplingParams`` used and ``metrics`` tokens, timings and finish reasons.
+    """
+
+    def __init__(self, prompts, outputs, params, engine, elapsed, ttft=None, interrupted=False, aborted=0):
+        self.prompts: list[str] = list(prompts)
+        self.outputs: list[Any] = list(outputs)
+        self.params = params
+        self.engine = engine
+        self.interrupted = interrupted
+        self.aborted = aborted
+        self.format = "auto"
+        self._live = None  # a display handle showing this result while it streamed
+        self._printed = False  # already written to a terminal while streaming
+        n_tokens = sum(len(c.token_ids) for o in self.outputs if o for c in o.outputs)
+        self.metrics = {
+            "prompts": len(self.prompts),
+            "output_tokens": n_tokens,
+            "elapsed_s": elapsed,
+            "ttft_s": ttft,
+            "tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
+            "finish_reasons": dict(Counter(self.finish_reasons)),
+        }
+
+    # ------------------------------------------------------------ accessors
+    @property
+    def completions(self) -> list[tuple[int, Any]]:
+        return [(i, c) for i, o in enumerate(self.outputs) if o is not None for c in o.outputs]
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for _, c in self.completions] if self.outputs else []
+
+    @property
+    def text(self) -> str:
+        texts = self.texts
+        return texts[0] if texts else ""
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        out = []
+        for o in self.outputs:
+            if o is None:
+                out.append("aborted")
+            else:
+                out.extend((c.finish_reason or ("aborted" if self.interrupted else "running")) for c in o.outputs)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __iter__(self):
+        return iter(self.texts)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        return (f"<Generation {m['prompts']} prompt(s), {len(self.texts)} completion(s), "
+                f"{m['output_tokens']} tokens, finish={','.join(sorted(set(self.finish_reasons)))}>")
+
+    def to_records(self) -> list[dict]:
+        rows = []
+        for i, c in self.completions:
+            rows.append({"prompt": self.prompts[i], "text": c.text, "tokens": len(c.token_ids),
+                         "finish_reason": c.finish_reason or ("aborted" if self.interrupted else None)})
+        return rows
+
+    def to_pandas(self):
+        """A DataFrame with one row per completion (needs pandas: pip install pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            from .errors import VllmNotebookError
+
+            raise VllmNotebookError("to_pandas() needs pandas: pip install pandas") from None
+        return pd.DataFrame.from_records(self.to_records())
+
+    # ------------------------------------------------------------ display
+    def footer(self) -> str:
+        m = self.metrics
+        parts = [f"{m['output_tokens']} tokens"]
+        if m["ttft_s"] is not None and m["prompts"] == 1:
+            parts.append(f"TTFT {m['ttft_s'] * 1000:.0f} ms")
+        parts.append(f"{m['tokens_per_s']:.1f} tok/s")
+        parts.append(f"{m['elapsed_s']:.2f} s")
+        reasons = ", ".join(f"{k}" if v == 1 else f"{k}×{v}" for k, v in m["finish_reasons"].items())
+        parts.append(f"finish: {reasons}")
+        if self.interrupted:
+            parts.append(f"interrupted: {self.aborted} request(s) aborted")
+        return " · ".join(parts)
+
+    def _single(self) -> bool:
+        return len(self.prompts) == 1 and len(self.texts) <= 1
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        from . import render
+
+        return render.bundle(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        from . import render
+
+        p.text(render.plain(self))
+
+    def _ipython_display_(self) -> None:
+        """Show the result where it streamed (once), otherwise as a new output."""
+        from . import render
+
+        render.show(self)

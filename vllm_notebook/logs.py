@@ -1,0 +1,170 @@
+"""Per-engine log files: vLLM's output goes there, never into cells.
+
+While an engine starts, file descriptors 1 and 2 point at its log, so the engine
+processes it spawns write there for their whole life. In this process the
+``vllm`` logger is routed to the log of the most recently started engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+_PREFIX = re.compile(r"^\((?:[\w-]+) pid=\d+\)\s*")
+_EXC = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit|Interrupt))(?::\s*(.*))?$")
+_GENERIC = re.compile(
+    r"Engine core initialization failed|See root cause above|EngineGenerateError|"
+    r"Worker failed with error|WorkerProc initialization failed|^$"
+)
+# Log markers of the start phases, newest first (the first match wins).
+PHASES = [
+    (re.compile(r"init engine \(profile|Graph capturing finished|Compil(ing|ation)"), "warming up"),
+    (re.compile(r"KV cache size|num_gpu_blocks|Available KV cache|KV cache"), "allocating KV cache"),
+    (re.compile(r"Loading weights|Starting to load model|Loading safetensors"), "loading weights"),
+    (re.compile(r"Initializing a V1 LLM engine|EngineCore|Waiting for init message"), "starting engine"),
+]
+
+
+def log_dir() -> Path:
+    env = os.environ.get("VLLM_NOTEBOOK_LOG_DIR")
+    base = Path(env).expanduser() if env else _default_log_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def _default_log_dir() -> Path:
+    from .demo import cache_root
+
+    return cache_root() / "logs"
+
+
+def new_log_path(name: str) -> Path:
+    safe = re.sub(r"[^\w.-]", "_", name)
+    return log_dir() / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def tail(path: str | os.PathLike, n: int = 40) -> list[str]:
+    try:
+        with open(path, errors="replace") as f:
+            return [ln.rstrip("\n") for ln in deque(f, maxlen=n)]
+    except FileNotFoundError:
+        return []
+
+
+def phase_of(text: str, current: str) -> str:
+    for pattern, name in PHASES:
+        if pattern.search(text):
+            return name
+    return current
+
+
+def root_cause(path: str | os.PathLike | None, exc: BaseException | None = None, limit: int = 3) -> list[str]:
+    """The lines that explain a failure: the innermost exception messages in the log."""
+    found: list[str] = []
+    lines = tail(path, 400) if path else []
+    for raw in lines:
+        line = _PREFIX.sub("", raw.strip())
+        m = _EXC.match(line)
+        if m and m.group(2) is not None and not _GENERIC.search(line):
+            if line not in found:
+                found.append(line)
+    chain = []
+    while exc is not None:
+        text = f"{type(exc).__name__}: {exc}".strip()
+        if not _GENERIC.search(text) and str(exc).strip():
+            chain.append(text.splitlines()[0])
+        exc = exc.__cause__ or exc.__context__
+    for text in reversed(chain):
+        if text not in found:
+            found.append(text)
+    return found[-limit:]
+
+
+def import_vllm():
+    """Import our vLLM layer with its import-time chatter sent to a session log."""
+    if "vllm_notebook._vllm" in sys.modules:
+        return sys.modules["vllm_notebook._vllm"]
+    path = log_dir() / f"session-{os.getpid()}.log"
+    with capture_output(path):
+        from . import _vllm
+
+        route_vllm_logs(path, _vllm.vllm_loggers())
+    return _vllm
+
+
+class _Router(logging.Handler):
+    """Writes ``vllm`` log records to the current engine's log file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._file = None
+        self._path: str | None = None
+
+    def set_target(self, path: str | os.PathLike) -> None:
+        with self.lock:
+            if str(path) != self._path:
+                if self._file:
+                    self._file.close()
+                self._path = str(path)
+                self._file = open(path, "a", buffering=1)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            with self.lock:
+                if self._file:
+                    self._file.write(msg + "\n")
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+_router = _Router()
+_capture_lock = threading.Lock()
+
+
+def route_vllm_logs(path: str | os.PathLike, loggers: list[logging.Logger]) -> None:
+    """Send every ``vllm`` record of this process to ``path``, keeping vLLM's format."""
+    _router.set_target(path)
+    for lg in loggers:
+        for h in list(lg.handlers):
+            if h is not _router:
+                if h.formatter is not None and _router.formatter is None:
+                    _router.setFormatter(h.formatter)
+                lg.removeHandler(h)
+        if _router not in lg.handlers:
+            lg.addHandler(_router)
+        lg.propagate = False
+
+
+@contextlib.contextmanager
+def capture_output(path: str | os.PathLike):
+    """Point fds 1 and 2 (and sys.stdout/err) at ``path`` while the block runs.
+
+    Processes started inside the block keep writing to the log afterwards.
+    """
+    with _capture_lock:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        log = open(path, "a", buffering=1)
+        saved = (os.dup(1), os.dup(2))
+        old_streams = sys.stdout, sys.stderr
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            sys.stdout = sys.stderr = log
+            yield log
+        finally:
+            sys.stdout, sys.stderr = old_streams
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            log.close()

@@ -1,0 +1,82 @@
+"""How results and engines look in a notebook and in a terminal."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+_MAX_CELL = 400
+
+
+def _esc(text: str, limit: int = _MAX_CELL) -> str:
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return html.escape(text).replace("\n", "<br>")
+
+
+def plain(gen) -> str:
+    if gen.format == "json":
+        return json.dumps(gen.to_records(), indent=2, ensure_ascii=False)
+    if gen._single():
+        return f"{gen.text}\n\n[{gen.footer()}]"
+    rows = [f"[{i}] {r['prompt']!r} -> {r['text']!r} ({r['tokens']} tokens, {r['finish_reason']})"
+            for i, r in enumerate(gen.to_records())]
+    return "\n".join(rows + [f"[{gen.footer()}]"])
+
+
+def markdown(gen) -> str:
+    return f"{gen.text}\n\n<sub>{html.escape(gen.footer())}</sub>"
+
+
+def table_html(gen) -> str:
+    head = "<tr><th>#</th><th>prompt</th><th>output</th><th>tokens</th><th>finish</th></tr>"
+    body = "".join(
+        f"<tr><td>{i}</td><td style='text-align:left'>{_esc(r['prompt'])}</td>"
+        f"<td style='text-align:left'>{_esc(r['text'])}</td><td>{r['tokens']}</td>"
+        f"<td>{html.escape(str(r['finish_reason']))}</td></tr>"
+        for i, r in enumerate(gen.to_records())
+    )
+    return (f"<table>{head}{body}</table><p><sub>{html.escape(gen.footer())}</sub></p>")
+
+
+def bundle(gen) -> dict[str, Any]:
+    fmt = gen.format
+    data: dict[str, Any] = {"text/plain": plain(gen)}
+    if fmt == "json":
+        data["application/json"] = gen.to_records()
+    elif fmt == "text":
+        pass
+    elif gen._single():
+        data["text/markdown"] = markdown(gen) if fmt in ("auto", "markdown") else None
+    else:
+        data["text/html"] = table_html(gen)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def show(gen) -> None:
+    from IPython.display import display
+
+    live, gen._live = gen._live, None
+    if gen._printed:
+        gen._printed = False
+        print(f"\n[{gen.footer()}]")
+        return
+    data = bundle(gen)
+    if live is not None:
+        live.update(data, raw=True)
+    else:
+        display(data, raw=True)
+
+
+def engine_markdown(engine) -> str:
+    f = engine.facts
+    rows = [
+        ("model", f.get("model")), ("dtype", f.get("dtype")), ("max_model_len", f.get("max_model_len")),
+        ("tensor / pipeline parallel", f"{f.get('tensor_parallel_size')} / {f.get('pipeline_parallel_size')}"),
+        ("device", f.get("device")), ("KV cache", f"{f.get('kv_cache_tokens', 0):,} tokens"),
+        ("loaded in", f"{engine.load_seconds:.1f} s" if engine.load_seconds else "-"),
+        ("log", engine.log_path),
+    ]
+    body = "\n".join(f"| {k} | `{v}` |" for k, v in rows)
+    return f"**vLLM engine `{engine.name}`** ({'running' if engine.alive else 'stopped'})\n\n| | |\n|---|---|\n{body}\n"
