@@ -90,6 +90,12 @@ def free_memory() -> None:
     cleanup_dist_env_and_memory()
 
 
+def default_sampling(llm: AsyncLLM) -> dict[str, Any]:
+    """The model's generation-config defaults (what ``LLM.generate`` applies too)."""
+    get = getattr(llm.model_config, "get_diff_sampling_param", None)
+    return dict(get() or {}) if get else {}
+
+
 def tokenizer(llm: AsyncLLM):
     tok = getattr(llm, "tokenizer", None)
     if tok is None and hasattr(llm, "get_tokenizer"):

@@ -72,6 +72,8 @@ class Engine:
         self._lock = threading.Lock()
         self._closed = False
         self._tokenizer = None
+        self._defaults: dict[str, Any] | None = None
+        self._announced_in: int | None = None
 
     # ---------------------------------------------------------------- start
     def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
@@ -157,6 +159,19 @@ class Engine:
 
         return engine_markdown(self)
 
+    def _ipython_display_(self) -> None:
+        from .render import show_engine
+
+        show_engine(self)
+
+    def default_sampling(self) -> dict[str, Any]:
+        """The model's own sampling defaults (its generation_config), as vLLM applies them."""
+        if self._defaults is None:
+            from . import _vllm
+
+            self._defaults = _vllm.default_sampling(self._llm) if self._llm is not None else {}
+        return dict(self._defaults)
+
     # ---------------------------------------------------------------- prompts
     def chat_prompt(self, messages: Sequence[dict]) -> dict:
         """Apply the model's chat template; returns an engine prompt with token ids."""
@@ -195,6 +210,7 @@ class Engine:
             self._stop_run(run)
         except BaseException:
             self._stop_run(run)
+            self._result(run, prompts, interrupted=True)
             raise
         return self._result(run, prompts, interrupted)
 
@@ -214,9 +230,10 @@ class Engine:
                     yield text[seen:]
                     seen = len(text)
         finally:
-            if not run.done:
+            closed_early = not run.done
+            if closed_early:
                 self._stop_run(run)
-            self._result(run, [prompt], interrupted=not run.done)
+            self._result(run, [prompt], interrupted=closed_early)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: Any = None, **sampling) -> Generation:
         """Generate for one prompt or a batch (submitted at once). Sampling as keyword arguments."""

@@ -51,6 +51,9 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
         bad = sorted(unknown)[0]
         near = difflib.get_close_matches(bad, _vllm.engine_arg_fields(), n=1)
         raise UsageError(f"unknown engine argument {bad!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    from . import models
+
+    models.resolve(str(model), engine_args.get("revision"), engine_args.get("download_dir"))
     args = _vllm.engine_args(model=model, **engine_args)
     return _load(args, set(engine_args), name, dry_run, progress)
 
@@ -84,6 +87,9 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
     name, dry_run = ns.name, ns.dry_run
     for key in OWN_FLAGS:
         delattr(ns, key)
+    from . import models
+
+    models.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
     try:
         args = _vllm.engine_args_from_namespace(ns)
     except (TypeError, ValueError) as exc:
@@ -148,6 +154,7 @@ def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool):
     except VllmNotebookError:
         line.done(f"vllm-notebook: failed after {time.monotonic() - t0:.0f} s")
         raise
+    eng.plan["executor"] = eng.facts.get("executor", eng.plan.get("executor"))
     _engine._register(eng)
     line.done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
     return eng

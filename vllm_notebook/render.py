@@ -80,3 +80,14 @@ def engine_markdown(engine) -> str:
     ]
     body = "\n".join(f"| {k} | `{v}` |" for k, v in rows)
     return f"**vLLM engine `{engine.name}`** ({'running' if engine.alive else 'stopped'})\n\n| | |\n|---|---|\n{body}\n"
+
+
+def show_engine(engine) -> None:
+    """Display an engine, except right after %vllm_load, whose progress line already summarised it."""
+    from IPython import get_ipython
+    from IPython.display import Markdown, display
+
+    shell = get_ipython()
+    if shell is not None and engine._announced_in == shell.execution_count:
+        return
+    display(Markdown(engine_markdown(engine)))

@@ -38,7 +38,7 @@ def build_params(base: Any = None, overrides: Mapping[str, Any] | None = None, d
         return _vllm.sampling_params(structured or None, **merged)
     except TypeError as exc:
         raise UsageError(f"unknown sampling parameter: {exc}") from None
-    except ValueError as exc:
+    except Exception as exc:  # vLLM's own validation (ValueError or VLLMValidationError)
         raise UsageError(str(exc).splitlines()[0]) from None
 
 

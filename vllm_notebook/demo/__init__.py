@@ -157,5 +157,5 @@ def build(out: Path, *, steps: int = 600, seed: int = 0) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "vllm_notebook_demo.json").write_text(
-        json.dumps({"recipe": RECIPE_VERSION, "steps": steps, "final_loss": float(loss)}) + "\n"
+        json.dumps({"recipe": RECIPE_VERSION, "steps": steps, "final_loss": float(loss.detach())}) + "\n"
     )

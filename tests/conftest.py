@@ -1,0 +1,61 @@
+"""Shared fixtures: one real vLLM CPU engine on the demo model for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 512}
+LOAD_FLAGS = "--enforce-eager --max-model-len 512"
+
+
+@pytest.fixture(scope="session")
+def demo_path() -> str:
+    import vllm_notebook
+
+    return vllm_notebook.demo_model()
+
+
+@pytest.fixture(scope="session")
+def engine(demo_path):
+    import vllm_notebook
+
+    eng = vllm_notebook.load(demo_path, name="default", progress=False, **ENGINE_ARGS)
+    yield eng
+    eng.unload()
+
+
+@pytest.fixture(scope="session")
+def ip(engine):
+    """A real IPython shell with the extension loaded and the session engine registered."""
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_cell("%load_ext vllm_notebook", store_history=False)
+    yield shell
+    shell.run_cell("%unload_ext vllm_notebook", store_history=False)
+
+
+@pytest.fixture
+def cell(ip, engine, capsys):
+    """Run a cell; return (ExecutionResult, printed text). Fails on an unexpected error."""
+
+    def run(code: str, *, expect_error: type | None = None):
+        if not engine.alive:  # a test killed it; later tests need one
+            pytest.fail("the session engine is not alive")
+        capsys.readouterr()
+        result = ip.run_cell(code, store_history=True)
+        out = capsys.readouterr()
+        text = out.out + out.err
+        if expect_error is None:
+            if result.error_in_exec or result.error_before_exec:
+                raise result.error_in_exec or result.error_before_exec
+        else:
+            assert isinstance(result.error_in_exec, expect_error), (result.error_in_exec, text)
+        return result, text
+
+    return run

@@ -1,0 +1,168 @@
+"""The Python API on the real vLLM CPU engine and the demo model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import vllm_notebook
+from vllm_notebook.errors import ModelNotFoundError, NoEngineError, RequestError, UsageError
+
+GREEDY = {"temperature": 0.0}
+
+
+def test_exact_greedy_completions(engine):
+    gen = engine.generate(["The capital of France is", "A dog says", "Once upon a time"], **GREEDY)
+    assert gen.texts == [" Paris.", " woof.", " there was a small robot who loved to read books."]
+    assert gen.finish_reasons == ["stop", "stop", "stop"]
+    assert gen.metrics["output_tokens"] == sum(len(o.outputs[0].token_ids) for o in gen.outputs)
+    assert gen.outputs[0].prompt == "The capital of France is"
+
+
+def test_batch_is_submitted_at_once(engine):
+    arrivals = []
+    params = vllm_notebook.engine.__dict__  # noqa: F841 - keep the module imported
+    from vllm_notebook.sampling import build_params
+
+    p = build_params(None, {"max_tokens": 48, "ignore_eos": True, "temperature": 0.0})
+    t0 = time.monotonic()
+    gen = engine.run([f"The capital of France is {i}" for i in range(16)], p,
+                     on_output=lambda i, o: arrivals.append(time.monotonic()))
+    elapsed = time.monotonic() - t0
+    assert len(arrivals) == 16 and all(len(c.token_ids) == 48 for _, c in gen.completions)
+    # Batched: every request runs the same 48 steps side by side, so they finish together.
+    assert max(arrivals) - min(arrivals) < 0.25 * elapsed
+
+
+def test_stream_yields_deltas_and_close_aborts(engine):
+    assert "".join(engine.stream("Once upon a time", **GREEDY)) == " there was a small robot who loved to read books."
+    before = engine.stats.aborted
+    it = engine.stream("Once upon a time", max_tokens=400, ignore_eos=True)
+    next(it)
+    it.close()
+    assert engine.stats.aborted == before + 1
+    assert engine.generate("The capital of Japan is", **GREEDY).text == " Tokyo."
+
+
+def test_chat_applies_template(engine):
+    gen = engine.chat([{"role": "user", "content": "What is the capital of France?"}], **GREEDY)
+    assert gen.text == "The capital of France is Paris."
+    gen = engine.chat([{"role": "system", "content": "Answer briefly."},
+                       {"role": "user", "content": "What color is the sky?"}], **GREEDY)
+    assert gen.text == "The sky is blue."
+
+
+def test_structured_outputs(engine):
+    assert engine.generate("Is the sky blue?", choice=["yes", "no"], **GREEDY).text in ("yes", "no")
+    import json
+
+    schema = {"type": "string", "enum": ["Paris", "Rome"]}
+    gen = engine.generate("The capital of France is", json_schema=schema, max_tokens=20, **GREEDY)
+    assert json.loads(gen.text) in ("Paris", "Rome")
+    assert engine.generate("Say:", regex="(yes|no)", max_tokens=5, **GREEDY).text in ("yes", "no")
+
+
+def test_params_merge(engine):
+    from vllm import SamplingParams
+
+    gen = engine.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=2), max_tokens=1)
+    assert gen.params.max_tokens == 1 and gen.params.temperature == 0.0
+    assert len(gen.outputs[0].outputs[0].token_ids) == 1
+    gen = engine.generate("A cat says", {"temperature": 0.5, "max_tokens": 4}, n=3, seed=1)
+    assert len(gen.texts) == 3 and gen.params.n == 3 and gen.params.max_tokens == 4
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"regex": "(["}, RequestError, "regex"),
+    ({"json_schema": '{"type": "nonsense"}'}, RequestError, "nonsense"),
+    ({"json_schema": "{oops"}, UsageError, "not valid JSON"),
+    ({"temperature": -1.0}, UsageError, "temperature"),
+    ({"max_tokens": 0}, UsageError, "max_tokens"),
+    ({"top_p": 3.0}, UsageError, "top_p"),
+    ({"tempreature": 0.5}, UsageError, "unknown sampling parameter"),
+])
+def test_bad_requests_are_one_line_errors(engine, kwargs, error, match):
+    with pytest.raises(error, match=match) as info:
+        engine.generate("The capital of France is", **kwargs)
+    assert "\n" not in str(info.value)
+    assert engine.generate("The capital of France is", **GREEDY).text == " Paris."
+
+
+def test_prompt_longer_than_max_model_len(engine):
+    with pytest.raises(RequestError, match="max-model-len"):
+        engine.generate("word " * 600)
+    assert engine.generate("The capital of France is", **GREEDY).text == " Paris."
+
+
+def test_interrupt_aborts_and_keeps_partial_text(engine):
+    seen = []
+
+    def on_output(i, out):
+        seen.append(out.outputs[0].text)
+        if len(seen) == 5:
+            raise KeyboardInterrupt  # what Ctrl-C delivers to the waiting thread
+
+    from vllm_notebook.sampling import build_params
+
+    t0 = time.monotonic()
+    gen = engine.run(["Once upon a time"], build_params(None, {"max_tokens": 500, "ignore_eos": True}),
+                     stream=True, on_output=on_output)
+    assert time.monotonic() - t0 < 5
+    assert gen.interrupted and gen.aborted == 1
+    assert gen.text.startswith(seen[4]) and len(gen.outputs[0].outputs[0].token_ids) < 500
+    assert engine.stats.running == 0
+    assert engine.generate("The capital of France is", **GREEDY).text == " Paris."
+
+
+def test_threads_share_the_engine(engine):
+    prompts = {"The capital of France is": " Paris.", "A dog says": " woof.", "A cow says": " moo.",
+               "The capital of Italy is": " Rome."}
+    results, errors = {}, []
+
+    def work(i, prompt):
+        try:
+            results[i] = engine.generate(prompt, **GREEDY).text
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    items = list(prompts.items()) * 4
+    threads = [threading.Thread(target=work, args=(i, p)) for i, (p, _) in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert [results[i] for i in range(len(items))] == [want for _, want in items]
+
+
+def test_reload_same_args_reuses(engine, demo_path):
+    from conftest import ENGINE_ARGS
+
+    assert vllm_notebook.load(demo_path, progress=False, **ENGINE_ARGS) is engine
+    assert vllm_notebook.engines()["default"] is engine
+
+
+@pytest.mark.parametrize("model,kwargs,error,match", [
+    ("/no/such/model", {}, ModelNotFoundError, "no model folder"),
+    ("not a model id!", {}, ModelNotFoundError, "neither a model folder"),
+    ("org/not-cached-model", {}, ModelNotFoundError, "not in the Hugging Face cache"),
+    ("x", {"max_model_lenn": 5}, UsageError, "did you mean 'max_model_len'"),
+])
+def test_load_errors(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vllm_notebook.load(model, name="bad", progress=False, **kwargs)
+    assert "bad" not in vllm_notebook.engines()
+
+
+def test_unknown_engine_name():
+    with pytest.raises(NoEngineError, match="no engine named 'nope'"):
+        vllm_notebook.get_engine("nope")
+
+
+def test_dry_run_starts_nothing(demo_path):
+    plan = vllm_notebook.load(demo_path, name="dry", dry_run=True, max_model_len=256)
+    assert "dry" not in vllm_notebook.engines()
+    assert plan.engine_args == {"max_model_len": 256}
+    assert plan.plan["devices"] == "CPU" and plan.plan["tensor_parallel_size"] == 1

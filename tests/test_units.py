@@ -1,0 +1,134 @@
+"""Pure functions: table-driven, no engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vllm_notebook import logs
+from vllm_notebook.errors import UsageError
+from vllm_notebook.plan import largest_valid_tp
+from vllm_notebook.prompts import interpolate, prompts_from_value, split
+from vllm_notebook.sampling import parse_schema
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The capital of {country} is", "The capital of France is"),
+    ("{missing} stays", "{missing} stays"),
+    ('JSON {"a": 1} stays', 'JSON {"a": 1} stays'),
+    ("{{country}} is escaped", "{country} is escaped"),
+    ("attr {obj.real}", "attr 3"),
+    ("bad attr {obj.nope}", "bad attr {obj.nope}"),
+    ("{ country } with spaces stays", "{ country } with spaces stays"),
+])
+def test_interpolate(text, expected):
+    assert interpolate(text, {"country": "France", "obj": 3}) == expected
+
+
+@pytest.mark.parametrize("text,mode,expected", [
+    ("a\nb\n\nc", None, ["a\nb\n\nc"]),
+    ("a\nb\n\nc\n", "lines", ["a", "b", "c"]),
+    ("a\nb\n\n  \nc\nd", "blank", ["a\nb", "c\nd"]),
+])
+def test_split(text, mode, expected):
+    assert split(text, mode) == expected
+
+
+def test_split_rejects_unknown_mode():
+    with pytest.raises(UsageError, match="lines"):
+        split("a", "words")
+
+
+@pytest.mark.parametrize("value,expected", [("x", ["x"]), (["a", "b"], ["a", "b"]), (("a",), ["a"])])
+def test_prompts_from_value(value, expected):
+    assert prompts_from_value(value, "v") == expected
+
+
+@pytest.mark.parametrize("value,match", [([], "empty"), ([1, 2], "list of str"), (3, "list of str")])
+def test_prompts_from_value_rejects(value, match):
+    with pytest.raises(UsageError, match=match):
+        prompts_from_value(value, "v")
+
+
+def test_parse_schema_sources(tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(schema))
+    assert parse_schema(json.dumps(schema)) == schema
+    assert parse_schema(str(f)) == schema
+    assert parse_schema("s", {"s": schema}) == schema
+    assert parse_schema("s", {"s": json.dumps(schema)}) == schema
+    assert parse_schema(schema) == schema
+
+
+@pytest.mark.parametrize("value,match", [
+    ("{not json", "not valid JSON"), ("[1, 2]", "JSON object"), ("nosuchvar", "no variable or file"), (5, "JSON text"),
+])
+def test_parse_schema_errors(value, match):
+    with pytest.raises(UsageError, match=match):
+        parse_schema(value, {})
+
+
+@pytest.mark.parametrize("gpus,heads,tp", [(0, 32, 1), (1, 32, 1), (4, 32, 4), (8, 12, 6), (3, 32, 2), (4, None, 4), (8, 7, 7)])
+def test_largest_valid_tp(gpus, heads, tp):
+    assert largest_valid_tp(gpus, heads) == tp
+
+
+def test_root_cause_finds_innermost_error(tmp_path):
+    log = tmp_path / "e.log"
+    log.write_text(
+        "(EngineCore pid=1) INFO starting\n"
+        "(EngineCore pid=1) Traceback (most recent call last):\n"
+        '(EngineCore pid=1)   File "x.py", line 1\n'
+        "(EngineCore pid=1) ValueError: To serve at least one request with max seq len (99999), 9 GiB KV cache is needed\n"
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    )
+    lines = logs.root_cause(log, RuntimeError("Engine core initialization failed. See root cause above."))
+    assert lines == ["ValueError: To serve at least one request with max seq len (99999), 9 GiB KV cache is needed"]
+
+
+def test_phase_of():
+    assert logs.phase_of("x\n(Worker pid=2) INFO Starting to load model /m...", "starting engine") == "loading weights"
+    assert logs.phase_of("nothing here", "starting engine") == "starting engine"
+
+
+def test_import_and_load_ext_do_not_import_vllm_or_torch():
+    code = (
+        "import sys\n"
+        "from IPython.testing.globalipapp import start_ipython\n"
+        "ip = start_ipython()\n"
+        "r = ip.run_cell('%load_ext vllm_notebook')\n"
+        "assert r.success\n"
+        "import vllm_notebook\n"
+        "vllm_notebook.demo_model, vllm_notebook.Generation\n"
+        "print(sorted(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_extension_registers_once_and_unloads():
+    code = (
+        "from IPython.testing.globalipapp import start_ipython\n"
+        "shell = start_ipython()\n"
+        "mine = lambda: sum(type(c).__name__ == 'VllmMagics' for c in shell.configurables)\n"
+        "shell.run_cell('%load_ext vllm_notebook')\n"
+        "shell.run_cell('%reload_ext vllm_notebook')\n"
+        "from vllm_notebook import load_ipython_extension\n"
+        "load_ipython_extension(shell)\n"
+        "assert 'vllm_load' in shell.magics_manager.magics['line']\n"
+        "assert 'generate' in shell.magics_manager.magics['cell']\n"
+        "assert mine() == 1, shell.configurables\n"
+        "shell.run_cell('%config VllmMagics.max_tokens = 7')\n"
+        "assert shell.magics_manager.registry['VllmMagics'].max_tokens == 7\n"
+        "shell.run_cell('%unload_ext vllm_notebook')\n"
+        "names = set(shell.magics_manager.magics['line']) | set(shell.magics_manager.magics['cell'])\n"
+        "assert not names & {'vllm_load', 'generate', 'chat', 'vllm_status', 'chat_reset'}, names\n"
+        "assert mine() == 0\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("ok"), out.stdout + out.stderr

@@ -1,0 +1,297 @@
+"""IPython magics: parse the line, call the Python API, show the result.
+
+Importing this module imports neither vLLM nor torch.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
+from IPython.core.error import UsageError as IPythonUsageError
+from IPython.core.magic_arguments import argument, argument_group, magic_arguments, parse_argstring
+from traitlets import Bool, Float, Int, Unicode
+
+from .errors import UsageError
+
+
+def _sampling_flags(func):
+    """The sampling, structured-output and display flags shared by %%generate and %%chat."""
+    decorators = [
+        argument_group("sampling"),
+        argument("--max-tokens", type=int, help="most tokens to generate (default: %%config VllmMagics.max_tokens)"),
+        argument("--temperature", type=float), argument("--top-p", type=float), argument("--top-k", type=int),
+        argument("--min-p", type=float), argument("--seed", type=int),
+        argument("-n", type=int, help="completions per prompt"),
+        argument("--stop", action="append", help="stop string (repeatable)"),
+        argument("--presence-penalty", type=float), argument("--frequency-penalty", type=float),
+        argument("--repetition-penalty", type=float),
+        argument("--logprobs", type=int, metavar="N", help="return the top-N logprobs of each token"),
+        argument("--ignore-eos", action="store_true", help="keep going after the end-of-sequence token"),
+        argument("--params", metavar="VAR", help="a dict or SamplingParams variable; flags override it"),
+        argument_group("structured output"),
+        argument("--json-schema", metavar="SCHEMA", help="inline JSON, a file, or a variable name"),
+        argument("--regex"),
+        argument("--choice", action="append", help="allowed answer (repeatable)"),
+        argument_group("prompt and display"),
+        argument("--name", help="engine name (default: the only engine, or 'default')"),
+        argument("--system", help="system message (chat)"),
+        argument("--no-interpolate", action="store_true", help="leave {name} in the prompt as written"),
+        argument("--format", choices=["auto", "markdown", "text", "json"], default="auto"),
+        argument("--no-stream", action="store_true", help="show the result only at the end"),
+        argument("--out", metavar="VAR", help="also store the Generation in this variable"),
+    ]
+    for deco in reversed(decorators):
+        func = deco(func)
+    return func
+
+
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop",
+                  "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "regex", "choice")
+
+
+@magics_class
+class VllmMagics(Magics):
+    """Magics for vLLM: %vllm_load, %%generate, %%chat, %vllm_status, %vllm_unload, %vllm_logs."""
+
+    default_model = Unicode("", help="Model used by %vllm_load without one ($VLLM_NOTEBOOK_MODEL).").tag(config=True)
+    max_tokens = Int(256, help="Default --max-tokens of %%generate and %%chat.").tag(config=True)
+    max_updates_per_second = Float(20.0, help="Most display updates a second while streaming.").tag(config=True)
+    stream = Bool(True, help="Stream single prompts into the cell as tokens arrive.").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self.conversation: list[dict] = []
+
+    # ------------------------------------------------------------ engines
+    @line_magic
+    def vllm_load(self, line: str):
+        """Start a vLLM engine in this kernel: %vllm_load [MODEL] [engine flags] [--name NAME] [--dry-run]
+
+        Every engine flag of `vllm serve` works with the same spelling
+        (--max-model-len, --tensor-parallel-size, --dtype, --enforce-eager, ...);
+        `%vllm_load --help` lists them. MODEL defaults to
+        `%config VllmMagics.default_model` or $VLLM_NOTEBOOK_MODEL.
+        Re-running with the same model and flags reuses the running engine;
+        with others it replaces it. `llm = %vllm_load MODEL` binds the Engine.
+        """
+        from .loader import load_from_argv
+
+        try:
+            argv = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%vllm_load: {exc}") from None
+        default = self.default_model or os.environ.get("VLLM_NOTEBOOK_MODEL", "")
+        result = load_from_argv(argv, default_model=default)
+        if result is not None and hasattr(result, "facts"):
+            result._announced_in = self.shell.execution_count
+        return result
+
+    @magic_arguments()
+    @argument("--name", help="engine to unload (default: the only one, or 'default')")
+    @argument("--all", action="store_true", help="unload every engine")
+    @line_magic
+    def vllm_unload(self, line: str):
+        """Stop an engine and free its memory and processes."""
+        from .engine import engines, get_engine, unload_all
+
+        args = _parse(self.vllm_unload, line)
+        if args.all:
+            names = sorted(engines())
+            unload_all()
+            print(f"unloaded {', '.join(names) if names else 'nothing (no engine was loaded)'}")
+            return
+        eng = get_engine(args.name)
+        eng.unload()
+        print(f"unloaded engine '{eng.name}' ({eng.model})")
+
+    @line_magic
+    def vllm_status(self, line: str):
+        """Loaded engines: model, parallel sizes, devices, KV cache, requests, tokens, memory."""
+        from .status import Status
+
+        if line.strip():
+            raise UsageError("%vllm_status takes no arguments")
+        return Status.collect()
+
+    @magic_arguments()
+    @argument("-n", type=int, default=40, help="lines to show (default 40)")
+    @argument("--name", help="engine (default: the only one, or 'default')")
+    @line_magic
+    def vllm_logs(self, line: str):
+        """Show the end of an engine's log file (vLLM's own output goes there)."""
+        from . import logs
+        from .engine import get_engine
+
+        args = _parse(self.vllm_logs, line)
+        if args.n <= 0:
+            raise UsageError("-n must be a positive number of lines")
+        eng = get_engine(args.name)
+        print(f"==> {eng.log_path} <==")
+        print("\n".join(logs.tail(eng.log_path, args.n)))
+
+    # ------------------------------------------------------------ generation
+    @magic_arguments()
+    @argument("-i", "--input", metavar="VAR", help="(line magic) a str or list of str variable")
+    @argument("--chat", action="store_true", help="apply the model's chat template")
+    @argument("--split", choices=["lines", "blank"], help="one prompt per line, or per blank-line block")
+    @_sampling_flags
+    @line_cell_magic
+    def generate(self, line: str, cell: str | None = None):
+        """Generate from the cell body (or -i VAR): streamed for one prompt, batched for many."""
+        from .prompts import interpolate, prompts_from_value, split
+
+        args = _parse(self.generate, line)
+        ns = self.shell.user_ns
+        if cell is None:
+            if not args.input:
+                raise UsageError("%generate needs -i VAR (a str or list of str); use %%generate for a cell prompt")
+            if args.input not in ns:
+                raise UsageError(f"no variable named {args.input!r}")
+            prompts = prompts_from_value(ns[args.input], args.input)
+        else:
+            if args.input:
+                raise UsageError("-i is for the line magic %generate; %%generate takes the cell as the prompt")
+            text = cell if args.no_interpolate else interpolate(cell, ns)
+            prompts = split(text.strip("\n"), args.split)
+        if not prompts or not any(p.strip() for p in prompts):
+            raise UsageError("the prompt is empty: write it in the cell body")
+        if args.split is None and cell is not None:
+            prompts = [prompts[0].strip()]
+        engine = self._engine(args.name)
+        params = self._params(args, engine)
+        if args.chat or args.system:
+            prompts = [engine.chat_prompt(_messages(args.system, [], p)) for p in prompts]
+        return self._run(engine, prompts, params, args)
+
+    @magic_arguments()
+    @_sampling_flags
+    @cell_magic
+    def chat(self, line: str, cell: str):
+        """A conversation: each %%chat cell is a user turn; earlier turns are remembered (%chat_reset forgets)."""
+        from .prompts import interpolate
+
+        args = _parse(self.chat, line)
+        text = (cell if args.no_interpolate else interpolate(cell, self.shell.user_ns)).strip()
+        if not text:
+            raise UsageError("the message is empty: write it in the cell body")
+        engine = self._engine(args.name)
+        params = self._params(args, engine)
+        if args.system is not None:
+            self.conversation = [m for m in self.conversation if m["role"] != "system"]
+            self.conversation.insert(0, {"role": "system", "content": args.system})
+        messages = self.conversation + [{"role": "user", "content": text}]
+        gen = self._run(engine, [engine.chat_prompt(messages)], params, args)
+        if not gen.interrupted:
+            self.conversation = messages + [{"role": "assistant", "content": gen.text}]
+        return gen
+
+    @line_magic
+    def chat_reset(self, line: str):
+        """Forget the %%chat conversation."""
+        n = sum(1 for m in self.conversation if m["role"] == "user")
+        self.conversation = []
+        print(f"conversation cleared ({n} turn(s) forgotten)")
+
+    # ------------------------------------------------------------ helpers
+    def _engine(self, name):
+        from .engine import get_engine
+
+        return get_engine(name)
+
+    def _params(self, args, engine):
+        from .sampling import build_params, parse_schema
+
+        ns = self.shell.user_ns
+        base = None
+        if args.params:
+            if args.params not in ns:
+                raise UsageError(f"--params: no variable named {args.params!r}")
+            base = ns[args.params]
+        flags = {k: getattr(args, k, None) for k in _SAMPLING_KEYS}
+        if args.ignore_eos:
+            flags["ignore_eos"] = True
+        if flags["max_tokens"] is None and not (isinstance(base, dict) and "max_tokens" in base) \
+                and not (base is not None and not isinstance(base, dict)):
+            flags["max_tokens"] = self.max_tokens
+        if args.json_schema:
+            flags["json"] = parse_schema(args.json_schema, ns)
+        for key, value in (("max_tokens", flags["max_tokens"]), ("n", flags["n"]), ("logprobs", flags["logprobs"])):
+            if value is not None and value < (0 if key == "logprobs" else 1):
+                raise UsageError(f"--{key.replace('_', '-')} must be {'>= 0' if key == 'logprobs' else '>= 1'}, not {value}")
+        return build_params(base, flags, engine.default_sampling())
+
+    def _run(self, engine, prompts, params, args):
+        from .display import TextStream
+
+        streaming = self.stream and not args.no_stream and len(prompts) == 1 and args.format != "json"
+        view, bar = None, None
+        if streaming:
+            view = TextStream(self.max_updates_per_second)
+            on_output = lambda i, out: view.update(out.outputs[0].text)  # noqa: E731
+        else:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), desc=f"generating ({engine.name})", unit="prompt",
+                       leave=False, disable=len(prompts) == 1)
+            on_output = lambda i, out: bar.update(1)  # noqa: E731
+        try:
+            gen = engine.run(prompts, params, stream=streaming, on_output=on_output)
+        finally:
+            if bar is not None:
+                bar.close()
+        gen.format = args.format
+        if view is not None:
+            view.attach(gen)
+        if gen.interrupted:
+            print(f"interrupted: aborted {gen.aborted} request(s); the partial text is in the result (_)")
+        if args.out:
+            self.shell.user_ns[args.out] = gen
+        return gen
+
+
+def _parse(magic, line: str):
+    """``parse_argstring`` with a "did you mean" for mistyped flags."""
+    import difflib
+
+    try:
+        return parse_argstring(magic, line)
+    except IPythonUsageError as exc:
+        msg = str(exc)
+        name = magic.__name__
+        if "unrecognized arguments" in msg:
+            known = [o for a in magic.parser._actions for o in a.option_strings]
+            for word in line.split():
+                flag = word.split("=")[0]
+                if flag.startswith("-") and flag not in known:
+                    near = difflib.get_close_matches(flag, known, n=1)
+                    tip = f" (did you mean {near[0]}?)" if near else ""
+                    raise UsageError(f"%{name}: unknown flag {flag}{tip}; see %{name}? for every flag") from None
+        raise UsageError(f"%{name}: {msg}; see %{name}? for every flag") from None
+
+
+def _messages(system: str | None, history: list[dict], user: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": user}]
+
+
+def register(ipython) -> None:
+    """Register the magics once (loading the extension twice is harmless)."""
+    if "VllmMagics" in ipython.magics_manager.registry:
+        return
+    ipython.register_magics(VllmMagics(shell=ipython))
+
+
+def unregister(ipython) -> None:
+    """Undo ``register``: unload our engines and remove every magic we added."""
+    from . import engine
+
+    engine.unload_all()
+    magics = ipython.magics_manager.registry.pop("VllmMagics", None)
+    if magics is None:
+        return
+    for kind, table in magics.magics.items():
+        for name in table:
+            ipython.magics_manager.magics[kind].pop(name, None)
+    if magics in ipython.configurables:
+        ipython.configurables.remove(magics)

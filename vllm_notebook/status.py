@@ -1,0 +1,79 @@
+"""``%vllm_status``: what is loaded and what it is doing."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+@dataclass
+class Status:
+    rows: list[dict]
+    kernel_rss_mb: float
+    children_rss_mb: float = 0.0
+
+    @classmethod
+    def collect(cls) -> Status:
+        import os
+
+        import psutil
+
+        from .engine import engines
+
+        rows = []
+        for name, eng in sorted(engines().items()):
+            f, st = eng.facts, eng.stats
+            rows.append({
+                "engine": name, "model": eng.model, "state": "running" if eng.alive else "dead",
+                "TP/PP": f"{f.get('tensor_parallel_size')}/{f.get('pipeline_parallel_size')}",
+                "device": f.get("device"), "dtype": f.get("dtype"), "max_model_len": f.get("max_model_len"),
+                "KV cache tokens": f"{f.get('kv_cache_tokens', 0):,}", "running": st.running,
+                "requests": st.requests, "prompt tokens": st.prompt_tokens, "output tokens": st.output_tokens,
+                "plan": ", ".join(f"{k}={v}" for k, v in eng.plan.items()), "log": eng.log_path,
+            })
+        rss = psutil.Process(os.getpid()).memory_info().rss / 2**20
+        return cls(rows, rss, _rss_mb(os.getpid()) - rss)
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return "no engine loaded — start one with %vllm_load MODEL"
+        out = []
+        for row in self.rows:
+            out.append(f"engine '{row['engine']}'")
+            out += [f"  {k:<26} {v}" for k, v in row.items() if k != "engine"]
+        out.append(self._memory())
+        return "\n".join(out)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        if not self.rows:
+            return f"<p>{html.escape(str(self))}</p>"
+        keys = list(self.rows[0])
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+        body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(r[k]))}</td>" for k in keys)
+                       + "</tr>" for r in self.rows)
+        return (f"<table><tr>{head}</tr>{body}</table>"
+                f"<p><sub>{html.escape(self._memory())}</sub></p>")
+
+    def _memory(self) -> str:
+        return (f"memory: kernel {self.kernel_rss_mb:.0f} MB, "
+                f"engine processes {self.children_rss_mb:.0f} MB (resident)")
