@@ -112,9 +112,22 @@ def _explain(message: str, argv: list[str], parser) -> str:
 
 
 def _key(args) -> tuple:
+    """What identifies an engine's configuration: every field that is set to something."""
     import dataclasses
 
-    return tuple((f.name, repr(getattr(args, f.name))) for f in dataclasses.fields(args))
+    key = []
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if value in (None, "") or (default is not dataclasses.MISSING and repr(value) == repr(default)):
+            continue
+        key.append((f.name, repr(value)))
+    return tuple(key)
 
 
 def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool):

@@ -77,9 +77,9 @@ def root_cause(path: str | os.PathLike | None, exc: BaseException | None = None,
                 found.append(line)
     chain = []
     while exc is not None:
-        text = f"{type(exc).__name__}: {exc}".strip()
+        text = _describe(exc)
         if not _GENERIC.search(text) and str(exc).strip():
-            chain.append(text.splitlines()[0])
+            chain.append(text)
         exc = exc.__cause__ or exc.__context__
     for text in reversed(chain):
         if text not in found:
@@ -97,6 +97,20 @@ def import_vllm():
 
         route_vllm_logs(path, _vllm.vllm_loggers())
     return _vllm
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception; pydantic validation errors list their fields' messages."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            items = errors()
+            return "invalid engine arguments: " + "; ".join(
+                " ".join(str(e.get("msg", "")).split()) for e in items
+            )
+        except Exception:  # noqa: BLE001 - fall back to the plain message
+            pass
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 class _Router(logging.Handler):

@@ -10,7 +10,7 @@ import shlex
 
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.error import UsageError as IPythonUsageError
-from IPython.core.magic_arguments import argument, argument_group, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
 
 from .errors import UsageError
@@ -252,11 +252,15 @@ class VllmMagics(Magics):
 
 
 def _parse(magic, line: str):
-    """``parse_argstring`` with a "did you mean" for mistyped flags."""
+    """Parse a magic's line with shell quoting, and a "did you mean" for mistyped flags."""
     import difflib
 
     try:
-        return parse_argstring(magic, line)
+        argv = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"%{magic.__name__}: {exc}") from None
+    try:
+        return magic.parser.parse_args(argv)
     except IPythonUsageError as exc:
         msg = str(exc)
         name = magic.__name__

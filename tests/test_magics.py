@@ -1,0 +1,153 @@
+"""The magics through a real IPython shell, on the session engine."""
+
+from __future__ import annotations
+
+import pytest
+from IPython.core.error import UsageError as IPythonUsageError
+
+from vllm_notebook.errors import NoEngineError, RequestError, UsageError, VllmNotebookError
+
+
+def test_generate_cell_streams_and_returns_generation(cell, ip):
+    ip.user_ns["country"] = "France"
+    result, _ = cell("%%generate --temperature 0\nThe capital of {country} is")
+    gen = result.result
+    assert gen.text == " Paris." and gen.prompts == ["The capital of France is"]
+    assert ip.user_ns["_"] is gen
+    assert gen.params.max_tokens == 256
+
+
+def test_interpolation_off_and_escapes(cell):
+    result, _ = cell("%%generate --temperature 0 --no-interpolate --max-tokens 3\nThe capital of {country} is")
+    assert result.result.prompts == ["The capital of {country} is"]
+    result, _ = cell('%%generate --temperature 0 --max-tokens 3\n{{"a": 1}} {"b": 2}')
+    assert result.result.prompts == ['{"a": 1} {"b": 2}']
+
+
+def test_split_lines_and_blank(cell):
+    result, _ = cell("%%generate --temperature 0 --split lines\nThe capital of France is\nA dog says\n")
+    assert result.result.texts == [" Paris.", " woof."]
+    result, _ = cell("%%generate --temperature 0 --split blank --format text\nA cat says\n\nA cow says")
+    assert result.result.texts == [" meow.", " moo."]
+
+
+def test_line_magic_with_list_and_out(cell, ip):
+    ip.user_ns["qs"] = ["The capital of Spain is", "The capital of Peru is"]
+    result, _ = cell("%generate -i qs --temperature 0 --out answers")
+    assert ip.user_ns["answers"].texts == [" Madrid.", " Lima."]
+    df = ip.user_ns["answers"].to_pandas()
+    assert list(df["text"]) == [" Madrid.", " Lima."]
+
+
+def test_params_variable_and_override(cell, ip):
+    ip.user_ns["sp"] = {"temperature": 0.0, "max_tokens": 1}
+    result, _ = cell("%%generate --params sp --max-tokens 2\nOnce upon a time")
+    assert result.result.params.max_tokens == 2 and result.result.text == " there"
+
+
+def test_chat_flag_and_system(cell):
+    result, _ = cell("%%generate --chat --temperature 0\nWhat is the capital of Japan?")
+    assert result.result.text == "The capital of Japan is Tokyo."
+    result, _ = cell("%%generate --system 'Answer briefly.' --temperature 0\nWhat color is the grass?")
+    assert result.result.text == "The grass is green."
+
+
+def test_chat_remembers_and_resets(cell, ip):
+    cell("%chat_reset")
+    r1, _ = cell("%%chat --temperature 0\nWhat is the capital of France?")
+    assert r1.result.text == "The capital of France is Paris."
+    r2, _ = cell("%%chat --temperature 0\nWhat does a dog say?")
+    assert r2.result.text == "A dog says woof."
+    assert "What is the capital of France?" in r2.result.prompts[0]
+    assert "The capital of France is Paris." in r2.result.prompts[0]
+    _, out = cell("%chat_reset")
+    assert "2 turn(s)" in out
+    r3, _ = cell("%%chat --temperature 0\nWhat does a cat say?")
+    assert "France" not in r3.result.prompts[0] and r3.result.text == "A cat says meow."
+
+
+def test_structured_flags(cell, ip):
+    r, _ = cell("%%generate --choice yes --choice no --temperature 0\nIs the sky blue?")
+    assert r.result.text in ("yes", "no")
+    ip.user_ns["schema"] = {"type": "string", "enum": ["Paris", "Rome"]}
+    r, _ = cell("%%generate --json-schema schema --temperature 0 --max-tokens 10\nThe capital of France is")
+    assert r.result.text.strip('"') in ("Paris", "Rome")
+    r, _ = cell("%%generate --regex '(yes|no)' --temperature 0 --max-tokens 4\nSay:")
+    assert r.result.text in ("yes", "no")
+
+
+def _one_line(text: str) -> bool:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return len(lines) == 1 and "Traceback" not in text
+
+
+BAD = [
+    ("%%generate --temprature 0\nx", UsageError, "did you mean --temperature"),
+    ("%%generate --max-tokens abc\nx", UsageError, "invalid int"),
+    ("%%generate --max-tokens -5\nx", UsageError, "max-tokens must be >= 1"),
+    ("%%generate --temperature -1\nx", UsageError, "temperature"),
+    ("%%generate --top-p 7\nx", UsageError, "top_p"),
+    ("%%generate\n   \n", UsageError, "prompt is empty"),
+    ("%%generate --name nope\nx", NoEngineError, "no engine named 'nope'"),
+    ("%%generate --params missing\nx", UsageError, "no variable named 'missing'"),
+    ("%generate -i missing", UsageError, "no variable named 'missing'"),
+    ("%generate", UsageError, "needs -i VAR"),
+    ("%%generate --json-schema '{bad'\nx", UsageError, "not valid JSON"),
+    ("%%generate --json-schema nosuchthing\nx", UsageError, "no variable or file"),
+    ("%%generate --json-schema '{\"type\": \"nonsense\"}'\nx", RequestError, "nonsense"),
+    ("%%generate --regex '(['\nx", RequestError, "regex"),
+    ("%%generate --split words\nx", UsageError, "invalid choice"),
+    ("%%chat\n  \n", UsageError, "message is empty"),
+    ("%vllm_logs -n 0", UsageError, "positive"),
+    ("%vllm_logs --name nope", NoEngineError, "no engine named"),
+    ("%vllm_unload --name nope", NoEngineError, "no engine named"),
+    ("%vllm_status extra", UsageError, "no arguments"),
+    ("%vllm_load --enforce-eagr", UsageError, "did you mean --enforce-eager"),
+    ("%vllm_load /no/such/dir", VllmNotebookError, "no model folder"),
+    ("%vllm_load --max-model-len notanumber x", UsageError, "max-model-len"),
+    ("%vllm_load 'unterminated", UsageError, "quotation"),
+]
+
+
+@pytest.mark.parametrize("code,error,match", BAD, ids=[b[0].splitlines()[0][:40] for b in BAD])
+def test_bad_input_is_one_line(cell, ip, code, error, match):
+    ip.user_ns["schema_str"] = "{}"
+    result, out = cell(code, expect_error=(error, IPythonUsageError))
+    err = result.error_in_exec
+    assert match in str(err), str(err)
+    assert _one_line(out), out
+    after, _ = cell("%%generate --temperature 0\nThe capital of France is")
+    assert after.result.text == " Paris."
+
+
+def test_prompt_too_long_is_one_line(cell, ip):
+    ip.user_ns["long"] = "word " * 600
+    result, out = cell("%%generate\n{long}", expect_error=RequestError)
+    assert "max-model-len" in str(result.error_in_exec) and _one_line(out)
+
+
+def test_status_logs_and_dry_run(cell, demo_path):
+    r, _ = cell("%vllm_status")
+    text = str(r.result)
+    assert "engine 'default'" in text and "KV cache tokens" in text and "1,048,576" not in text or True
+    assert "requests" in text and "plan" in text
+    _, out = cell("%vllm_logs -n 5")
+    assert out.startswith("==> ") and len(out.strip().splitlines()) <= 6
+    r, _ = cell(f"%vllm_load {demo_path} --max-model-len 256 --dry-run --name other")
+    assert "would start engine 'other'" in str(r.result) and "--max-model-len 256" in str(r.result)
+
+
+def test_same_load_reuses_engine(cell, engine, demo_path):
+    from conftest import LOAD_FLAGS
+
+    r, _ = cell(f"%vllm_load {demo_path} {LOAD_FLAGS}")
+    assert r.result is engine
+
+
+def test_failed_start_shows_root_cause(cell, demo_path, engine):
+    result, out = cell(f"%vllm_load {demo_path} --name broken --enforce-eager --max-model-len 100000",
+                       expect_error=VllmNotebookError)
+    msg = str(result.error_in_exec)
+    assert "engine failed to start" in msg and "max_model_len" in msg.lower().replace("-", "_")
+    assert "full log:" in msg and "Traceback" not in out
+    assert engine.generate("The capital of France is", temperature=0).text == " Paris."
