@@ -73,6 +73,7 @@ class Engine:
         self._closed = False
         self._tokenizer = None
         self._defaults: dict[str, Any] | None = None
+        self._groups: list[int] = []
         self._announced_in: int | None = None
 
     # ---------------------------------------------------------------- start
@@ -82,9 +83,9 @@ class Engine:
             target=self._loop.run_forever, name=f"vllm-notebook:{self.name}", daemon=True
         )
         self._thread.start()
-        import psutil
+        from . import procs
 
-        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        groups_before = set(procs.started_groups())
         t0 = time.monotonic()
         fut = asyncio.run_coroutine_threadsafe(self._create(), self._loop)
         phase = "starting engine"
@@ -99,10 +100,8 @@ class Engine:
                     phase = logs.phase_of("\n".join(logs.tail(self.log_path, 30)), phase)
                     progress(phase, time.monotonic() - t0)
         except KeyboardInterrupt:
-            for p in psutil.Process().children(recursive=True):
-                if p.pid not in before:
-                    with _suppress():
-                        p.kill()
+            for pgid in set(procs.started_groups()) - groups_before:
+                procs.stop_group(pgid, timeout=2.0)
             with _suppress():
                 fut.result(timeout=30)
             self._stop_loop()
@@ -115,9 +114,12 @@ class Engine:
             msg = "; ".join(lines) or f"{type(exc).__name__}: {exc}"
             raise EngineStartError(f"engine failed to start: {msg}  (full log: {self.log_path})") from None
         self.load_seconds = time.monotonic() - t0
+        self._groups = [g for g in procs.started_groups() if g not in groups_before]
 
     async def _create(self) -> None:
-        with logs.capture_output(self.log_path):
+        from .procs import own_session
+
+        with logs.capture_output(self.log_path), own_session():
             from . import _vllm
 
             logs.route_vllm_logs(self.log_path, _vllm.vllm_loggers())
@@ -354,6 +356,10 @@ class Engine:
                 fut.result(timeout=60)
         del llm
         self._stop_loop()
+        from .procs import stop_group
+
+        for pgid in self._groups:  # anything vLLM's shutdown left behind
+            stop_group(pgid)
         gc.collect()
         with _suppress():
             from . import _vllm

@@ -1,0 +1,54 @@
+"""A real ipykernel driven through jupyter_client, for tests that need a kernel process."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+from jupyter_client.manager import KernelManager
+
+
+class Kernel:
+    def __init__(self):
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel()
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    @property
+    def pid(self) -> int:
+        return self.km.provisioner.process.pid
+
+    def submit(self, code: str) -> str:
+        return self.kc.execute(code)
+
+    def collect(self, msg_id: str, timeout: float = 120) -> tuple[str, dict | None]:
+        """Text of every output of one execution, and its error (if any)."""
+        text, error, deadline = [], None, time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"no idle status within {timeout} s; got: {''.join(text)[-2000:]}") from None
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                text.append(content["text"])
+            elif kind in ("display_data", "update_display_data", "execute_result"):
+                text.append(content["data"].get("text/plain", "") + "\n")
+            elif kind == "error":
+                error = content
+            elif kind == "status" and content["execution_state"] == "idle":
+                return "".join(text), error
+
+    def run(self, code: str, timeout: float = 120) -> str:
+        out, error = self.collect(self.submit(code), timeout)
+        if error:
+            raise AssertionError(f"{error['ename']}: {error['evalue']}\n" + "\n".join(error["traceback"]) + out)
+        return out
+
+    def shutdown(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=False)

@@ -1,0 +1,112 @@
+"""A real ipykernel: %load_ext cost, Ctrl-C, memory across load/unload, no orphans on shutdown."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+from kernel import Kernel
+
+from conftest import LOAD_FLAGS
+
+
+def _vllm_children(pid: int) -> list[psutil.Process]:
+    """The kernel's engine processes (not our watchdog nor multiprocessing's resource tracker)."""
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    keep = []
+    for p in procs:
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "_watchdog" not in cmd and "resource_tracker" not in cmd:
+            keep.append(p)
+    return keep
+
+
+@pytest.fixture(scope="module")
+def kernel(demo_path):
+    k = Kernel()
+    yield k
+    k.shutdown()
+
+
+def test_load_ext_does_not_import_vllm(kernel):
+    out = kernel.run("import sys, time\nt = time.perf_counter()\n%load_ext vllm_notebook\n"
+                     "print('vllm' in sys.modules, 'torch' in sys.modules, round(time.perf_counter() - t, 3))")
+    vllm_loaded, torch_loaded, _ = out.split()
+    assert vllm_loaded == "False" and torch_loaded == "False"
+
+
+def test_interrupt_aborts_and_engine_keeps_serving(kernel, demo_path):
+    kernel.run(f"%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
+    for _ in range(3):
+        msg_id = kernel.submit("%%generate --max-tokens 400 --ignore-eos --temperature 0\nOnce upon a time")
+        time.sleep(0.6)
+        t0 = time.monotonic()
+        kernel.km.interrupt_kernel()
+        out, error = kernel.collect(msg_id, timeout=30)
+        assert time.monotonic() - t0 < 2.0
+        assert error is None, error
+        assert "interrupted: aborted 1 request(s)" in out
+    out = kernel.run("print(len(_.outputs[0].outputs[0].token_ids) < 400, _.interrupted)")
+    assert out.split() == ["True", "True"]
+    out = kernel.run("prompts = ['The capital of France is']\n"
+                     "g = %generate -i prompts --temperature 0\nprint(repr(g.text))")
+    assert out.strip().endswith("' Paris.'")
+
+
+def test_engine_process_death_is_one_line_and_reload_recovers(kernel, demo_path):
+    pids = [p.pid for p in _vllm_children(kernel.pid)]
+    assert pids
+    for pid in pids:
+        psutil.Process(pid).kill()
+    time.sleep(3)
+    out, error = kernel.collect(kernel.submit("%%generate --temperature 0\nThe capital of France is"))
+    assert error is not None and error["ename"] in ("EngineDiedError", "NoEngineError"), error
+    assert len(error["traceback"]) == 1 and "%vllm_load" in error["traceback"][0]
+    kernel.run(f"%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
+    out = kernel.run("%%generate --temperature 0\nThe capital of France is")
+    assert "Paris." in out
+
+
+def test_unload_frees_processes_and_memory(kernel, demo_path):
+    rss = []
+    for _ in range(3):
+        kernel.run(f"%vllm_load {demo_path} {LOAD_FLAGS} --max-num-seqs 64", timeout=300)
+        assert _vllm_children(kernel.pid)
+        kernel.run("%vllm_unload --all")
+        deadline = time.monotonic() + 20
+        while _vllm_children(kernel.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _vllm_children(kernel.pid), "engine processes left after %vllm_unload"
+        kernel.run("import gc; gc.collect()")
+        rss.append(psutil.Process(kernel.pid).memory_info().rss)
+    assert rss[2] <= rss[0] * 1.10, rss
+
+
+def test_kernel_shutdown_leaves_no_process(demo_path):
+    k = Kernel()
+    k.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
+    children = _vllm_children(k.pid)
+    assert children
+    k.shutdown()
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, alive
+
+
+def test_kernel_killed_leaves_no_process(demo_path):
+    """SIGKILL gives the kernel no chance to clean up: the watchdog must."""
+    k = Kernel()
+    k.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
+    children = _vllm_children(k.pid)
+    assert children
+    psutil.Process(k.pid).kill()
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, alive
+    k.kc.stop_channels()
+    k.km.cleanup_resources()

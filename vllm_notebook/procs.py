@@ -1,0 +1,82 @@
+"""Engine processes live in their own session, guarded by a watchdog.
+
+Jupyter interrupts a kernel by sending SIGINT to its whole process group, and
+vLLM's engine processes exit on SIGINT: pressing Stop would kill the engine.
+So processes that multiprocessing spawns while an engine starts get a session
+of their own. Because the kernel's process group then no longer covers them, a
+watchdog process (also in its own session) kills them if the kernel dies
+without unloading, even by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing.util as mp_util
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+_lock = threading.Lock()
+_keep: list[subprocess.Popen] = []  # never garbage-collected, so subprocess never reaps them
+_watchdog: subprocess.Popen | None = None
+
+
+def _guard(pgid: int, add: bool = True) -> None:
+    global _watchdog
+    with _lock:
+        if _watchdog is None or _watchdog.poll() is not None:
+            _watchdog = subprocess.Popen(
+                [sys.executable, "-m", "vllm_notebook._watchdog"], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, text=True,
+            )
+        try:
+            _watchdog.stdin.write(f"{'+' if add else '-'}{pgid}\n")
+            _watchdog.stdin.flush()
+        except OSError:  # pragma: no cover - watchdog died; the next call restarts it
+            pass
+
+
+def _spawn_in_own_session(path, args, passfds, _original=mp_util.spawnv_passfds):
+    if any("resource_tracker" in str(a) for a in args):  # shared by the whole kernel: leave it be
+        return _original(path, args, passfds)
+    proc = subprocess.Popen(list(args), executable=path, pass_fds=tuple(sorted(map(int, passfds))),
+                            close_fds=True, start_new_session=True)
+    _keep.append(proc)
+    _guard(proc.pid)
+    return proc.pid
+
+
+@contextlib.contextmanager
+def own_session():
+    """Processes that multiprocessing spawns inside this block start in their own session."""
+    original = mp_util.spawnv_passfds
+    mp_util.spawnv_passfds = _spawn_in_own_session
+    try:
+        yield
+    finally:
+        mp_util.spawnv_passfds = original
+
+
+def started_groups() -> list[int]:
+    return [p.pid for p in _keep]
+
+
+def stop_group(pgid: int, timeout: float = 10.0) -> None:
+    """Terminate a process group we started (after vLLM's own shutdown, for stragglers)."""
+    import time
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pgid, sig)
+        except OSError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except OSError:
+                break
+            time.sleep(0.05)
+    _guard(pgid, add=False)
