@@ -11,7 +11,6 @@ import asyncio
 import atexit
 import gc
 import itertools
-import os
 import queue
 import threading
 import time
@@ -463,4 +462,3 @@ def _register(engine: Engine) -> None:
 
 
 atexit.register(unload_all)
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")

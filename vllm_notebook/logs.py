@@ -91,6 +91,10 @@ def import_vllm():
     """Import our vLLM layer with its import-time chatter sent to a session log."""
     if "vllm_notebook._vllm" in sys.modules:
         return sys.modules["vllm_notebook._vllm"]
+    # Log files are read by people and by root_cause(): no colour codes. Compute nodes
+    # are usually offline: do not try to send usage statistics.
+    os.environ.setdefault("VLLM_LOGGING_COLOR", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     path = log_dir() / f"session-{os.getpid()}.log"
     with capture_output(path):
         from . import _vllm

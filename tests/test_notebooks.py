@@ -1,0 +1,40 @@
+"""Every notebook in notebooks/ runs top to bottom in a real kernel (nbclient)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+LOG_LINE = re.compile(r"\b(INFO|WARNING|DEBUG)\b \d\d-\d\d ")
+
+
+def _texts(cell) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif "data" in out:
+            parts.append(str(out.data.get("text/plain", "")) + str(out.data.get("text/markdown", "")))
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path, demo_path, tmp_path):
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [_texts(c) for c in nb.cells if c.cell_type == "code"]
+    everything = "\n".join(outputs)
+    assert not LOG_LINE.search(everything), "vLLM log lines leaked into cell outputs"
+    assert "Traceback" not in everything
+    if path.stem == "quickstart":
+        assert "ready in" in everything
+        assert " Paris." in everything and " Tokyo." in everything
+        assert "['The capital of Germany is', 'A cat says']" not in everything
+        assert "[' Berlin.', ' meow.']" in everything
+        assert "The capital of France is Paris." in everything and "A dog says woof." in everything
+        assert "Two plus two is four." in everything
