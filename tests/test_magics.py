@@ -106,6 +106,8 @@ BAD = [
     ("%vllm_load /no/such/dir", VllmNotebookError, "no model folder"),
     ("%vllm_load --max-model-len notanumber x", UsageError, "max-model-len"),
     ("%vllm_load 'unterminated", UsageError, "quotation"),
+    ("%vllm_load --enforce-eager", UsageError, "no model given"),
+    ("%%generate -n 0\nx", UsageError, "-n must be >= 1"),
 ]
 
 
@@ -151,3 +153,20 @@ def test_failed_start_shows_root_cause(cell, demo_path, engine):
     assert "engine failed to start" in msg and "max_model_len" in msg.lower().replace("-", "_")
     assert "full log:" in msg and "Traceback" not in out
     assert engine.generate("The capital of France is", temperature=0).text == " Paris."
+
+
+def test_named_engines_coexist_and_changed_flags_replace(cell, ip, engine, demo_path):
+    r, _ = cell(f"%vllm_load {demo_path} --name small --enforce-eager --max-model-len 512 --max-num-seqs 32")
+    small = r.result
+    assert small is not engine and engine.alive and small.args.max_num_seqs == 32
+    r, _ = cell("%%generate --name small --temperature 0\nA cow says")
+    assert r.result.text == " moo." and r.result.engine == "small"
+    r, _ = cell("%%generate --temperature 0\nA cow says")  # no --name: 'default'
+    assert r.result.engine == "default"
+    r, _ = cell(f"%vllm_load {demo_path} --name small --enforce-eager --max-model-len 512 --max-num-seqs 16")
+    assert r.result is not small and not small.alive and r.result.args.max_num_seqs == 16
+    _, out = cell("%vllm_unload --name small")
+    assert "unloaded engine 'small'" in out
+    import vllm_notebook
+
+    assert set(vllm_notebook.engines()) == {"default"} and engine.alive

@@ -132,3 +132,10 @@ def test_extension_registers_once_and_unloads():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+def test_root_cause_names_a_dead_worker(tmp_path):
+    log = tmp_path / "d.log"
+    log.write_text("(EngineCore pid=8) ERROR 11-27 03:14:36 [multiproc_executor.py:315] Worker proc VllmWorker-0 "
+                   "died unexpectedly (exit code: -4), shutting down executor.\n")
+    assert logs.root_cause(log) == ["VllmWorker-0 died unexpectedly (exit code: -4)"]

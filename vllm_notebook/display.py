@@ -22,13 +22,18 @@ class LiveLine:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._kernel = enabled and in_kernel()
+        self._tty = sys.stderr.isatty()
         self._handle = None
         self._last = ""
+        self._last_key = None
 
-    def update(self, text: str, markdown: str | None = None) -> None:
+    def update(self, text: str, markdown: str | None = None, key: str | None = None) -> None:
+        """Show ``text``; where lines cannot be rewritten, only when ``key`` (e.g. the phase) changes."""
         if not self.enabled or text == self._last:
             return
-        self._last = text
+        if not self._kernel and not self._tty and key is not None and key == self._last_key:
+            return
+        self._last, self._last_key = text, key
         if self._kernel:
             from IPython.display import display
 
@@ -40,12 +45,12 @@ class LiveLine:
             else:
                 self._handle.update(data, raw=True)
         else:
-            sys.stderr.write("\r\x1b[2K" + text if sys.stderr.isatty() else text + "\n")
+            sys.stderr.write("\r\x1b[2K" + text if self._tty else text + "\n")
             sys.stderr.flush()
 
     def done(self, text: str, markdown: str | None = None) -> None:
         self.update(text, markdown)
-        if self.enabled and not self._kernel and sys.stderr.isatty():
+        if self.enabled and not self._kernel and self._tty:
             sys.stderr.write("\n")
 
 

@@ -160,7 +160,7 @@ def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool):
     eng = _engine.Engine(name, args, key, logs.new_log_path(name), plan=plan)
 
     def report(phase: str, elapsed: float) -> None:
-        line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({args.model})")
+        line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({args.model})", key=phase)
 
     try:
         eng._start(report)

@@ -23,6 +23,7 @@ _GENERIC = re.compile(
     r"Engine core initialization failed|See root cause above|EngineGenerateError|"
     r"Worker failed with error|WorkerProc initialization failed|^$"
 )
+_DIED = re.compile(r"\S+ died unexpectedly \(exit code: -?\d+\)")
 # Log markers of the start phases, newest first (the first match wins).
 PHASES = [
     (re.compile(r"init engine \(profile|Graph capturing finished|Compil(ing|ation)"), "warming up"),
@@ -71,6 +72,10 @@ def root_cause(path: str | os.PathLike | None, exc: BaseException | None = None,
     lines = tail(path, 400) if path else []
     for raw in lines:
         line = _PREFIX.sub("", raw.strip())
+        died = _DIED.search(line)
+        if died and died.group(0) not in found:
+            found.append(died.group(0))
+            continue
         m = _EXC.match(line)
         if m and m.group(2) is not None and not _GENERIC.search(line):
             if line not in found:

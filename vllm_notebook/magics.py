@@ -217,9 +217,10 @@ class VllmMagics(Magics):
             flags["max_tokens"] = self.max_tokens
         if args.json_schema:
             flags["json"] = parse_schema(args.json_schema, ns)
-        for key, value in (("max_tokens", flags["max_tokens"]), ("n", flags["n"]), ("logprobs", flags["logprobs"])):
-            if value is not None and value < (0 if key == "logprobs" else 1):
-                raise UsageError(f"--{key.replace('_', '-')} must be {'>= 0' if key == 'logprobs' else '>= 1'}, not {value}")
+        for flag, value, least in (("--max-tokens", flags["max_tokens"], 1), ("-n", flags["n"], 1),
+                                   ("--logprobs", flags["logprobs"], 0)):
+            if value is not None and value < least:
+                raise UsageError(f"{flag} must be >= {least}, not {value}")
         return build_params(base, flags, engine.default_sampling())
 
     def _run(self, engine, prompts, params, args):
