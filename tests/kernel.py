@@ -23,8 +23,11 @@ class Kernel:
     def submit(self, code: str) -> str:
         return self.kc.execute(code)
 
-    def collect(self, msg_id: str, timeout: float = 120) -> tuple[str, dict | None]:
-        """Text of every output of one execution, and its error (if any)."""
+    def collect(self, msg_id: str, timeout: float = 120, on_update=None) -> tuple[str, dict | None]:
+        """Text of every output of one execution, and its error (if any).
+
+        ``on_update()`` is called once, at the first display update (streamed text).
+        """
         text, error, deadline = [], None, time.monotonic() + timeout
         while True:
             try:
@@ -38,6 +41,9 @@ class Kernel:
                 text.append(content["text"])
             elif kind in ("display_data", "update_display_data", "execute_result"):
                 text.append(content["data"].get("text/plain", "") + "\n")
+                if kind == "update_display_data" and on_update is not None:
+                    on_update()
+                    on_update = None
             elif kind == "error":
                 error = content
             elif kind == "status" and content["execution_state"] == "idle":

@@ -73,8 +73,15 @@ def engine_arg_fields() -> set[str]:
 
 
 def start_engine(args: AsyncEngineArgs) -> AsyncLLM:
-    """Create the engine. Call inside the running event loop that will drive it."""
-    return AsyncLLM.from_engine_args(args)
+    """Create the engine. Call inside the running event loop that will drive it.
+
+    The usage context is the ``LLM`` class's: vLLM derives defaults from it
+    (max_num_seqs, max_num_batched_tokens), and a notebook engine is used the way
+    ``LLM`` is, so it gets the same defaults as ``vllm.LLM(...)`` would.
+    """
+    from vllm.usage.usage_lib import UsageContext
+
+    return AsyncLLM.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
 
 
 def stop_engine(llm: AsyncLLM) -> None:

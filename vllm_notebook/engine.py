@@ -116,9 +116,9 @@ class Engine:
         self._groups = [g for g in procs.started_groups() if g not in groups_before]
 
     async def _create(self) -> None:
-        from .procs import own_session
+        from .procs import own_process_group
 
-        with logs.capture_output(self.log_path), own_session():
+        with logs.capture_output(self.log_path), own_process_group():
             from . import _vllm
 
             logs.route_vllm_logs(self.log_path, _vllm.vllm_loggers())
