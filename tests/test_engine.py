@@ -22,10 +22,9 @@ def test_exact_greedy_completions(engine):
 
 
 def test_batch_is_submitted_at_once(engine):
-    arrivals = []
-    params = vllm_notebook.engine.__dict__  # noqa: F841 - keep the module imported
     from vllm_notebook.sampling import build_params
 
+    arrivals = []
     p = build_params(None, {"max_tokens": 48, "ignore_eos": True, "temperature": 0.0})
     t0 = time.monotonic()
     gen = engine.run([f"The capital of France is {i}" for i in range(16)], p,

@@ -46,9 +46,9 @@ def test_interrupt_aborts_and_engine_keeps_serving(kernel, demo_path):
     kernel.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
     for _ in range(3):
         msg_id = kernel.submit("%%generate --max-tokens 500 --ignore-eos --temperature 0\nOnce upon a time")
-        sent = []
+        sent: list[float] = []
 
-        def interrupt():
+        def interrupt(sent=sent):
             sent.append(time.monotonic())
             kernel.km.interrupt_kernel()
 

@@ -131,8 +131,8 @@ def test_prompt_too_long_is_one_line(cell, ip):
 def test_status_logs_and_dry_run(cell, demo_path):
     r, _ = cell("%vllm_status")
     text = str(r.result)
-    assert "engine 'default'" in text and "KV cache tokens" in text and "1,048,576" not in text or True
-    assert "requests" in text and "plan" in text
+    assert "engine 'default'" in text and "KV cache tokens" in text
+    assert "requests" in text and "plan" in text and "memory: kernel" in text
     _, out = cell("%vllm_logs -n 5")
     assert out.startswith("==> ") and len(out.strip().splitlines()) <= 6
     r, _ = cell(f"%vllm_load {demo_path} --max-model-len 256 --dry-run --name other")
@@ -143,6 +143,20 @@ def test_same_load_reuses_engine(cell, engine, demo_path):
     from conftest import LOAD_FLAGS
 
     r, _ = cell(f"%vllm_load {demo_path} {LOAD_FLAGS}")
+    assert r.result is engine
+
+
+def test_default_model_from_config(cell, ip, engine, demo_path, monkeypatch):
+    from conftest import LOAD_FLAGS
+
+    cell(f"%config VllmMagics.default_model = {demo_path!r}")
+    try:
+        r, _ = cell(f"llm = %vllm_load {LOAD_FLAGS}")
+        assert ip.user_ns["llm"] is engine
+    finally:
+        cell("%config VllmMagics.default_model = ''")
+    monkeypatch.setenv("VLLM_NOTEBOOK_MODEL", demo_path)
+    r, _ = cell(f"%vllm_load {LOAD_FLAGS}")
     assert r.result is engine
 
 

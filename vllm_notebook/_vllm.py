@@ -72,7 +72,31 @@ def engine_arg_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
-def start_engine(args: AsyncEngineArgs) -> AsyncLLM:
+def _usage_logger(sink: dict[str, Any]):
+    """A stat logger that only keeps the scheduler's latest KV-cache use and queue lengths.
+
+    Passing it (with vLLM's default loggers off) makes the engine report scheduler
+    stats without the cost of the logging and Prometheus loggers.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class UsageLogger(StatLoggerBase):
+        def __init__(self, vllm_config=None, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats=None, iteration_stats=None, *args, **kwargs):
+            if scheduler_stats is not None:
+                sink["kv_cache_usage"] = scheduler_stats.kv_cache_usage
+                sink["running"] = scheduler_stats.num_running_reqs
+                sink["waiting"] = scheduler_stats.num_waiting_reqs
+
+        def log_engine_initialized(self):
+            pass
+
+    return UsageLogger
+
+
+def start_engine(args: AsyncEngineArgs, usage: dict[str, Any] | None = None) -> AsyncLLM:
     """Create the engine. Call inside the running event loop that will drive it.
 
     The usage context is the ``LLM`` class's: vLLM derives defaults from it
@@ -81,7 +105,8 @@ def start_engine(args: AsyncEngineArgs) -> AsyncLLM:
     """
     from vllm.usage.usage_lib import UsageContext
 
-    return AsyncLLM.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+    loggers = [_usage_logger(usage)] if usage is not None else None
+    return AsyncLLM.from_engine_args(args, usage_context=UsageContext.LLM_CLASS, stat_loggers=loggers)
 
 
 def stop_engine(llm: AsyncLLM) -> None:

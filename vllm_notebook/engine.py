@@ -64,6 +64,7 @@ class Engine:
         self.plan = plan or {}
         self.facts: dict[str, Any] = {}
         self.stats = Stats()
+        self.usage: dict[str, Any] = {}  # the scheduler's latest KV-cache use and queue lengths
         self.load_seconds: float | None = None
         self._llm = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -123,7 +124,7 @@ class Engine:
 
             logs.route_vllm_logs(self.log_path, _vllm.vllm_loggers())
             try:
-                self._llm = _vllm.start_engine(self.args)
+                self._llm = _vllm.start_engine(self.args, self.usage)
             finally:
                 logs.route_vllm_logs(self.log_path, _vllm.vllm_loggers())
             self._tokenizer = _vllm.tokenizer(self._llm)

@@ -235,7 +235,7 @@ class VllmMagics(Magics):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(prompts), desc=f"generating ({engine.name})", unit="prompt",
-                       leave=False, disable=len(prompts) == 1)
+                       leave=False, delay=0.5, disable=len(prompts) == 1)
             on_output = lambda i, out: bar.update(1)  # noqa: E731
         try:
             gen = engine.run(prompts, params, stream=streaming, on_output=on_output)

@@ -44,7 +44,9 @@ class Status:
                 "engine": name, "model": eng.model, "state": "running" if eng.alive else "dead",
                 "TP/PP": f"{f.get('tensor_parallel_size')}/{f.get('pipeline_parallel_size')}",
                 "device": f.get("device"), "dtype": f.get("dtype"), "max_model_len": f.get("max_model_len"),
-                "KV cache tokens": f"{f.get('kv_cache_tokens', 0):,}", "running": st.running,
+                "KV cache tokens": f"{f.get('kv_cache_tokens', 0):,}",
+                "KV cache use": f"{100 * eng.usage.get('kv_cache_usage', 0.0):.1f}%",
+                "running / waiting": f"{eng.usage.get('running', 0)} / {eng.usage.get('waiting', 0)}",
                 "requests": st.requests, "prompt tokens": st.prompt_tokens, "output tokens": st.output_tokens,
                 "plan": ", ".join(f"{k}={v}" for k, v in eng.plan.items()), "log": eng.log_path,
             })
