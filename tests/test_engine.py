@@ -164,4 +164,5 @@ def test_dry_run_starts_nothing(demo_path):
     plan = vllm_notebook.load(demo_path, name="dry", dry_run=True, max_model_len=256)
     assert "dry" not in vllm_notebook.engines()
     assert plan.engine_args == {"max_model_len": 256}
-    assert plan.plan["devices"] == "CPU" and plan.plan["tensor_parallel_size"] == 1
+    assert plan.plan.devices == "CPU" and plan.plan.tensor_parallel_size == 1 and plan.plan.executor is None
+    assert "tensor parallel" in str(plan) and "source" in str(plan)

@@ -7,7 +7,7 @@ import difflib
 import os
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import engine as _engine
@@ -19,21 +19,36 @@ OWN_FLAGS = ("model_tag", "name", "dry_run", "help")
 
 @dataclass
 class LoadPlan:
-    """What ``load`` would start (the result of ``--dry-run``)."""
+    """What ``load`` would start (the result of ``--dry-run``): the allocation and the plan."""
 
     name: str
     model: str
     path: str
     engine_args: dict[str, Any]
-    plan: dict[str, Any] = field(default_factory=dict)
+    plan: Any = None
+    allocation: Any = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        args = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in self.engine_args.items())
+        rows = [("engine", self.name), ("model", f"{self.model} ({self.path})"), ("flags", args or "(defaults)")]
+        rows += self.allocation.rows() if self.allocation is not None else []
+        rows += self.plan.rows() if self.plan is not None else []
+        return rows
 
     def __str__(self) -> str:
-        args = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in self.engine_args.items())
-        plan = ", ".join(f"{k}={v}" for k, v in self.plan.items())
-        return f"would start engine '{self.name}': {self.model} ({self.path})\n  flags: {args or '(defaults)'}\n  plan: {plan}"
+        width = max(len(k) for k, _ in self.rows())
+        return f"would start engine '{self.name}' (dry run: nothing started)\n" + "\n".join(
+            f"  {k:<{width}}  {v}" for k, v in self.rows())
 
     def _repr_pretty_(self, p, cycle) -> None:
         p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        import html
+
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+                       f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in self.rows())
+        return f"<p>would start engine <b>{html.escape(self.name)}</b> (dry run: nothing started)</p><table>{body}</table>"
 
 
 def load(model: str | None = None, *, name: str = "default", dry_run: bool = False,
@@ -132,8 +147,9 @@ def _key(args) -> tuple:
 
 def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool):
     from . import models
+    from .allocation import Allocation
     from .display import LiveLine
-    from .plan import local_plan
+    from .plan import make_plan
 
     _vllm = logs.import_vllm()
     line = LiveLine(enabled=progress and not dry_run)
@@ -142,10 +158,11 @@ def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool):
     path = models.resolve(str(args.model), getattr(args, "revision", None), getattr(args, "download_dir", None))
     if "disable_log_stats" not in explicit:
         args.disable_log_stats = True
-    plan = local_plan(_vllm.device_count(), models.read_config(path), explicit, args)
+    alloc = Allocation.from_env(gpu_count=_vllm.device_count())
+    plan = make_plan(alloc, models.read_config(path), explicit, args)
     if dry_run:
         shown = {k: getattr(args, k) for k in sorted(explicit - {"model"})}
-        return LoadPlan(name=name, model=str(args.model), path=path, engine_args=shown, plan=plan)
+        return LoadPlan(name=name, model=str(args.model), path=path, engine_args=shown, plan=plan, allocation=alloc)
     key = _key(args)
     old = _engine.engines().get(name)
     if old is not None:
@@ -157,7 +174,7 @@ def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool):
     if _vllm.is_cpu_build() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         # vLLM's CPU build would reserve half the RAM for KV cache; a notebook shares the node.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
-    eng = _engine.Engine(name, args, key, logs.new_log_path(name), plan=plan)
+    eng = _engine.Engine(name, args, key, logs.new_log_path(name), plan=plan.as_dict())
 
     def report(phase: str, elapsed: float) -> None:
         line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({args.model})", key=phase)
