@@ -110,6 +110,13 @@ def test_allocation_from_env(extra, gpus, cpus):
     assert alloc.gpus_per_node == gpus and alloc.cpus_per_node == cpus and alloc.node_name == "gpu01"
 
 
+def test_allocation_inside_an_srun_step_sees_the_whole_job():
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NODELIST": "n[1-2]", "SLURM_STEP_ID": "0",
+           "SLURM_JOB_CPUS_PER_NODE_PACK_GROUP_0": "1(x2)", "SLURMD_NODENAME": "n1", "CUDA_VISIBLE_DEVICES": "0,1"}
+    alloc = Allocation.from_env(env)
+    assert alloc.nodes == ["n1", "n2"] and alloc.cpus_per_node == [1, 1] and alloc.gpus_per_node == 2
+
+
 def test_allocation_memory_and_step():
     alloc = Allocation.from_env({**SLURM, "SLURM_MEM_PER_CPU": "1000", "SLURM_CPUS_ON_NODE": "8",
                                  "SLURM_STEP_ID": "0"})

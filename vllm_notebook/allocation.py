@@ -179,14 +179,17 @@ class Allocation:
         env = dict(os.environ if env is None else env)
         if not env.get("SLURM_JOB_ID"):
             return cls._local(env, gpu_count)
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        var = "SLURM_JOB_NODELIST" if env.get("SLURM_JOB_NODELIST") else "SLURM_NODELIST"
         node_name = env.get("SLURMD_NODENAME")
-        nodes = expand_hostlist(nodelist, var) if nodelist else [node_name or socket.gethostname()]
+        # Inside a step started with `srun --jobid`, SLURM_JOB_NODELIST is the step's nodes and
+        # SLURM_NODELIST the job's; elsewhere both are the job's. The job's list is the longer one.
+        lists = [expand_hostlist(env[v], v) for v in ("SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(v)]
+        nodes = max(lists, key=len) if lists else [node_name or socket.gethostname()]
         cpus: list[int] = []
-        if env.get("SLURM_JOB_CPUS_PER_NODE"):
-            cpus = parse_per_node_counts(env["SLURM_JOB_CPUS_PER_NODE"])
-        elif env.get("SLURM_CPUS_ON_NODE"):
+        for var in ("SLURM_JOB_CPUS_PER_NODE", "SLURM_JOB_CPUS_PER_NODE_PACK_GROUP_0"):
+            if env.get(var):
+                cpus = parse_per_node_counts(env[var], var)
+                break
+        if not cpus and env.get("SLURM_CPUS_ON_NODE", "").isdigit():
             cpus = [int(env["SLURM_CPUS_ON_NODE"])] * len(nodes)
         if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
             cpus = [int(env["SLURM_CPUS_PER_TASK"])] * len(nodes)

@@ -41,12 +41,16 @@ def _guard(pgid: int, add: bool = True) -> None:
             pass
 
 
-def _spawn_in_own_session(path, args, passfds, _original=mp_util.spawnv_passfds):
+def new_group() -> dict:
+    """Popen keyword arguments that start the child in a process group of its own."""
+    return {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
+def _spawn_in_own_group(path, args, passfds, _original=mp_util.spawnv_passfds):
     if any("resource_tracker" in str(a) for a in args):  # shared by the whole kernel: leave it be
         return _original(path, args, passfds)
-    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     proc = subprocess.Popen(list(args), executable=path, pass_fds=tuple(sorted(map(int, passfds))),
-                            close_fds=True, **group)
+                            close_fds=True, **new_group())
     _keep.append(proc)
     _guard(proc.pid)
     return proc.pid
@@ -56,7 +60,7 @@ def _spawn_in_own_session(path, args, passfds, _original=mp_util.spawnv_passfds)
 def own_process_group():
     """Processes that multiprocessing spawns inside this block start in their own process group."""
     original = mp_util.spawnv_passfds
-    mp_util.spawnv_passfds = _spawn_in_own_session
+    mp_util.spawnv_passfds = _spawn_in_own_group
     try:
         yield
     finally:
