@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Run the whole test suite on the real vLLM CPU engine (sets up .venv first).
+# Run the whole test suite against real parts: vLLM's CPU engine, real kernels, and a
+# real two-node Slurm cluster with Ray (scripts/dev-cluster, started here; needs root
+# and Debian's slurm packages, which it installs). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${VLLM_NOTEBOOK_VENV:-.venv}
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export PYTHONUNBUFFERED=1
-exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+if bash scripts/dev-cluster up; then
+  eval "$(bash scripts/dev-cluster env)"
+  trap 'bash scripts/dev-cluster down >/dev/null 2>&1 || true' EXIT
+elif [ -n "${CI:-}" ]; then
+  echo "the dev Slurm cluster did not start" >&2
+  exit 1
+else
+  echo "warning: no dev Slurm cluster (needs root); the cluster tests will be skipped" >&2
+fi
+"$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -9,8 +9,8 @@ from jupyter_client.manager import KernelManager
 
 
 class Kernel:
-    def __init__(self):
-        self.km = KernelManager(kernel_name="python3")
+    def __init__(self, kernel_name: str = "python3"):
+        self.km = KernelManager(kernel_name=kernel_name)
         self.km.start_kernel()
         self.kc = self.km.client()
         self.kc.start_channels()

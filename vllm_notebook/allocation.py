@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from .errors import VllmNotebookError
@@ -203,7 +204,12 @@ class Allocation:
     @classmethod
     def _local(cls, env: Mapping[str, str], gpu_count: int | None) -> Allocation:
         ids = parse_device_list(env["CUDA_VISIBLE_DEVICES"]) if "CUDA_VISIBLE_DEVICES" in env else []
-        gpus = len(ids) if "CUDA_VISIBLE_DEVICES" in env else (gpu_count or 0)
+        if "CUDA_VISIBLE_DEVICES" in env:
+            gpus = len(ids)
+        elif gpu_count is not None:
+            gpus = gpu_count
+        else:  # without importing anything heavy: NVIDIA's device files
+            gpus = sum(1 for p in Path("/dev").glob("nvidia[0-9]*") if p.name[6:].isdigit())
         return cls(source="local", nodes=[socket.gethostname()], gpus_per_node=gpus,
                    cpus_per_node=[os.cpu_count() or 1], gpu_ids=ids, env=dict(env))
 

@@ -74,6 +74,7 @@ class Engine:
         self._tokenizer = None
         self._defaults: dict[str, Any] | None = None
         self._groups: list[int] = []
+        self.ray_cluster = None  # the Ray cluster a multi-node engine runs on
         self._announced_in: int | None = None
 
     # ---------------------------------------------------------------- start
@@ -360,6 +361,10 @@ class Engine:
 
         for pgid in self._groups:  # anything vLLM's shutdown left behind
             stop_group(pgid)
+        if self.ray_cluster is not None and self.ray_cluster.owned and not _uses_ray(exclude=self):
+            from . import ray_cluster
+
+            ray_cluster.down()
         gc.collect()
         with _suppress():
             from . import _vllm
@@ -457,9 +462,22 @@ def unload_all() -> None:
         eng.unload()
 
 
+def _uses_ray(exclude: Engine) -> bool:
+    return any(e.ray_cluster is not None for e in engines().values() if e is not exclude)
+
+
+def shutdown() -> None:
+    """At exit (kernel shutdown, %unload_ext): every engine, then the Ray cluster we started."""
+    unload_all()
+    import sys
+
+    if "vllm_notebook.ray_cluster" in sys.modules:
+        sys.modules["vllm_notebook.ray_cluster"].down()
+
+
 def _register(engine: Engine) -> None:
     with _registry_lock:
         _ENGINES[engine.name] = engine
 
 
-atexit.register(unload_all)
+atexit.register(shutdown)

@@ -14,7 +14,7 @@ from . import engine as _engine
 from . import logs
 from .errors import UsageError, VllmNotebookError
 
-OWN_FLAGS = ("model_tag", "name", "dry_run", "help")
+OWN_FLAGS = ("model_tag", "name", "dry_run", "help", "ray_address")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class LoadPlan:
 
 
 def load(model: str | None = None, *, name: str = "default", dry_run: bool = False,
-         progress: bool = True, **engine_args: Any):
+         progress: bool = True, ray_address: str | None = None, **engine_args: Any):
     """Start (or reuse) an engine called ``name``; keyword arguments are ``EngineArgs`` fields.
 
     Loading the same model with the same arguments again returns the running
@@ -70,7 +70,7 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
 
     models.resolve(str(model), engine_args.get("revision"), engine_args.get("download_dir"))
     args = _vllm.engine_args(model=model, **engine_args)
-    return _load(args, set(engine_args), name, dry_run, progress)
+    return _load(args, set(engine_args), name, dry_run, progress, ray_address)
 
 
 def load_from_argv(argv: list[str], default_model: str = "", progress: bool = True):
@@ -82,6 +82,7 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
     ours = parser.add_argument_group("vllm-notebook")
     ours.add_argument("--name", default="default", help="engine name (several can coexist)")
     ours.add_argument("--dry-run", action="store_true", help="show what would start; start nothing")
+    ours.add_argument("--ray-address", help="use this Ray cluster (multi-node) instead of starting one")
     ours.add_argument("-h", "--help", action="store_true", help="show this help")
     try:
         ns = parser.parse_args(argv)
@@ -99,7 +100,7 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
                          "(or $VLLM_NOTEBOOK_MODEL)")
     ns.model = model
     explicit.add("model")
-    name, dry_run = ns.name, ns.dry_run
+    name, dry_run, ray_address = ns.name, ns.dry_run, ns.ray_address
     for key in OWN_FLAGS:
         delattr(ns, key)
     from . import models
@@ -109,7 +110,7 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
         args = _vllm.engine_args_from_namespace(ns)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    return _load(args, explicit, name, dry_run, progress)
+    return _load(args, explicit, name, dry_run, progress, ray_address)
 
 
 def _explain(message: str, argv: list[str], parser) -> str:
@@ -145,7 +146,7 @@ def _key(args) -> tuple:
     return tuple(key)
 
 
-def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool):
+def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool, ray_address: str | None = None):
     from . import models
     from .allocation import Allocation
     from .display import LiveLine
@@ -162,6 +163,8 @@ def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool):
     plan = make_plan(alloc, models.read_config(path), explicit, args)
     if dry_run:
         shown = {k: getattr(args, k) for k in sorted(explicit - {"model"})}
+        shown.update({k: getattr(args, k) for k in ("tensor_parallel_size", "pipeline_parallel_size",
+                                                       "distributed_executor_backend") if getattr(args, k) not in (None, 1)})
         return LoadPlan(name=name, model=str(args.model), path=path, engine_args=shown, plan=plan, allocation=alloc)
     key = _key(args)
     old = _engine.engines().get(name)
@@ -174,7 +177,14 @@ def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool):
     if _vllm.is_cpu_build() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         # vLLM's CPU build would reserve half the RAM for KV cache; a notebook shares the node.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
+    cluster = None
+    if plan.needs_ray:
+        from . import ray_cluster
+
+        line.update(f"vllm-notebook: starting the Ray cluster on {alloc.num_nodes} nodes …")
+        cluster = ray_cluster.up(alloc, ray_address)
     eng = _engine.Engine(name, args, key, logs.new_log_path(name), plan=plan.as_dict())
+    eng.ray_cluster = cluster
 
     def report(phase: str, elapsed: float) -> None:
         line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({args.model})", key=phase)

@@ -116,6 +116,29 @@ class VllmMagics(Magics):
         return Status.collect()
 
     @magic_arguments()
+    @argument("--up", action="store_true", help="start the Ray cluster across the allocation (or attach)")
+    @argument("--down", action="store_true", help="stop the Ray cluster we started; detach from one we did not")
+    @argument("--ray-address", help="attach to this Ray cluster instead of starting one")
+    @argument("--timeout", type=float, default=180, help="seconds to wait for every node to join")
+    @line_magic
+    def vllm_cluster(self, line: str):
+        """The Slurm allocation, the plans of loaded engines and the Ray cluster; --up / --down manage Ray."""
+        from . import ray_cluster
+        from .allocation import Allocation
+        from .cluster_view import ClusterView
+
+        args = _parse(self.vllm_cluster, line)
+        if args.up and args.down:
+            raise UsageError("%vllm_cluster: --up or --down, not both")
+        if args.down:
+            print(ray_cluster.down())
+            return None
+        alloc = Allocation.from_env()
+        if args.up:
+            ray_cluster.up(alloc, args.ray_address, timeout=args.timeout)
+        return ClusterView.collect(alloc, ray_cluster.current())
+
+    @magic_arguments()
     @argument("-n", type=int, default=40, help="lines to show (default 40)")
     @argument("--name", help="engine (default: the only one, or 'default')")
     @line_magic
@@ -291,7 +314,7 @@ def unregister(ipython) -> None:
     """Undo ``register``: unload our engines and remove every magic we added."""
     from . import engine
 
-    engine.unload_all()
+    engine.shutdown()
     magics = ipython.magics_manager.registry.pop("VllmMagics", None)
     if magics is None:
         return

@@ -1,0 +1,149 @@
+"""The cluster layer against real Slurm daemons (scripts/dev-cluster) and real Ray processes.
+
+A two-node allocation (`salloc -N2 --gres=gpu:2`) on the dev cluster; a kernel runs
+inside it on n1 (as JupyterHub's batch spawner runs one), started through srun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+from kernel import Kernel
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).parent.parent
+SLURM_CONF = os.environ.get("SLURM_CONF") or "/tmp/vnb-cluster/etc/slurm.conf"
+OURS = ("raylet", "gcs_server", "vllm_notebook._raynode")
+
+
+def _cluster_up() -> bool:
+    env = {**os.environ, "SLURM_CONF": SLURM_CONF}
+    if shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], env=env, capture_output=True).returncode == 0:
+        return True
+    return subprocess.run(["bash", str(ROOT / "scripts" / "dev-cluster"), "up"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def job():
+    if not _cluster_up():
+        if os.environ.get("CI"):
+            pytest.fail("the dev Slurm cluster did not start (scripts/dev-cluster up)")
+        pytest.skip("no Slurm here: run scripts/dev-cluster up (needs root and Debian's slurm packages)")
+    os.environ["SLURM_CONF"] = SLURM_CONF
+    out = subprocess.run(["salloc", "-N2", "--gres=gpu:2", "-t", "30", "--no-shell"], capture_output=True,
+                         text=True, timeout=60)
+    job_id = out.stderr.split("Granted job allocation")[1].split()[0]
+    yield job_id
+    subprocess.run(["scancel", job_id])
+
+
+def _in_step(job_id: str) -> list[str]:
+    return ["srun", f"--jobid={job_id}", "--overlap", "-N1", "-n1", "-w", "n1", "--gres=gpu:2"]
+
+
+@pytest.fixture(scope="module")
+def slurm_kernel(job, tmp_path_factory):
+    """A kernelspec whose kernel runs inside the allocation, on n1."""
+    path = tmp_path_factory.mktemp("jupyter")
+    spec = path / "kernels" / "slurm-n1"
+    spec.mkdir(parents=True)
+    argv = _in_step(job) + [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "n1", "language": "python"}))
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(path)
+    yield "slurm-n1"
+    if old is None:
+        os.environ.pop("JUPYTER_PATH", None)
+    else:
+        os.environ["JUPYTER_PATH"] = old
+
+
+def _our_processes() -> list[str]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(o in cmd for o in OURS) and "pytest" not in cmd:
+            found.append(cmd[:120])
+    return found
+
+
+def _wait_gone(timeout: float = 20) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while _our_processes() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return _our_processes()
+
+
+def test_allocation_reads_what_slurm_set(job):
+    code = ("import json; from vllm_notebook.allocation import Allocation; a = Allocation.from_env(); "
+            "print(json.dumps(dict(nodes=a.nodes, gpus=a.gpus_per_node, ids=a.gpu_ids, job=a.job_id, node=a.node_name, "
+            "addr=a.node_addr(), addr2=a.node_addr('n2'), left=a.time_left(), step=a.in_step, cpus=a.cpus_per_node)))")
+    out = subprocess.run(_in_step(job) + [sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["nodes"] == ["n1", "n2"] and info["gpus"] == 2 and info["ids"] == ["0", "1"]
+    assert info["job"] == job and info["node"] == "n1" and info["step"] is True
+    assert info["addr"] == "127.0.0.2" and info["addr2"] == "127.0.0.3"
+    assert 0 < info["left"] <= 1800 and len(info["cpus"]) == 2
+
+
+def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
+    k = Kernel(slurm_kernel)
+    try:
+        k.run("%load_ext vllm_notebook")
+        out = k.run(f"p = %vllm_load {demo_path} --dry-run\nprint(p)\nprint(p.engine_args)")
+        assert "'tensor_parallel_size': 2, 'pipeline_parallel_size': 2, 'distributed_executor_backend': 'ray'" in out
+        assert "nodes" in out and "n1, n2" in out
+        _, error = k.collect(k.submit(f"%vllm_load {demo_path} --dry-run --pipeline-parallel-size 4"))
+        assert error["ename"] == "PlanError" and len(error["traceback"]) == 1, error
+        assert "more than the model's 2 layers" in error["evalue"] or "GPUs" in error["evalue"]
+
+        t0 = time.monotonic()
+        out = k.run("%vllm_cluster --up", timeout=240)
+        assert "2 / 4" in out, out
+        up_seconds = time.monotonic() - t0
+        env = json.loads(k.run("import os, json; print(json.dumps({k: os.environ[k] for k in "
+                               "('RAY_ADDRESS', 'RAY_AUTH_TOKEN_PATH', 'RAY_AUTH_MODE')}))").strip())
+        assert env["RAY_AUTH_MODE"] == "token"
+        assert stat.S_IMODE(os.stat(env["RAY_AUTH_TOKEN_PATH"]).st_mode) == 0o600
+
+        probe = ("import ray\ntry:\n    ray.init(address='{a}', logging_level='ERROR')\n"
+                 "    r = ray.cluster_resources(); print('OK', r.get('GPU'), len([n for n in ray.nodes() if n['Alive']]))\n"
+                 "except Exception as e:\n    print('REFUSED', type(e).__name__)\n").format(a=env["RAY_ADDRESS"])
+        with_token = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                                    env={**os.environ, **env})
+        assert "OK 4.0 2" in with_token.stdout, with_token.stdout + with_token.stderr[-2000:]
+        no_token = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        refused = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=90,
+                                 env=no_token)
+        assert "REFUSED" in refused.stdout and "OK" not in refused.stdout
+
+        out = k.run("%vllm_cluster --down", timeout=60)
+        assert "stopped the Ray cluster" in out
+        assert not _wait_gone(), _our_processes()
+
+        k.run("%vllm_cluster --up", timeout=240)
+        assert _our_processes()
+    finally:
+        k.shutdown()
+    assert not _wait_gone(30), f"left behind after kernel shutdown: {_our_processes()}"
+    print(f"Ray head + worker up in {up_seconds:.1f} s")
+
+
+def test_multi_node_notebook_runs_in_the_allocation(slurm_kernel, demo_path, tmp_path):
+    nb = nbformat.read(ROOT / "notebooks" / "multi_node.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name=slurm_kernel, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "n1, n2" in text and "ray" in text and "2 / 4" in text and "stopped the Ray cluster" in text
+    assert "Traceback" not in text
+    assert not _wait_gone(), _our_processes()
