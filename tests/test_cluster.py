@@ -133,6 +133,11 @@ def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
 
         k.run("%vllm_cluster --up", timeout=240)
         assert _our_processes()
+        k.run("%unload_ext vllm_notebook")
+        assert not _wait_gone(), f"left behind after %unload_ext: {_our_processes()}"
+
+        k.run("%load_ext vllm_notebook\n%vllm_cluster --up", timeout=240)
+        assert _our_processes()
     finally:
         k.shutdown()
     assert not _wait_gone(30), f"left behind after kernel shutdown: {_our_processes()}"
@@ -146,4 +151,37 @@ def test_multi_node_notebook_runs_in_the_allocation(slurm_kernel, demo_path, tmp
                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "n1, n2" in text and "ray" in text and "2 / 4" in text and "stopped the Ray cluster" in text
     assert "Traceback" not in text
+    assert not _wait_gone(), _our_processes()
+
+
+def _alloc(job: str, nodes: list[str]):
+    from vllm_notebook.allocation import Allocation
+
+    return Allocation(source="slurm", nodes=nodes, gpus_per_node=2, cpus_per_node=[1] * len(nodes), job_id=job,
+                      node_name="n1", env={"SLURM_CONF": SLURM_CONF})
+
+
+def test_attached_cluster_is_never_stopped(job, monkeypatch):
+    from vllm_notebook import ray_cluster
+
+    owned = ray_cluster.start(_alloc(job, ["n1", "n2"]), timeout=120)
+    try:
+        for key, value in owned.env().items():
+            monkeypatch.setenv(key, value)
+        attached = ray_cluster.up(_alloc(job, ["n1", "n2"]))  # $RAY_ADDRESS is set: attach
+        assert not attached.owned and attached.address == owned.address
+        assert "not stopped" in ray_cluster.down()
+        st = owned.status()
+        assert st["reachable"] and st["nodes"] == 2 and st["gpus"] == 4
+    finally:
+        owned.stop()
+    assert not _wait_gone(), _our_processes()
+
+
+def test_a_node_that_cannot_join_is_named_with_its_log(job):
+    from vllm_notebook import ray_cluster
+
+    with pytest.raises(ray_cluster.RayClusterError, match="nosuchnode") as info:
+        ray_cluster.start(_alloc(job, ["n1", "nosuchnode"]), timeout=60)
+    assert "srun" in str(info.value) and "\n" not in str(info.value)
     assert not _wait_gone(), _our_processes()
