@@ -16,6 +16,7 @@ _LAZY = {
     "Engine": "engine", "engines": "engine", "get_engine": "engine", "unload_all": "engine",
     "Generation": "generation",
     "demo_model": "demo",
+    "panel": "prompt_panel", "PromptPanel": "prompt_panel",
     "VllmNotebookError": "errors",
 }
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import VllmNotebookError
     from .generation import Generation
     from .loader import LoadPlan, load
+    from .prompt_panel import PromptPanel, panel
 
 
 def __getattr__(name: str):

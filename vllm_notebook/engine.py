@@ -194,21 +194,23 @@ class Engine:
         *,
         stream: bool = False,
         on_output: Callable[[int, Any], None] | None = None,
+        stop_event: threading.Event | None = None,
     ) -> Generation:
         """Submit all prompts at once and wait for them.
 
         ``on_output(index, request_output)`` is called in the calling thread for
         every update (each token when ``stream``; only final outputs otherwise).
-        Ctrl-C (KeyboardInterrupt) aborts the requests within a second and returns
-        the partial result with ``interrupted=True``.
+        Ctrl-C (KeyboardInterrupt), or setting ``stop_event`` from another thread,
+        aborts the requests within a second and returns the partial result with
+        ``interrupted=True``.
         """
         run = self._submit(prompts, params, stream=stream)
         interrupted = False
         try:
-            for i, out in self._events(run):
+            for i, out in self._events(run, stop_event=stop_event):
                 if on_output is not None:
                     on_output(i, out)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Stopped):
             interrupted = True
             self._stop_run(run)
         except BaseException:
@@ -266,14 +268,22 @@ class Engine:
         run.future = asyncio.run_coroutine_threadsafe(self._drive(items, params, run), self._loop)
         return run
 
-    def _events(self, run: _Run, deadline: float | None = None) -> Iterator[tuple[int, Any]]:
-        """Yield ``(index, output)`` until the run ends; raise a one-line error on failure."""
+    def _events(self, run: _Run, deadline: float | None = None,
+                stop_event: threading.Event | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, output)`` until the run ends (or ``deadline``); one-line errors on failure."""
         while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if stop_event is not None and stop_event.is_set():
+                raise _Stopped
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+            else:
+                timeout = 0.05 if stop_event is not None else None
             try:
                 item = run.q.get(timeout=timeout)
             except queue.Empty:
-                return
+                if deadline is not None:
+                    return
+                continue
             if item is _DONE:
                 run.done = True
                 return
@@ -385,6 +395,10 @@ async def _shutdown(llm) -> None:
     from . import _vllm
 
     _vllm.stop_engine(llm)
+
+
+class _Stopped(BaseException):
+    """A run's stop_event was set (the panel's Stop button)."""
 
 
 class _suppress:

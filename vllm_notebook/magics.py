@@ -116,6 +116,18 @@ class VllmMagics(Magics):
         return Status.collect()
 
     @magic_arguments()
+    @argument("--name", help="engine (default: the only one, or 'default')")
+    @line_magic
+    def vllm_panel(self, line: str):
+        """A prompt panel (ipywidgets) over a loaded engine; generation runs in the background."""
+        from .prompt_panel import PromptPanel
+
+        args = _parse(self.vllm_panel, line)
+        if args.name:
+            self._engine(args.name)  # a one-line error now if there is no such engine
+        return PromptPanel(args.name, max_updates_per_second=self.max_updates_per_second)
+
+    @magic_arguments()
     @argument("--up", action="store_true", help="start the Ray cluster across the allocation (or attach)")
     @argument("--down", action="store_true", help="stop the Ray cluster we started; detach from one we did not")
     @argument("--ray-address", help="attach to this Ray cluster instead of starting one")

@@ -1,0 +1,133 @@
+"""The prompt panel's widgets, driven with click() against the real engine."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from vllm_notebook.prompt_panel import PromptPanel
+
+
+@pytest.fixture(autouse=True)
+def _shell(ip):
+    """Widgets live in a shell, as in a kernel."""
+
+
+def _panel(prompt: str, **controls) -> PromptPanel:
+    p = PromptPanel()
+    p._prompt.value = prompt
+    p._temperature.value = controls.pop("temperature", 0.0)
+    for name, value in controls.items():
+        getattr(p, f"_{name}").value = value
+    return p
+
+
+def test_generate_shows_the_exact_completion(engine):
+    p = _panel("The capital of France is")
+    assert p.status == "idle" and "default" in p._header.value
+    p._generate.click()
+    p.wait(30)
+    assert p.text == " Paris." and p.status == "idle" and not p.error
+    assert p._rendered.outputs[0]["data"]["text/markdown"] == " Paris."
+    assert "finish: stop" in p._stats.value and "TTFT" in p._stats.value and "tok/s" in p._stats.value
+    assert not p._generate.disabled and p._stop.disabled
+
+
+def test_stop_ends_a_long_generation_within_a_second(engine):
+    p = _panel("Once upon a time", max_tokens=500)
+    p.extra_params = {"ignore_eos": True}
+    p._generate.click()
+    deadline = time.monotonic() + 10
+    while not p.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert p.busy and p._generate.disabled and not p._stop.disabled
+    t0 = time.monotonic()
+    p._stop.click()
+    p.wait(5)
+    assert time.monotonic() - t0 < 1.0
+    gen = p.last_generation
+    assert gen.interrupted and 0 < len(gen.outputs[0].outputs[0].token_ids) < 500
+    full = engine.generate("Once upon a time", temperature=0, max_tokens=500, ignore_eos=True).text
+    assert p.text == gen.text and p.text and full.startswith(p.text)  # the partial text is kept
+    assert not p._generate.disabled and p._stop.disabled and p.status == "idle"
+
+
+def test_two_panels_generate_at_once_and_cells_still_run(engine, cell):
+    a, b = _panel("The capital of France is", max_tokens=200), _panel("A dog says", max_tokens=200)
+    a.extra_params = b.extra_params = {"ignore_eos": True}
+    a._generate.click()
+    b._generate.click()
+    assert a.busy and b.busy
+    r, _ = cell("%%generate --temperature 0\nThe capital of Japan is")  # the kernel is free meanwhile
+    assert r.result.text == " Tokyo."
+    a.wait(60)
+    b.wait(60)
+    for p, prompt in ((a, "The capital of France is"), (b, "A dog says")):
+        want = engine.generate(prompt, temperature=0, max_tokens=200, ignore_eos=True).text
+        assert p.text == want and len(p.last_generation.outputs[0].outputs[0].token_ids) == 200
+        assert p.text.startswith(" Paris." if p is a else " woof.")
+
+
+def test_updates_are_throttled(engine):
+    p = _panel("Once upon a time", max_tokens=400)
+    p.extra_params = {"ignore_eos": True}
+    t0 = time.monotonic()
+    p._generate.click()
+    p.wait(60)
+    elapsed = time.monotonic() - t0
+    assert p.updates <= 20 * elapsed + 2, (p.updates, elapsed)
+
+
+def test_chat_mode_clear_and_save(engine, ip):
+    p = _panel("What is the capital of France?", chat=True)
+    p._generate.click()
+    p.wait(30)
+    assert p.text == "The capital of France is Paris."
+    p._prompt.value = "What does a dog say?"
+    p._generate.click()
+    p.wait(30)
+    assert p.text == "A dog says woof." and len(p.conversation) == 4
+    shown = p._rendered.outputs[-1]["data"]["text/markdown"]
+    assert "**You:** What is the capital of France?" in shown and "**Assistant:** A dog says woof." in shown
+    p._var.value = "talk"
+    p._save.click()
+    assert ip.user_ns["talk"]["conversation"] == p.conversation
+    assert ip.user_ns["talk"]["generation"].text == "A dog says woof."
+    p._clear.click()
+    assert p.conversation == [] and p.text == "" and p._rendered.outputs == ()
+
+
+def test_system_prompt(engine):
+    p = _panel("What color is the sky?", system="Answer briefly.")
+    p._generate.click()
+    p.wait(30)
+    assert p.text == "The sky is blue."
+
+
+@pytest.mark.parametrize("setup,match", [
+    (lambda p: setattr(p._prompt, "value", "  "), "write a prompt first"),
+    (lambda p: setattr(p._seed, "value", "abc"), "seed must be a whole number"),
+    (lambda p: setattr(p._prompt, "value", "word " * 600), "max-model-len"),
+    (lambda p: setattr(p, "_engine_name", "nope"), "no engine named 'nope'"),
+    (lambda p: setattr(p._var, "value", "not a name"), "not a valid variable name"),
+])
+def test_errors_show_as_one_red_line(engine, setup, match):
+    p = _panel("The capital of France is")
+    setup(p)
+    (p._save if "name" in match and "engine" not in match else p._generate).click()
+    p.wait(30)
+    assert match in p.error and "\n" not in p.error and "Traceback" not in p.error
+    assert "#c62828" in p._error.value and p.status == "error"
+    assert not p._generate.disabled and p._stop.disabled
+    p._engine_name = "default"
+    p._prompt.value, p._seed.value = "The capital of France is", ""
+    p._generate.click()
+    p.wait(30)
+    assert p.text == " Paris." and not p.error and p.status == "idle"
+
+
+def test_magic_returns_a_panel(cell):
+    r, _ = cell("%vllm_panel")
+    assert isinstance(r.result, PromptPanel)
+    cell("%vllm_panel --name nope", expect_error=Exception)
