@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Run the whole test suite against real parts: vLLM's CPU engine, real kernels, and a
-# real two-node Slurm cluster with Ray (scripts/dev-cluster, started here; needs root
-# and Debian's slurm packages, which it installs). Extra arguments go to pytest.
+# Run the whole test suite against real parts: vLLM's CPU engine, real kernels, a real
+# two-node Slurm cluster with Ray (scripts/dev-cluster, started here), and JupyterLab in
+# Debian's Chromium. As root it installs the Debian packages it needs (slurm, munge,
+# chromium). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${VLLM_NOTEBOOK_VENV:-.venv}
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export PYTHONUNBUFFERED=1
+if ! [ -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; then  # the browser tests drive Debian's Chromium
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+fi
 if bash scripts/dev-cluster up; then
   eval "$(bash scripts/dev-cluster env)"
   trap 'bash scripts/dev-cluster down >/dev/null 2>&1 || true' EXIT

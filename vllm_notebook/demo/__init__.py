@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 _HERE = Path(__file__).parent
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
@@ -125,13 +125,13 @@ def build(out: Path, *, steps: int = 600, seed: int = 0) -> None:
         additional_special_tokens=SPECIAL_TOKENS[3:],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.model_max_length = 512
+    tokenizer.model_max_length = 2048
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
-        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
     )
