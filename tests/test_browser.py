@@ -34,10 +34,12 @@ def _renice_engines() -> None:
 
     for proc in psutil.process_iter(["name", "cmdline"]):
         if "VLLM::" in (proc.info["name"] or "") + " ".join(proc.info["cmdline"] or []):
-            try:
-                proc.nice(19)
-            except psutil.Error:
-                pass
+            # setpriority on Linux changes one thread: renice every thread (OpenMP's included).
+            for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+                try:
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), 19)
+                except OSError:
+                    pass
 
 
 def _free_port() -> int:

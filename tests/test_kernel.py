@@ -115,3 +115,31 @@ def test_kernel_killed_leaves_no_process(demo_path):
     assert not alive, alive
     k.kc.stop_channels()
     k.km.cleanup_resources()
+
+
+def test_panel_in_a_real_kernel(kernel, demo_path):
+    kernel.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
+    out = kernel.run(
+        "import time, vllm_notebook\n"
+        "p = vllm_notebook.panel(temperature=0)\n"
+        "p._prompt.value = 'The capital of France is'\n"
+        "p._generate.click(); p.wait(30)\n"
+        "print(repr(p.text), p.status)")
+    assert out.strip() == "' Paris.' idle"
+    out = kernel.run(
+        "long = vllm_notebook.panel(temperature=0, max_tokens=480, ignore_eos=True)\n"
+        "long._prompt.value = 'Once upon a time'\n"
+        "long._generate.click()\n"
+        "while not long.text: time.sleep(0.01)\n"
+        "t0 = time.monotonic(); long._stop.click(); long.wait(5)\n"
+        "g = long.last_generation\n"
+        "print(time.monotonic() - t0 < 1.0, g.interrupted, len(g.outputs[0].outputs[0].token_ids) < 480)")
+    assert out.split() == ["True", "True", "True"]
+    out = kernel.run(
+        "a = vllm_notebook.panel(temperature=0, max_tokens=100, ignore_eos=True)\n"
+        "b = vllm_notebook.panel(temperature=0, max_tokens=100, ignore_eos=True)\n"
+        "a._prompt.value, b._prompt.value = 'A cat says', 'A cow says'\n"
+        "a._generate.click(); b._generate.click(); both = a.busy and b.busy\n"
+        "a.wait(60); b.wait(60)\n"
+        "print(both, a.text.startswith(' meow.'), b.text.startswith(' moo.'))")
+    assert out.split() == ["True", "True", "True"]
