@@ -3,7 +3,7 @@
 Usage: ``python -m vllm_notebook._raynode RAY_START_COMMAND...``. ``ray start --block``
 stops slowly and partly on SIGTERM (measured: gcs_server outlived it); this runner
 puts Ray in a process group of its own and, on SIGTERM/SIGINT/SIGHUP or when Ray exits,
-sends the group SIGTERM, then SIGKILL. Standard library only (it also runs on
+sends the group SIGTERM, then SIGKILL. It imports nothing heavy (it also runs on
 remote nodes through srun).
 """
 
@@ -11,35 +11,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-
-def _stop(pgid: int) -> None:
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.0)):
-        try:
-            os.killpg(pgid, sig)
-        except OSError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except OSError:
-                return
-            time.sleep(0.1)
+from vllm_notebook.procs import terminate_group
 
 
 def main() -> int:
-    proc = subprocess.Popen(sys.argv[1:], preexec_fn=os.setpgrp)  # noqa: PLW1509 - stdlib only, py3.10
+    proc = subprocess.Popen(sys.argv[1:], preexec_fn=os.setpgrp)  # noqa: PLW1509 - works on py3.10 too
 
     def on_signal(signum, frame):
-        _stop(proc.pid)
+        terminate_group(proc.pid, grace=3.0)
         sys.exit(0)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     code = proc.wait()
-    _stop(proc.pid)
+    terminate_group(proc.pid, grace=3.0)
     return code
 
 

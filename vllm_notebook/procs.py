@@ -71,20 +71,25 @@ def started_groups() -> list[int]:
     return [p.pid for p in _keep]
 
 
-def stop_group(pgid: int, timeout: float = 10.0) -> None:
-    """Terminate a process group we started (after vLLM's own shutdown, for stragglers)."""
+def terminate_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM a process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
     import time
 
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
         try:
             os.killpg(pgid, sig)
         except OSError:
-            break
+            return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             try:
                 os.killpg(pgid, 0)
             except OSError:
-                break
+                return
             time.sleep(0.05)
+
+
+def stop_group(pgid: int, timeout: float = 10.0) -> None:
+    """Terminate a process group we started (after vLLM's own shutdown, for stragglers)."""
+    terminate_group(pgid, timeout)
     _guard(pgid, add=False)
