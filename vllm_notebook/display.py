@@ -27,7 +27,7 @@ class LiveLine:
         self._last = ""
         self._last_key = None
 
-    def update(self, text: str, markdown: str | None = None, key: str | None = None) -> None:
+    def update(self, text: str, key: str | None = None) -> None:
         """Show ``text``; where lines cannot be rewritten, only when ``key`` (e.g. the phase) changes."""
         if not self.enabled or text == self._last:
             return
@@ -38,8 +38,6 @@ class LiveLine:
             from IPython.display import display
 
             data = {"text/plain": text}
-            if markdown:
-                data["text/markdown"] = markdown
             if self._handle is None:
                 self._handle = display(data, raw=True, display_id=True)
             else:
@@ -48,8 +46,8 @@ class LiveLine:
             sys.stderr.write("\r\x1b[2K" + text if self._tty else text + "\n")
             sys.stderr.flush()
 
-    def done(self, text: str, markdown: str | None = None) -> None:
-        self.update(text, markdown)
+    def done(self, text: str) -> None:
+        self.update(text)
         if self.enabled and not self._kernel and self._tty:
             sys.stderr.write("\n")
 

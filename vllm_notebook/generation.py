@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-FORMATS = ("auto", "markdown", "text", "json")
-
-
 class Generation:
     """Outputs of one generate call.
 

@@ -68,9 +68,9 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
         raise UsageError(f"unknown engine argument {bad!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
     from . import models
 
-    models.resolve(str(model), engine_args.get("revision"), engine_args.get("download_dir"))
+    path = models.resolve(str(model), engine_args.get("revision"), engine_args.get("download_dir"))
     args = _vllm.engine_args(model=model, **engine_args)
-    return _load(args, set(engine_args), name, dry_run, progress, ray_address)
+    return _load(args, path, set(engine_args), name, dry_run, progress, ray_address)
 
 
 def load_from_argv(argv: list[str], default_model: str = "", progress: bool = True):
@@ -105,12 +105,13 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
         delattr(ns, key)
     from . import models
 
-    models.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
+    # Resolve before EngineArgs exists: constructing it already looks the model up.
+    path = models.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
     try:
         args = _vllm.engine_args_from_namespace(ns)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    return _load(args, explicit, name, dry_run, progress, ray_address)
+    return _load(args, path, explicit, name, dry_run, progress, ray_address)
 
 
 def _explain(message: str, argv: list[str], parser) -> str:
@@ -146,7 +147,8 @@ def _key(args) -> tuple:
     return tuple(key)
 
 
-def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool, ray_address: str | None = None):
+def _load(args, path: str, explicit: set[str], name: str, dry_run: bool, progress: bool,
+          ray_address: str | None = None):
     from . import models
     from .allocation import Allocation
     from .display import LiveLine
@@ -155,8 +157,6 @@ def _load(args, explicit: set[str], name: str, dry_run: bool, progress: bool, ra
     _vllm = logs.import_vllm()
     line = LiveLine(enabled=progress and not dry_run)
     t0 = time.monotonic()
-    line.update(f"vllm-notebook: resolving {args.model} …")
-    path = models.resolve(str(args.model), getattr(args, "revision", None), getattr(args, "download_dir", None))
     if "disable_log_stats" not in explicit:
         args.disable_log_stats = True
     alloc = Allocation.from_env(gpu_count=_vllm.device_count())

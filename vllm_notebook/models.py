@@ -9,10 +9,6 @@ from pathlib import Path
 from .errors import ModelNotFoundError
 
 
-def looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or os.sep in model.strip("/").split("/", 2)[-1]
-
-
 def resolve(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
     """Return a local folder holding the model's config.json, or raise a one-line error."""
     expanded = os.path.expanduser(model)

@@ -12,10 +12,6 @@ from dataclasses import asdict, dataclass
 
 from .errors import UsageError
 
-PARALLEL_FLAGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-                  "distributed_executor_backend")
-
-
 class PlanError(UsageError):
     """The requested parallel layout does not fit the allocation or the model."""
 
