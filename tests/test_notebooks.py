@@ -42,3 +42,7 @@ def test_notebook_runs(path, demo_path, tmp_path):
         assert "[' Berlin.', ' meow.']" in everything
         assert "The capital of France is Paris." in everything and "A dog says woof." in everything
         assert "Two plus two is four." in everything
+    if path.stem == "server":
+        assert "server ready in" in everything or "attached to the running server" in everything
+        assert " Paris." in everything and "' Berlin.', ' meow.'" in everything
+        assert "detached from the server" in everything and "stopped the server" in everything

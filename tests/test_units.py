@@ -139,3 +139,75 @@ def test_root_cause_names_a_dead_worker(tmp_path):
     log.write_text("(EngineCore pid=8) ERROR 11-27 03:14:36 [multiproc_executor.py:315] Worker proc VllmWorker-0 "
                    "died unexpectedly (exit code: -4), shutting down executor.\n")
     assert logs.root_cause(log) == ["VllmWorker-0 died unexpectedly (exit code: -4)"]
+
+
+# ------------------------------------------------------------------ server mode (no server needed)
+def test_normalize_flags():
+    from vllm_notebook.servers import normalize
+
+    a = normalize(["--max-model-len=512", "--enforce-eager", "--dtype", "bfloat16"])
+    b = normalize(["--dtype", "bfloat16", "--max_model_len", "512", "--enforce-eager"])
+    assert a == b == ["--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "512"]
+    assert normalize(["--seed", "-1"]) == ["--seed", "-1"]
+
+
+def test_split_model_for_the_fast_path():
+    from vllm_notebook.loader import _split_model, _without
+
+    assert _split_model(["M", "--x", "1"], "") == ("M", ["--x", "1"])
+    assert _split_model(["--x", "1", "--model", "M"], "") == ("M", ["--x", "1"])
+    assert _split_model(["--model=M", "--x"], "") == ("M", ["--x"])
+    assert _split_model(["--x"], "D") == ("D", ["--x"])
+    assert _without(["M", "--x", "1"], "M") == ["--x", "1"]
+    assert _without(["--x", "1", "--model", "M"], None) == ["--x", "1"]
+
+
+def test_server_error_messages_are_one_line():
+    from vllm_notebook.client import _message
+
+    assert _message(b'{"error": {"message": "temperature must be non-negative, got -3.0.", "code": 400}}') \
+        == "temperature must be non-negative, got -3.0."
+    body = ('{"error": {"message": "2 validation errors:\\n  {\'type\': \'int_parsing\', \'loc\': \'body.max_tokens\', '
+            '\'msg\': \'Input should be a valid integer\', \'input\': \'x\'}\\n  more"}}')
+    assert _message(body.encode()) == "max_tokens: Input should be a valid integer"
+    assert _message(b"plain text") == "plain text"
+
+
+def test_request_output_accumulates_stream_chunks():
+    from vllm_notebook.client import Completion, RequestOutput
+
+    out = RequestOutput("r", "p", outputs=[Completion()])
+    out.apply({"choices": [{"index": 0, "text": " Par", "token_ids": [1], "prompt_token_ids": [7, 8]}]}, chat=False)
+    assert not out.finished
+    out.apply({"choices": [{"index": 0, "text": "is.", "token_ids": [2], "finish_reason": "stop"}]}, chat=False)
+    assert out.finished and out.outputs[0].text == " Paris." and out.outputs[0].token_ids == [1, 2]
+    assert out.prompt_token_ids == [7, 8]
+    chat = RequestOutput("c", None)
+    chat.apply({"prompt_token_ids": [3], "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, True)
+    chat.apply({"choices": [{"index": 0, "delta": {"content": "Hi"}, "token_ids": [5], "finish_reason": "length"}]}, True)
+    assert chat.outputs[0].text == "Hi" and chat.finished and chat.prompt_token_ids == [3]
+
+
+def test_own_flags_need_server(capsys):
+    from vllm_notebook.errors import UsageError
+    from vllm_notebook.loader import load_from_argv
+
+    with pytest.raises(UsageError, match="go with --server"):
+        load_from_argv(["m", "--port", "8000"])
+    with pytest.raises(UsageError, match="--api-key-file"):
+        load_from_argv(["m", "--server", "--api-key", "sekrit"])
+    with pytest.raises(UsageError, match="drop --max-model-len"):
+        load_from_argv(["--attach", "http://127.0.0.1:1", "--max-model-len", "5"])
+
+
+def test_attach_to_nothing_is_one_line():
+    import time
+
+    import vllm_notebook
+    from vllm_notebook.errors import VllmNotebookError
+
+    t0 = time.monotonic()
+    with pytest.raises(VllmNotebookError, match="cannot reach a vLLM server at http://127.0.0.1:9"):
+        vllm_notebook.attach("127.0.0.1:9", name="nothing", progress=False)
+    assert time.monotonic() - t0 < 5
+    assert "nothing" not in vllm_notebook.engines()

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "loader", "LoadPlan": "loader",
+    "load": "loader", "LoadPlan": "loader", "attach": "loader",
+    "ServerEngine": "client", "servers": "servers",
     "Engine": "engine", "engines": "engine", "get_engine": "engine", "unload_all": "engine",
     "Generation": "generation",
     "demo_model": "demo",
@@ -26,13 +27,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine, engines, get_engine, unload_all
     from .errors import VllmNotebookError
     from .generation import Generation
-    from .loader import LoadPlan, load
+    from . import servers
+    from .client import ServerEngine
+    from .loader import LoadPlan, attach, load
     from .prompt_panel import PromptPanel, panel
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        module = import_module(f".{_LAZY[name]}", __name__)
+        return module if _LAZY[name] == name else getattr(module, name)
     raise AttributeError(f"module 'vllm_notebook' has no attribute {name!r}")
 
 

@@ -58,6 +58,15 @@ def engine_arg_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def serve_arg_parser(prog: str) -> argparse.ArgumentParser:
+    """Every flag of ``vllm serve`` (frontend and engine), with its ``model_tag`` positional."""
+    try:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:  # pragma: no cover - vLLM < 0.30
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+    return make_arg_parser(_Parser(prog=prog, add_help=False))
+
+
 def engine_args_from_namespace(ns: argparse.Namespace) -> AsyncEngineArgs:
     return AsyncEngineArgs.from_cli_args(ns)
 

@@ -78,12 +78,15 @@ class Engine:
         self._announced_in: int | None = None
 
     # ---------------------------------------------------------------- start
-    def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
+    def _start_loop(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name=f"vllm-notebook:{self.name}", daemon=True
         )
         self._thread.start()
+
+    def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
+        self._start_loop()
         from . import procs
 
         groups_before = set(procs.started_groups())
@@ -167,6 +170,12 @@ class Engine:
 
         show_engine(self)
 
+    def params(self, base: Any = None, overrides: dict[str, Any] | None = None):
+        """Sampling for this engine: the model's defaults, then ``base`` (dict or SamplingParams), then ``overrides``."""
+        from .sampling import build_params
+
+        return build_params(base, overrides, self.default_sampling())
+
     def default_sampling(self) -> dict[str, Any]:
         """The model's own sampling defaults (its generation_config), as vLLM applies them."""
         if self._defaults is None:
@@ -224,9 +233,7 @@ class Engine:
 
         Closing the iterator (or breaking out of the loop) aborts the request.
         """
-        from .sampling import build_params
-
-        run = self._submit([prompt], build_params(params, sampling), stream=True)
+        run = self._submit([prompt], self.params(params, sampling), stream=True)
         seen = 0
         try:
             for _, out in self._events(run):
@@ -242,23 +249,26 @@ class Engine:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: Any = None, **sampling) -> Generation:
         """Generate for one prompt or a batch (submitted at once). Sampling as keyword arguments."""
-        from .sampling import build_params
-
         batch = [prompts] if isinstance(prompts, str | dict) else list(prompts)
-        return self.run(batch, build_params(params, sampling))
+        return self.run(batch, self.params(params, sampling))
 
     def chat(self, messages: Sequence[dict], params: Any = None, **sampling) -> Generation:
         """One assistant reply to ``messages`` (OpenAI-style role/content dicts)."""
-        from .sampling import build_params
+        return self.run([self.chat_prompt(messages)], self.params(params, sampling))
 
-        return self.run([self.chat_prompt(messages)], build_params(params, sampling))
-
-    def _submit(self, prompts: Sequence[Prompt], params: Any, *, stream: bool) -> _Run:
+    def _prepare(self, params: Any, stream: bool):
+        """The engine's form of ``params`` for one run (a copy; the caller's object is left alone)."""
         from . import _vllm
 
-        self._check()
+        if not isinstance(params, _vllm.SamplingParams):
+            params = self.params(params)
         params = params.clone()
         params.output_kind = _vllm.CUMULATIVE if stream else _vllm.FINAL_ONLY
+        return params
+
+    def _submit(self, prompts: Sequence[Prompt], params: Any, *, stream: bool) -> _Run:
+        self._check()
+        params = self._prepare(params, stream)
         items = [_engine_prompt(p) for p in prompts]
         run = _Run(rids=[f"{self.name}-{next(_ids)}" for _ in items], outputs=[None] * len(items))
         run.params = params
@@ -289,7 +299,7 @@ class Engine:
                 return
             i, out = item
             if isinstance(out, BaseException):
-                raise _translate(self, out) from None
+                raise self._translate(out) from None
             if run.first_token_at is None:
                 run.first_token_at = time.monotonic()
             run.outputs[i] = out
@@ -298,10 +308,8 @@ class Engine:
     def _stop_run(self, run: _Run) -> None:
         """Abort what is still running and collect the final (partial) outputs, within ~1 s."""
         pending = [r for r, o in zip(run.rids, run.outputs) if o is None or not o.finished]
-        if pending and self.alive:
-            fut = asyncio.run_coroutine_threadsafe(self._llm.abort(pending), self._loop)
-            with _suppress():
-                fut.result(timeout=1.0)
+        if pending:
+            self._abort(run, pending)
         deadline = time.monotonic() + 1.0
         while True:
             try:
@@ -314,6 +322,15 @@ class Engine:
                 continue
         if not run.done:
             run.future.cancel()
+
+    def _abort(self, run: _Run, pending: list[str]) -> None:
+        if self.alive:
+            fut = asyncio.run_coroutine_threadsafe(self._llm.abort(pending), self._loop)
+            with _suppress():
+                fut.result(timeout=1.0)
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        return _translate(self, exc)
 
     def _result(self, run: _Run, prompts: Sequence[Prompt], interrupted: bool) -> Generation:
         elapsed = time.monotonic() - run.started
@@ -335,12 +352,12 @@ class Engine:
         return gen
 
     async def _drive(self, items, params, run: _Run) -> None:
-        llm, q = self._llm, run.q
+        """Run every request of ``run`` concurrently; outputs and errors go to ``run.q``, then ``_DONE``."""
+        q = run.q
 
         async def one(i: int, prompt, rid: str) -> None:
             try:
-                async for out in llm.generate(prompt, params, rid):
-                    q.put((i, out))
+                await self._request(i, prompt, params, rid, q)
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -351,8 +368,16 @@ class Engine:
         finally:
             q.put(_DONE)
 
+    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue) -> None:
+        async for out in self._llm.generate(prompt, params, rid):
+            q.put((i, out))
+
     # ---------------------------------------------------------------- stop
-    def unload(self) -> None:
+    def _at_exit(self) -> None:
+        """At kernel exit: stop what lives only as long as this kernel."""
+        self.unload()
+
+    def unload(self) -> str | None:
         """Stop the engine and its processes and release their memory."""
         with _registry_lock:
             if _ENGINES.get(self.name) is self:
@@ -444,6 +469,11 @@ def _translate(engine: Engine, exc: BaseException) -> BaseException:
     while cause.__cause__ is not None:
         cause = cause.__cause__
     msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return request_error(msg)
+
+
+def request_error(msg: str) -> RequestError:
+    """A rejected request, with what to do when the prompt is too long."""
     if "maximum context length" in msg or "maximum model length" in msg:
         msg += " — shorten the prompt, or load with a larger --max-model-len"
     return RequestError(msg)
@@ -481,8 +511,9 @@ def _uses_ray(exclude: Engine) -> bool:
 
 
 def shutdown() -> None:
-    """At exit (kernel shutdown, %unload_ext): every engine, then the Ray cluster we started."""
-    unload_all()
+    """At exit (kernel shutdown, %unload_ext): every in-kernel engine (servers live on), then our Ray cluster."""
+    for eng in list(engines().values()):
+        eng._at_exit()
     import sys
 
     if "vllm_notebook.ray_cluster" in sys.modules:

@@ -14,7 +14,6 @@ from . import engine as _engine
 from . import logs
 from .errors import UsageError, VllmNotebookError
 
-OWN_FLAGS = ("model_tag", "name", "dry_run", "help", "ray_address")
 
 
 @dataclass
@@ -27,12 +26,15 @@ class LoadPlan:
     engine_args: dict[str, Any]
     plan: Any = None
     allocation: Any = None
+    server_command: list[str] | None = None  # --server: the ``vllm serve`` command that would run
 
     def rows(self) -> list[tuple[str, str]]:
         args = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in self.engine_args.items())
         rows = [("engine", self.name), ("model", f"{self.model} ({self.path})"), ("flags", args or "(defaults)")]
         rows += self.allocation.rows() if self.allocation is not None else []
         rows += self.plan.rows() if self.plan is not None else []
+        if self.server_command:
+            rows.append(("server command", shlex.join(self.server_command)))
         return rows
 
     def __str__(self) -> str:
@@ -52,15 +54,26 @@ class LoadPlan:
 
 
 def load(model: str | None = None, *, name: str = "default", dry_run: bool = False,
-         progress: bool = True, ray_address: str | None = None, **engine_args: Any):
+         progress: bool = True, ray_address: str | None = None, server: bool = False,
+         host: str | None = None, port: int | None = None, api_key_file: str | None = None, **engine_args: Any):
     """Start (or reuse) an engine called ``name``; keyword arguments are ``EngineArgs`` fields.
 
     Loading the same model with the same arguments again returns the running
-    engine at once; different ones unload the old engine first.
+    engine at once; different ones unload the old engine first. With
+    ``server=True`` the engine is a ``vllm serve`` process that outlives the
+    kernel, and a later identical ``load`` attaches to it in a fraction of a second.
     """
-    _vllm = logs.import_vllm()
     if not model:
         raise UsageError("load() needs a model: a Hugging Face id or a model folder")
+    if server:
+        own = {"--name": name, "--ray-address": ray_address, "--host": host, "--port": port,
+               "--api-key-file": api_key_file}
+        argv = [str(model), "--server", *(["--dry-run"] if dry_run else []),
+                *[t for k, v in own.items() if v is not None for t in (k, str(v))], *_flags(engine_args)]
+        return load_from_argv(argv, progress=progress)
+    if host or port or api_key_file:
+        raise UsageError("host, port and api_key_file are for server=True")
+    _vllm = logs.import_vllm()
     unknown = set(engine_args) - _vllm.engine_arg_fields()
     if unknown:
         bad = sorted(unknown)[0]
@@ -73,36 +86,99 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
     return _load(args, path, set(engine_args), name, dry_run, progress, ray_address)
 
 
-def load_from_argv(argv: list[str], default_model: str = "", progress: bool = True):
-    """``%vllm_load``'s parser: vLLM's own engine flags plus ``--name`` and ``--dry-run``."""
-    _vllm = logs.import_vllm()
+def attach(url: str, *, name: str = "default", api_key_file: str | None = None, api_key: str | None = None,
+           model: str | None = None, progress: bool = True):
+    """Use a running OpenAI-compatible vLLM server as engine ``name``; it is never stopped by us.
 
-    parser = _vllm.engine_arg_parser("%vllm_load")
-    parser.add_argument("model_tag", nargs="?", help="model folder or Hugging Face id")
-    ours = parser.add_argument_group("vllm-notebook")
+    The key comes from ``api_key``, ``api_key_file``, ``$VLLM_API_KEY``, or (for a
+    server vllm-notebook started) its key file.
+    """
+    from . import client, servers
+    from .display import LiveLine
+
+    url = (url if "://" in url else f"http://{url}").rstrip("/")
+    if api_key is None and api_key_file:
+        api_key = servers.read_key(api_key_file)
+    if api_key is None:
+        api_key = os.environ.get("VLLM_API_KEY")
+    if api_key is None:
+        known = [r for r in servers.records() if r.url == url]
+        api_key = known[0].api_key() if known else None
+    t0 = time.monotonic()
+    eng = client.connect(name, url, api_key, model=model)
+    LiveLine(enabled=progress).done(
+        f"vllm-notebook: attached to {url} in {time.monotonic() - t0:.2f} s — {eng.model} "
+        f"(max_model_len {eng.facts.get('max_model_len')}); %vllm_unload detaches, the server keeps running")
+    return eng
+
+
+def _own_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="%vllm_load", add_help=False, allow_abbrev=False, exit_on_error=False,
+                                usage="%vllm_load [MODEL] [engine flags] [--name N] [--dry-run] "
+                                      "[--server [--host H] [--port P] | --attach URL] [--api-key-file F]")
+    ours = p.add_argument_group("vllm-notebook")
     ours.add_argument("--name", default="default", help="engine name (several can coexist)")
     ours.add_argument("--dry-run", action="store_true", help="show what would start; start nothing")
     ours.add_argument("--ray-address", help="use this Ray cluster (multi-node) instead of starting one")
+    ours.add_argument("--server", action="store_true",
+                      help="run the engine as a vLLM server that outlives the kernel (reattached on reload)")
+    ours.add_argument("--host", help="with --server: listen on this address (default 127.0.0.1, this node only)")
+    ours.add_argument("--port", type=int, help="with --server: listen on this port (default: a free one)")
+    ours.add_argument("--attach", metavar="URL", help="use a running OpenAI-compatible vLLM server")
+    ours.add_argument("--api-key-file", metavar="FILE", help="the server's API key, in a file only you can read")
     ours.add_argument("-h", "--help", action="store_true", help="show this help")
+    return p
+
+
+def load_from_argv(argv: list[str], default_model: str = "", progress: bool = True):
+    """``%vllm_load``'s parser: vLLM's own flags (of the engine, or of ``vllm serve``) plus ours."""
+    own = _own_parser()
     try:
-        ns = parser.parse_args(argv)
+        ours, rest = own.parse_known_args(argv)
     except argparse.ArgumentError as exc:
-        raise UsageError(_explain(str(exc), argv, parser)) from None
+        raise UsageError(f"%vllm_load: {exc}; see %vllm_load --help") from None
+    if ours.attach and not ours.help:
+        extra = [t for t in rest if t.startswith("-")]
+        if extra or ours.server or ours.dry_run:
+            bad = extra[0] if extra else ("--server" if ours.server else "--dry-run")
+            raise UsageError(f"%vllm_load --attach uses the server as it runs: drop {bad} "
+                             "(engine flags belong on the server's command line)")
+        return attach(ours.attach, name=ours.name, api_key_file=ours.api_key_file,
+                      model=rest[0] if rest else None, progress=progress)
+    if not ours.server and not ours.help and (ours.host or ours.port or ours.api_key_file):
+        raise UsageError("%vllm_load: --host, --port and --api-key-file go with --server (or --attach URL)")
+    if "--api-key" in rest or any(t.startswith("--api-key=") for t in rest):
+        raise UsageError("%vllm_load: put the key in a file and pass --api-key-file FILE "
+                         "(a key on the command line shows in `ps` and in the notebook)")
+    if ours.server and not ours.dry_run and not ours.help:
+        model, flags = _split_model(rest, default_model)
+        rec = servers_find(model, flags)
+        if rec is not None:  # the fast path: no vLLM import at all
+            return _attach_record(rec, ours.name, progress)
+    _vllm = logs.import_vllm()
+    if ours.server:
+        parser = _vllm.serve_arg_parser("%vllm_load --server")
+    else:
+        parser = _vllm.engine_arg_parser("%vllm_load")
+        parser.add_argument("model_tag", nargs="?", help="model folder or Hugging Face id")
+    if ours.help:
+        print(own.format_help() + "\n" + parser.format_help())
+        return None
+    try:
+        ns = parser.parse_args(rest)
+    except argparse.ArgumentError as exc:
+        raise UsageError(_explain(str(exc), argv, parser, own)) from None
     except SystemExit:
         raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
-    if ns.help:
-        print(parser.format_help())
-        return None
-    explicit = {k for k, v in vars(ns).items() if v != parser.get_default(k)} - set(OWN_FLAGS)
+    explicit = {k for k, v in vars(ns).items() if v != parser.get_default(k)} - {"model_tag"}
     model = ns.model_tag or (ns.model if "model" in explicit else None) or default_model
     if not model:
         raise UsageError("no model given: %vllm_load MODEL, or set %config VllmMagics.default_model "
                          "(or $VLLM_NOTEBOOK_MODEL)")
     ns.model = model
     explicit.add("model")
-    name, dry_run, ray_address = ns.name, ns.dry_run, ns.ray_address
-    for key in OWN_FLAGS:
-        delattr(ns, key)
+    user_flags = _without(rest, ns.model_tag)
+    del ns.model_tag
     from . import models
 
     # Resolve before EngineArgs exists: constructing it already looks the model up.
@@ -111,14 +187,83 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
         args = _vllm.engine_args_from_namespace(ns)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    return _load(args, path, explicit, name, dry_run, progress, ray_address)
+    if ours.server:
+        from .serving import load_server
+
+        return load_server(args, path, explicit, user_flags, ours, progress)
+    return _load(args, path, explicit, ours.name, ours.dry_run, progress, ours.ray_address)
 
 
-def _explain(message: str, argv: list[str], parser) -> str:
+def servers_find(model: str | None, flags: list[str]):
+    from . import servers
+
+    return servers.find(model, servers.normalize(flags)) if model else None
+
+
+def _split_model(rest: list[str], default_model: str) -> tuple[str | None, list[str]]:
+    """The model and the other flags, without vLLM's parser (for the reattach fast path)."""
+    if rest and not rest[0].startswith("-"):
+        return rest[0], rest[1:]
+    for i, t in enumerate(rest):
+        if t == "--model" and i + 1 < len(rest):
+            return rest[i + 1], rest[:i] + rest[i + 2:]
+        if t.startswith("--model="):
+            return t.split("=", 1)[1], rest[:i] + rest[i + 1:]
+    return default_model or None, list(rest)
+
+
+def _without(rest: list[str], model_tag: str | None) -> list[str]:
+    """The flags of ``rest`` without the model (positional or ``--model``), as ``_split_model`` gives them."""
+    out = list(rest)
+    if model_tag and model_tag in out:
+        out.remove(model_tag)
+        return out
+    return _split_model(out, "")[1] if any(t == "--model" or t.startswith("--model=") for t in out) else out
+
+
+def _attach_record(rec, name: str, progress: bool):
+    """Use a server we started earlier (from this kernel or a previous one)."""
+    from . import client, servers
+    from .display import LiveLine
+
+    old = _engine.engines().get(name)
+    if old is not None and getattr(old, "record", None) is not None and old.record.id == rec.id and old.alive:
+        LiveLine(enabled=progress).done(f"vllm-notebook: engine '{name}' is already the server at {rec.url} (reused)")
+        return old
+    line = LiveLine(enabled=progress)
+    t0 = time.monotonic()
+    servers.wait_ready(rec, progress=lambda phase, s: line.update(f"vllm-notebook: server still {phase} … {s:.0f} s"))
+    eng = client.connect(name, rec.url, rec.api_key(), record=rec)
+    line.done(f"vllm-notebook: attached to the running server at {rec.url} in {time.monotonic() - t0:.2f} s "
+              f"(up {rec.uptime()}{', job ' + rec.job_id if rec.job_id else ''}) — {eng.model}")
+    return eng
+
+
+def _flags(engine_args: dict[str, Any]) -> list[str]:
+    """``EngineArgs`` keyword arguments as ``vllm serve`` flags."""
+    import json
+
+    out: list[str] = []
+    for k, v in engine_args.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            out.append(flag)
+        elif v is False:
+            out.append("--no-" + k.replace("_", "-"))
+        elif isinstance(v, dict):
+            out += [flag, json.dumps(v)]
+        elif isinstance(v, list | tuple):
+            out += [flag, *map(str, v)]
+        elif v is not None:
+            out += [flag, str(v)]
+    return out
+
+
+def _explain(message: str, argv: list[str], *parsers) -> str:
     hint = "see %vllm_load --help for every flag"
     if "unrecognized arguments" in message:
         flags = [s.split("=")[0] for s in argv if s.startswith("--")]
-        known = [o for a in parser._actions for o in a.option_strings]
+        known = [o for p in parsers for a in p._actions for o in a.option_strings]
         for flag in flags:
             if flag not in known:
                 near = difflib.get_close_matches(flag, known, n=1)

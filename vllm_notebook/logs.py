@@ -70,8 +70,13 @@ def root_cause(path: str | os.PathLike | None, exc: BaseException | None = None,
     """The lines that explain a failure: the innermost exception messages in the log."""
     found: list[str] = []
     lines = tail(path, 400) if path else []
-    for raw in lines:
+    for i, raw in enumerate(lines):
         line = _PREFIX.sub("", raw.strip())
+        if _PYDANTIC.search(line) and i + 1 < len(lines):  # the message is on the next line
+            detail = _pydantic_detail(lines[i + 1])
+            if detail and detail not in found:
+                found.append(detail)
+            continue
         died = _DIED.search(line)
         if died and died.group(0) not in found:
             found.append(died.group(0))
@@ -90,6 +95,16 @@ def root_cause(path: str | os.PathLike | None, exc: BaseException | None = None,
         if text not in found:
             found.append(text)
     return found[-limit:]
+
+
+_PYDANTIC = re.compile(r"ValidationError: \d+ validation errors? for \w+")
+
+
+def _pydantic_detail(line: str) -> str:
+    """``  Value error, X is wrong. More. [type=...]`` -> ``invalid engine arguments: X is wrong.``"""
+    text = re.sub(r"\s*\[type=.*$", "", line.strip()).removeprefix("Value error, ")
+    first = re.match(r"(.+?\.)(\s|$)", text)
+    return f"invalid engine arguments: {(first.group(1) if first else text)[:300]}" if text else ""
 
 
 def import_vllm():

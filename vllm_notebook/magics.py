@@ -53,7 +53,7 @@ _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"
 
 @magics_class
 class VllmMagics(Magics):
-    """Magics for vLLM: %vllm_load, %%generate, %%chat, %vllm_status, %vllm_unload, %vllm_logs."""
+    """Magics for vLLM: %vllm_load, %%generate, %%chat, %vllm_status, %vllm_unload, %vllm_logs, %vllm_servers."""
 
     default_model = Unicode("", help="Model used by %vllm_load without one ($VLLM_NOTEBOOK_MODEL).").tag(config=True)
     max_tokens = Int(256, help="Default --max-tokens of %%generate and %%chat.").tag(config=True)
@@ -67,7 +67,7 @@ class VllmMagics(Magics):
     # ------------------------------------------------------------ engines
     @line_magic
     def vllm_load(self, line: str):
-        """Start a vLLM engine in this kernel: %vllm_load [MODEL] [engine flags] [--name NAME] [--dry-run]
+        """Start a vLLM engine: %vllm_load [MODEL] [engine flags] [--name NAME] [--dry-run] [--server | --attach URL]
 
         Every engine flag of `vllm serve` works with the same spelling
         (--max-model-len, --tensor-parallel-size, --dtype, --enforce-eager, ...);
@@ -75,6 +75,11 @@ class VllmMagics(Magics):
         `%config VllmMagics.default_model` or $VLLM_NOTEBOOK_MODEL.
         Re-running with the same model and flags reuses the running engine;
         with others it replaces it. `llm = %vllm_load MODEL` binds the Engine.
+
+        --server runs the engine as a `vllm serve` process that survives kernel
+        restarts (127.0.0.1, a free port, a random API key kept in a 0600 file);
+        the same line in a restarted kernel attaches to it in well under a second.
+        --attach URL [--api-key-file FILE] uses any OpenAI-compatible vLLM server.
         """
         from .loader import load_from_argv
 
@@ -103,8 +108,26 @@ class VllmMagics(Magics):
             print(f"unloaded {', '.join(names) if names else 'nothing (no engine was loaded)'}")
             return
         eng = get_engine(args.name)
-        eng.unload()
-        print(f"unloaded engine '{eng.name}' ({eng.model})")
+        message = eng.unload()
+        print(message or f"unloaded engine '{eng.name}' ({eng.model})")
+
+    @magic_arguments()
+    @argument("--stop", metavar="ID", help="stop this registered server (id, port, URL or model)")
+    @line_magic
+    def vllm_servers(self, line: str):
+        """vLLM servers started with %vllm_load --server (by any kernel of yours): model, URL, uptime, job."""
+        from . import servers
+
+        args = _parse(self.vllm_servers, line)
+        if args.stop:
+            rec = servers.lookup(args.stop)
+            for eng in list(self._engines().values()):
+                if getattr(eng, "record", None) is not None and eng.record.id == rec.id:
+                    eng.detach()
+            servers.stop(rec)
+            print(f"stopped the server {rec.id} at {rec.url} ({rec.model})")
+            return None
+        return servers.listing()
 
     @line_magic
     def vllm_status(self, line: str):
@@ -230,13 +253,18 @@ class VllmMagics(Magics):
         print(f"conversation cleared ({n} turn(s) forgotten)")
 
     # ------------------------------------------------------------ helpers
+    def _engines(self):
+        from .engine import engines
+
+        return engines()
+
     def _engine(self, name):
         from .engine import get_engine
 
         return get_engine(name)
 
     def _params(self, args, engine):
-        from .sampling import build_params, parse_schema
+        from .sampling import parse_schema
 
         ns = self.shell.user_ns
         base = None
@@ -256,7 +284,7 @@ class VllmMagics(Magics):
                                    ("--logprobs", flags["logprobs"], 0)):
             if value is not None and value < least:
                 raise UsageError(f"{flag} must be >= {least}, not {value}")
-        return build_params(base, flags, engine.default_sampling())
+        return engine.params(base, flags)
 
     def _run(self, engine, prompts, params, args):
         from .display import TextStream

@@ -209,15 +209,13 @@ class PromptPanel(widgets.VBox):
         return head + history + [{"role": "user", "content": prompt}]
 
     def _params(self, engine):
-        from .sampling import build_params
-
         seed = self._seed.value.strip()
         if seed and not seed.lstrip("-").isdigit():
             raise VllmNotebookError(f"seed must be a whole number, not {seed!r}")
         stops = [s for s in (x.strip() for x in self._stop_strings.value.split(",")) if s]
-        return build_params(self.extra_params, {"temperature": self._temperature.value, "top_p": self._top_p.value,
-                                   "max_tokens": self._max_tokens.value, "seed": int(seed) if seed else None,
-                                   "stop": stops or None}, engine.default_sampling())
+        return engine.params(self.extra_params, {"temperature": self._temperature.value, "top_p": self._top_p.value,
+                                                 "max_tokens": self._max_tokens.value, "seed": int(seed) if seed else None,
+                                                 "stop": stops or None})
 
     def _engine(self):
         from .engine import get_engine

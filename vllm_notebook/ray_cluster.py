@@ -255,6 +255,23 @@ def up(alloc, address: str | None = None, timeout: float = 180) -> RayCluster:
     return cluster
 
 
+def release() -> list[int]:
+    """Hand the cluster we started to a server that outlives this kernel; return its process groups.
+
+    The cluster is no longer stopped with the kernel (nor by ``down``); whoever
+    holds the groups stops it (``servers.stop``).
+    """
+    global _current
+    cluster, _current = _current, None
+    if cluster is None or not cluster.owned:
+        return []
+    from .procs import _guard
+
+    for n in cluster.nodes:
+        _guard(n.proc.pid, add=False)
+    return [n.proc.pid for n in cluster.nodes]
+
+
 def down() -> str:
     """Stop the cluster we started (forget one we attached to)."""
     global _current

@@ -90,4 +90,4 @@ def show_engine(engine) -> None:
     shell = get_ipython()
     if shell is not None and engine._announced_in == shell.execution_count:
         return
-    display(Markdown(engine_markdown(engine)))
+    display(Markdown(engine._repr_markdown_()))

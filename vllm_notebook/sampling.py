@@ -1,4 +1,4 @@
-"""Turning flags, dicts and ``SamplingParams`` into one ``SamplingParams``."""
+"""Turning flags, dicts and ``SamplingParams`` into one ``SamplingParams`` (or a server request's fields)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ DEFAULT_MAX_TOKENS = 256
 STRUCTURED = ("json", "regex", "choice", "grammar")
 
 
-def build_params(base: Any = None, overrides: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None):
+def merge(base: Any = None, overrides: Mapping[str, Any] | None = None,
+          defaults: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``defaults`` (the model's), then ``base`` (a dict or SamplingParams), then ``overrides``.
 
-    ``None`` values in ``overrides`` mean "not given". Structured output can be
-    given as ``json=``/``json_schema=``, ``regex=``, ``choice=`` or ``grammar=``.
+    Returns the sampling fields and the structured-output fields (``json``,
+    ``regex``, ``choice``, ``grammar``) separately. ``None`` values in
+    ``overrides`` mean "not given"; ``json_schema=`` is an alias of ``json=``.
     """
-    from . import _vllm
-
     merged: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS}
     merged.update(defaults or {})
     if base is not None:
@@ -34,6 +34,14 @@ def build_params(base: Any = None, overrides: Mapping[str, Any] | None = None, d
             structured[key] = merged.pop(key)
     if "json" in structured:
         structured["json"] = parse_schema(structured["json"])
+    return merged, structured
+
+
+def build_params(base: Any = None, overrides: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None):
+    """One vLLM ``SamplingParams`` from :func:`merge`'s layers, validated by vLLM."""
+    from . import _vllm
+
+    merged, structured = merge(base, overrides, defaults)
     try:
         return _vllm.sampling_params(structured or None, **merged)
     except TypeError as exc:
@@ -42,9 +50,37 @@ def build_params(base: Any = None, overrides: Mapping[str, Any] | None = None, d
         raise UsageError(str(exc).splitlines()[0]) from None
 
 
+# Sampling fields the OpenAI-compatible server takes (vLLM's CompletionRequest extras included).
+REQUEST_FIELDS = frozenset({
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "stop", "stop_token_ids",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "logprobs",
+    "prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+    "truncate_prompt_tokens", "allowed_token_ids", "bad_words", "logit_bias", "length_penalty",
+})
+
+
+def request_fields(base: Any = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON sampling fields of an OpenAI-compatible request (no vLLM import needed).
+
+    Values are checked by the server, which answers a bad one with a one-line 400.
+    """
+    merged, structured = merge(base, overrides)
+    unknown = sorted(set(merged) - REQUEST_FIELDS)
+    if unknown:
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], REQUEST_FIELDS, n=1)
+        raise UsageError(f"unknown sampling parameter {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    if structured:
+        merged["structured_outputs"] = structured
+    return merged
+
+
 def _as_dict(base: Any) -> dict[str, Any]:
     if isinstance(base, Mapping):
         return dict(base)
+    if type(base).__name__ != "SamplingParams":
+        raise UsageError(f"sampling parameters must be a dict or SamplingParams, not {type(base).__name__}")
     from . import _vllm
 
     if isinstance(base, _vllm.SamplingParams):

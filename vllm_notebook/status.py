@@ -39,6 +39,8 @@ class Status:
 
         rows = []
         for name, eng in sorted(engines().items()):
+            if hasattr(eng, "refresh_usage"):
+                eng.refresh_usage()
             f, st = eng.facts, eng.stats
             rows.append({
                 "engine": name, "model": eng.model, "state": "running" if eng.alive else "dead",

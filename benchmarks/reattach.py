@@ -1,0 +1,117 @@
+"""Server mode: attaching to a running server after a kernel restart, versus loading cold.
+
+    python benchmarks/reattach.py                     # the demo model on this machine
+    python benchmarks/reattach.py --model meta-llama/Llama-3.1-8B-Instruct -- --max-model-len 4096
+
+Runs the magics in a real Jupyter kernel (jupyter_client), timing inside the cell:
+  cold      %load_ext + %vllm_load MODEL --server FLAGS in a fresh kernel (starts the server)
+  reattach  the same cell after a kernel restart (finds and attaches to that server)
+  in-kernel %load_ext + %vllm_load MODEL FLAGS in a fresh kernel (the in-process engine), for scale
+and prints reattach / cold and reattach / in-kernel. The server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import shlex
+import time
+
+from jupyter_client.manager import KernelManager
+
+TIMED = ("import time as _t\n_t0 = _t.perf_counter()\n%load_ext vllm_notebook\n{load}\n"
+         "print('SECONDS', _t.perf_counter() - _t0)")
+
+
+def run(kc, code: str, timeout: float = 900) -> str:
+    msg_id = kc.execute(code)
+    out, deadline = [], time.monotonic() + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            out.append(content["text"])
+        elif kind == "error":
+            raise RuntimeError(f"{content['ename']}: {content['evalue']}")
+        elif kind == "status" and content["execution_state"] == "idle":
+            return "".join(out)
+
+
+def seconds(out: str) -> float:
+    return float(re.search(r"SECONDS ([\d.]+)", out).group(1))
+
+
+def kernel() -> tuple[KernelManager, object]:
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return km, kc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model (default: the demo model)")
+    ap.add_argument("--repeats", type=int, default=3, help="kernel restarts to time (the median is reported)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results here")
+    ap.add_argument("flags", nargs="*", help="engine flags, after --")
+    a = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if a.model is None:
+        import vllm_notebook
+
+        a.model = vllm_notebook.demo_model()
+    flags = a.flags or ["--enforce-eager", "--max-model-len", "512"]
+    line = shlex.join([a.model, *flags])
+
+    km, kc = kernel()
+    try:
+        cold = seconds(run(kc, TIMED.format(load=f"%vllm_load {line} --server")))
+        reattach = []
+        for _ in range(a.repeats):
+            km.restart_kernel(now=False)
+            kc.wait_for_ready(timeout=60)
+            out = run(kc, TIMED.format(load=f"%vllm_load {line} --server"))
+            assert "attached to the running server" in out, out
+            reattach.append(seconds(out))
+        run(kc, "%vllm_unload")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+    km, kc = kernel()
+    try:
+        in_kernel = seconds(run(kc, TIMED.format(load=f"%vllm_load {line}")))
+        run(kc, "%vllm_unload")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+    reattach.sort()
+    median = reattach[len(reattach) // 2]
+    result = {"model": a.model, "flags": flags, "cold_server_s": cold, "reattach_s": reattach,
+              "reattach_median_s": median, "in_kernel_load_s": in_kernel,
+              "reattach_over_cold": median / cold, "reattach_over_in_kernel": median / in_kernel}
+    print(f"server mode, {a.model}")
+    print(f"  cold start (%vllm_load --server)      {cold:8.2f} s")
+    print(f"  in-kernel load (%vllm_load)           {in_kernel:8.2f} s")
+    print(f"  reattach after kernel restart         {median:8.3f} s  (median of {len(reattach)}: "
+          f"{', '.join(f'{s:.3f}' for s in reattach)})")
+    print(f"  ratio reattach / cold server start    {median / cold:8.4f}")
+    print(f"  ratio reattach / in-kernel load       {median / in_kernel:8.4f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except queue.Empty:
+        raise SystemExit("the kernel stopped answering") from None

@@ -1,0 +1,280 @@
+"""Server mode against the real ``vllm serve`` of the CPU build, on the demo model.
+
+One server for the module, started through the Python API; the magics, the
+panel and the API run over it exactly as over the in-process engine, and must
+give the same greedy text as the in-process engine does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+from conftest import ENGINE_ARGS
+
+PARIS = " Paris."
+
+
+@pytest.fixture(scope="module")
+def server(demo_path):
+    import vllm_notebook
+
+    eng = vllm_notebook.load(demo_path, server=True, name="srv", progress=False, **ENGINE_ARGS)
+    yield eng
+    if not eng._closed:
+        eng.unload()
+    from vllm_notebook import servers
+
+    assert not [r for r in servers.records() if r.id == eng.record.id]
+
+
+def _post(url: str, body: dict, key: str | None) -> int:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+# ------------------------------------------------------------------ the API over a server
+def test_generate_exact_and_same_as_in_process(server, engine):
+    assert server.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
+    prompts = ["The capital of Germany is", "A cat says", "Once upon a time", "Two plus two is"]
+    local = engine.generate(prompts, max_tokens=24, temperature=0)
+    remote = server.generate(prompts, max_tokens=24, temperature=0)
+    assert remote.texts == local.texts
+    assert remote.metrics["output_tokens"] == local.metrics["output_tokens"]
+    assert server.stats.prompt_tokens > 0
+
+
+def test_stream_yields_deltas(server):
+    parts = list(server.stream("The capital of France is", max_tokens=8, temperature=0))
+    assert len(parts) >= 2 and "".join(parts) == PARIS
+
+
+def test_chat_matches_in_process(server, engine):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert server.chat(messages, max_tokens=16, temperature=0).text == engine.chat(messages, max_tokens=16,
+                                                                                   temperature=0).text
+
+
+def test_structured_output(server):
+    gen = server.generate("Is the sky blue? Answer:", choice=["yes", "no"], max_tokens=4)
+    assert gen.text in ("yes", "no")
+    gen = server.generate("The year is", regex=r"[0-9]{4}", max_tokens=8)
+    assert len(gen.text) == 4 and gen.text.isdigit()
+
+
+def test_stop_aborts_on_the_server(server):
+    stop = threading.Event()
+    first = []
+
+    def on_output(i, out):
+        if not first:
+            first.append(time.monotonic())
+            stop.set()
+
+    gen = server.run(["Once upon a time"], server.params(None, {"max_tokens": 400, "ignore_eos": True}),
+                     stream=True, on_output=on_output, stop_event=stop)
+    assert gen.interrupted and 0 < len(gen.outputs[0].outputs[0].token_ids) < 400
+    assert time.monotonic() - first[0] < 2.0
+    deadline = time.monotonic() + 5  # the server saw the disconnect and aborted the request
+    while time.monotonic() < deadline:
+        server.refresh_usage()
+        if server.usage.get("running") == 0:
+            break
+        time.sleep(0.1)
+    assert server.usage.get("running") == 0
+    assert server.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
+
+
+def test_bad_request_is_one_line(server):
+    from vllm_notebook.errors import RequestError, UsageError
+
+    with pytest.raises(RequestError, match="temperature"):
+        server.generate("x", temperature=-1)
+    with pytest.raises(RequestError, match="max-model-len"):
+        server.generate("word " * 600, max_tokens=4)
+    with pytest.raises(UsageError, match="did you mean 'temperature'"):
+        server.generate("x", temperatur=0.5)
+    assert server.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
+
+
+# ------------------------------------------------------------------ magics and panel
+def test_magics_over_server(server, cell):
+    outs = []
+    _run = cell
+
+    def cell(code, **kw):  # noqa: F811 - every output is kept, to check the key never shows
+        res, out = _run(code, **kw)
+        outs.append(out + repr(res.result))
+        return res, out
+
+    _, out = cell("%%generate --name srv --max-tokens 8 --temperature 0\nThe capital of France is")
+    assert PARIS in out
+    cell("batch = ['The capital of Germany is', 'A cat says']\n"
+         "g = %generate --name srv -i batch --max-tokens 8 --temperature 0")
+    res, _ = cell("g.texts")
+    assert res.result == [" Berlin.", " meow."]
+    cell("%chat_reset")
+    _, out = cell("%%chat --name srv --max-tokens 16 --temperature 0\nWhat is the capital of France?")
+    assert "Paris" in out
+    _, out = cell("%%generate --name srv --json-schema '{\"type\": \"object\"}' --max-tokens 24\nA JSON object:")
+    res, _ = cell("_.text.strip().startswith('{')")
+    assert res.result is True
+    _, out = cell("%vllm_status")
+    assert "srv" in out
+    _, out = cell("%vllm_logs --name srv -n 5")
+    assert "server-" in out
+    _, out = cell("%vllm_servers")
+    _, out = cell("get_engine = __import__('vllm_notebook').get_engine\nget_engine('srv')")
+    key = server.record.api_key()
+    assert all(key not in o for o in outs)
+
+
+def test_panel_over_server(server):
+    from vllm_notebook.prompt_panel import PromptPanel
+
+    panel = PromptPanel("srv", temperature=0.0, max_tokens=8)
+    panel._prompt.value = "The capital of France is"
+    panel._generate.click()
+    panel.wait(30)
+    assert panel.last_generation.text == PARIS
+
+
+def test_servers_listing_and_magic(server, cell):
+    _, out = cell("%vllm_servers")
+    assert server.record.id in out and server.url in out and "running" in out and "srv" in out
+    _, out = cell("%vllm_servers --stop nothing-like-this", expect_error=Exception)
+    assert "no registered servers match" in out and "Traceback" not in out
+
+
+# ------------------------------------------------------------------ security
+def test_api_key_required_and_kept_secret(server):
+    from vllm_notebook import servers
+
+    url, key = server.url, server.record.api_key()
+    body = {"model": server.model, "prompt": "hi", "max_tokens": 1}
+    assert _post(f"{url}/v1/completions", body, None) == 401
+    assert _post(f"{url}/v1/completions", body, "wrong-key") == 401
+    assert _post(f"{url}/v1/completions", body, key) == 200
+    key_file = server.record.key_file
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(servers.home()).st_mode) == 0o700
+    assert key not in open(servers.home() / "registry.json").read()
+    assert key not in open(server.log_path).read()
+    assert key not in repr(server) and key not in server._repr_markdown_() and key not in str(servers.listing())
+    assert key not in " ".join(psutil.Process(server.record.pid).cmdline())
+    listening = {c.laddr.ip for c in psutil.Process(server.record.pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert listening == {"127.0.0.1"}
+
+
+def test_attach_by_url_never_stops_the_server(server, tmp_path):
+    import vllm_notebook
+    from vllm_notebook.client import healthy
+    from vllm_notebook.errors import VllmNotebookError
+
+    bad = tmp_path / "bad.key"
+    bad.write_text("wrong")
+    bad.chmod(0o600)
+    with pytest.raises(VllmNotebookError, match="401"):
+        vllm_notebook.attach(server.url, name="att", api_key_file=str(bad), progress=False)
+    att = vllm_notebook.attach(server.url, name="att", api_key_file=server.record.key_file, progress=False)
+    assert not att.owned
+    assert att.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
+    assert "not stopped" in att.unload()
+    assert healthy(server.url) and server.alive
+
+
+def test_registry_drops_dead_and_ended_servers(server):
+    import shutil
+
+    from vllm_notebook import servers
+
+    dead = servers.ServerRecord(id="test-dead", model="m", argv=[], pid=2**22 - 7, node=server.record.node,
+                                key_file="/nonexistent", started=time.time())
+    servers.update(dead)
+    ids = {r.id for r in servers.records()}
+    assert "test-dead" not in ids and server.record.id in ids
+    if shutil.which("squeue") and os.environ.get("SLURM_CONF"):
+        ended = servers.ServerRecord(id="test-ended", model="m", argv=[], pid=os.getpid(),
+                                     node=server.record.node, job_id="999999", key_file="/nonexistent")
+        servers.update(ended)
+        assert "test-ended" not in {r.id for r in servers.records()}
+
+
+def test_failed_start_shows_root_cause(demo_path, cell):
+    from vllm_notebook.errors import EngineStartError
+
+    t0 = time.monotonic()
+    _, out = cell(f"%vllm_load {demo_path} --server --name broken --enforce-eager --max-model-len 100000",
+                  expect_error=EngineStartError)
+    assert "max_model_len" in out or "max-model-len" in out, out
+    assert "Traceback" not in out and "full log:" in out
+    assert time.monotonic() - t0 < 120
+    from vllm_notebook import servers
+
+    assert not [r for r in servers.records() if r.model == demo_path and r.argv == servers.normalize(
+        ["--enforce-eager", "--max-model-len", "100000"])]
+
+
+# ------------------------------------------------------------------ a real kernel: restart, SIGKILL, unload
+def _members(rec_id: str) -> list[int]:
+    from vllm_notebook.servers import _is_server
+
+    return [p.pid for p in psutil.process_iter() if _is_server(p.pid, rec_id)]
+
+
+def test_server_survives_kernel_restart_and_recovers_from_sigkill(demo_path):
+    from kernel import Kernel
+
+    load = f"%vllm_load {demo_path} --server --enforce-eager --max-model-len 512 --max-num-seqs 8"
+    gen = "%%generate --max-tokens 8 --temperature 0\nThe capital of France is"
+    k = Kernel()
+    try:
+        out = k.run(f"%load_ext vllm_notebook\n{load}", timeout=300)
+        assert "server ready in" in out
+        assert PARIS in k.run(gen)
+        rec_id = k.run("print(__import__('vllm_notebook').get_engine().record.id)").strip()
+        server_pid = int(k.run("print(__import__('vllm_notebook').get_engine().record.pid)"))
+
+        k.km.restart_kernel(now=False)
+        k.kc.wait_for_ready(timeout=60)
+        out = k.run(f"import time\nt0 = time.perf_counter()\n%load_ext vllm_notebook\n{load}\n"
+                    "print('reattach_s', round(time.perf_counter() - t0, 3))\n"
+                    "import sys; print('vllm_imported', 'vllm' in sys.modules)")
+        seconds = float(out.split("reattach_s")[1].split()[0])
+        print(f"reattach after kernel restart: {seconds:.3f} s")
+        assert "attached to the running server" in out and seconds < 2.0
+        assert "vllm_imported False" in out
+        assert PARIS in k.run(gen)
+        assert psutil.pid_exists(server_pid)
+
+        os.kill(server_pid, 9)  # the server's API process dies without a word
+        out, error = k.collect(k.submit(gen))
+        assert error is not None and error["ename"] == "EngineDiedError", error
+        assert "is gone" in error["evalue"] and "%vllm_load again" in error["evalue"]
+        assert len(error["traceback"]) == 1
+        out = k.run(load, timeout=300)  # a new server, the old one's leftovers reaped
+        assert "server ready in" in out
+        assert not _members(rec_id)
+        assert PARIS in k.run(gen)
+        new_id = k.run("print(__import__('vllm_notebook').get_engine().record.id)").strip()
+        assert new_id != rec_id and _members(new_id)
+        out = k.run("%vllm_unload")
+        assert "stopped the server" in out
+        assert not _members(new_id)
+    finally:
+        k.shutdown()

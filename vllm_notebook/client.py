@@ -1,0 +1,358 @@
+"""``ServerEngine``: the ``Engine`` API over an OpenAI-compatible vLLM server.
+
+Requests go out over HTTP from the engine's private event-loop thread (httpx),
+one per prompt, all at once, so the server batches them as vLLM batches any
+concurrent requests. Streaming uses server-sent events; closing a stream (Ctrl-C,
+the panel's Stop, leaving a ``stream()`` loop) drops the connection and the
+server aborts the request. Neither vLLM nor torch is imported in the kernel:
+attaching to a running server takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import Engine, _register, _registry_lock, _Run, _suppress, request_error
+from .errors import EngineDiedError, NoEngineError, RequestError, VllmNotebookError
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# ------------------------------------------------------------------ results shaped like vLLM's
+@dataclass
+class Completion:
+    """One completion of a request, with the fields of vLLM's ``CompletionOutput`` that we use."""
+
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A request's (cumulative) output, shaped like vLLM's ``RequestOutput``."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    outputs: list[Completion] = field(default_factory=list)
+    finished: bool = False
+
+    def apply(self, data: dict, chat: bool) -> None:
+        """Add one response (or one streamed chunk) of the completions or chat API."""
+        if data.get("prompt_token_ids"):
+            self.prompt_token_ids = list(data["prompt_token_ids"])
+        for ch in data.get("choices") or ():
+            i = int(ch.get("index", 0))
+            while len(self.outputs) <= i:
+                self.outputs.append(Completion(index=len(self.outputs)))
+            c = self.outputs[i]
+            if chat:
+                c.text += (ch.get("delta") or ch.get("message") or {}).get("content") or ""
+            else:
+                c.text += ch.get("text") or ""
+            c.token_ids.extend(ch.get("token_ids") or ())
+            if ch.get("prompt_token_ids"):
+                self.prompt_token_ids = list(ch["prompt_token_ids"])
+            if ch.get("finish_reason"):
+                c.finish_reason, c.stop_reason = ch["finish_reason"], ch.get("stop_reason")
+        self.finished = bool(self.outputs) and all(c.finish_reason for c in self.outputs)
+
+
+# ------------------------------------------------------------------ plain HTTP (health, models, metrics)
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with _NO_PROXY.open(f"{url}/health", timeout=timeout) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def get_json(url: str, path: str, api_key: str | None, timeout: float = 10.0) -> Any:
+    req = urllib.request.Request(f"{url}{path}", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with _NO_PROXY.open(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise VllmNotebookError(f"the server at {url} refused the API key (401 Unauthorized): "
+                                    "give the right one with --api-key-file FILE") from None
+        raise VllmNotebookError(f"the server at {url} answered {exc.code} to {path}: {_message(exc.read())}") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise VllmNotebookError(f"cannot reach a vLLM server at {url} ({reason})") from None
+
+
+def metrics(url: str, timeout: float = 2.0) -> dict[str, float]:
+    """KV-cache use and queue lengths from the server's Prometheus ``/metrics``."""
+    wanted = {"vllm:kv_cache_usage_perc": "kv_cache_usage", "vllm:num_requests_running": "running",
+              "vllm:num_requests_waiting": "waiting"}
+    out: dict[str, float] = {}
+    try:
+        with _NO_PROXY.open(f"{url}/metrics", timeout=timeout) as r:
+            text = r.read().decode(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        m = re.match(r"^([\w:]+)(?:\{[^}]*\})?\s+([-+\d.eE]+|NaN)$", line)
+        if m and m.group(1) in wanted:
+            out[wanted[m.group(1)]] = out.get(wanted[m.group(1)], 0.0) + float(m.group(2))
+    for k in ("running", "waiting"):
+        if k in out:
+            out[k] = int(out[k])
+    return out
+
+
+def _message(body: bytes | str) -> str:
+    """The first useful line of an error response of vLLM's server."""
+    try:
+        data = json.loads(body)
+        err = data.get("error", data)
+        text = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+    except (ValueError, AttributeError):
+        text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()] or ["(no message)"]
+    if re.match(r"^\d+ validation errors?", lines[0]) and len(lines) > 1:
+        m = re.search(r"'msg': '([^']*)'.*'loc': '([^']*)'|'loc': '([^']*)'.*'msg': '([^']*)'", lines[1])
+        if m:
+            loc, msg = (m.group(2), m.group(1)) if m.group(1) else (m.group(3), m.group(4))
+            return f"{loc.removeprefix('body.')}: {msg}"
+        return lines[1]
+    return lines[0]
+
+
+# ------------------------------------------------------------------ the engine
+class ServerEngine(Engine):
+    """An engine that is a vLLM server: one we started (``record``) or any we attached to."""
+
+    def __init__(self, name: str, url: str, api_key: str | None, record=None, model: str | None = None):
+        super().__init__(name, None, ("server", record.id if record is not None else url),
+                         record.log if record is not None else "", plan=dict(record.plan) if record is not None else {})
+        self.url = url.rstrip("/")
+        self.record = record
+        self._api_key = api_key  # never printed, logged or stored
+        self._wanted = model
+        self._client = None
+        self._gone: str | None = None
+
+    @property
+    def owned(self) -> bool:
+        """Started by vllm-notebook (then ``unload`` stops it); otherwise only attached."""
+        return self.record is not None
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive else ("detached" if self._closed else "gone")
+        return f"<ServerEngine {self.name!r} model={self.model!r} url={self.url!r} {state}>"
+
+    # ---------------------------------------------------------------- connect
+    def _start(self, progress=None) -> None:
+        t0 = time.monotonic()
+        served = get_json(self.url, "/v1/models", self._api_key).get("data") or []
+        ids = [m.get("id") for m in served]
+        if self._wanted and self._wanted in ids:
+            entry = served[ids.index(self._wanted)]
+        elif len(served) == 1 or (served and not self._wanted):
+            entry = served[0]
+        else:
+            raise VllmNotebookError(f"the server at {self.url} serves {', '.join(ids) or 'no model'}, "
+                                    f"not {self._wanted!r}")
+        self.facts = {"model": entry.get("id"), "max_model_len": entry.get("max_model_len"),
+                      "root": entry.get("root"), "url": self.url, "device": "server",
+                      "tensor_parallel_size": self.plan.get("tensor_parallel_size", "?"),
+                      "pipeline_parallel_size": self.plan.get("pipeline_parallel_size", "?")}
+        import httpx
+
+        self._start_loop()
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        # trust_env=False: a cluster's HTTP(S)_PROXY must not capture requests to a node-local server.
+        self._client = httpx.AsyncClient(
+            base_url=self.url, headers=headers, trust_env=False,
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self.load_seconds = time.monotonic() - t0
+
+    # ---------------------------------------------------------------- state
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._client is not None and self._gone is None and self._process_alive()
+
+    def _process_alive(self) -> bool:
+        if self.record is None or not self.record.here:
+            return True
+        from .servers import _is_server
+
+        return _is_server(self.record.pid, self.record.id)
+
+    def _check(self) -> None:
+        if self._closed or self._client is None:
+            raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
+        if self._gone is None and not self._process_alive():
+            self._gone = "its process exited"
+        if self._gone is not None:
+            raise self._died()
+
+    def _died(self) -> EngineDiedError:
+        log = f"  (log: {self.log_path})" if self.log_path else ""
+        again = "run %vllm_load again to start a new one" if self.owned else "check the server, then %vllm_load --attach again"
+        return EngineDiedError(f"server '{self.name}' at {self.url} is gone ({self._gone}); {again}{log}")
+
+    def default_sampling(self) -> dict[str, Any]:
+        return {}  # the server applies the model's generation_config itself
+
+    def params(self, base: Any = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        from .sampling import request_fields
+
+        return request_fields(base, overrides)
+
+    def refresh_usage(self) -> None:
+        self.usage.update(metrics(self.url))
+
+    def chat_prompt(self, messages) -> dict:
+        """The server applies the chat template: the prompt is the messages themselves."""
+        self._check()
+        messages = [dict(m) for m in messages]
+        return {"messages": messages, "prompt": str(messages[-1].get("content", "")) if messages else ""}
+
+    # ---------------------------------------------------------------- requests
+    def _prepare(self, params: Any, stream: bool) -> dict[str, Any]:
+        fields = dict(params) if isinstance(params, dict) else self.params(params)
+        fields["stream"] = stream
+        return fields
+
+    def _body(self, prompt, fields: dict) -> tuple[str, dict, bool]:
+        body = {"model": self.facts["model"], **fields, "return_token_ids": True}
+        if isinstance(prompt, dict) and "messages" in prompt:
+            body["messages"] = prompt["messages"]
+            if body.get("logprobs"):
+                body["top_logprobs"], body["logprobs"] = body["logprobs"], True
+            return "/v1/chat/completions", body, True
+        if isinstance(prompt, dict):
+            body["prompt"] = list(prompt["prompt_token_ids"]) if "prompt_token_ids" in prompt else prompt.get("prompt", "")
+        else:
+            body["prompt"] = prompt
+        return "/v1/completions", body, False
+
+    async def _request(self, i: int, prompt, fields: dict, rid: str, q) -> None:
+        path, body, chat = self._body(prompt, fields)
+        text = prompt if isinstance(prompt, str) else None
+        out = RequestOutput(rid, text, outputs=[Completion(index=k) for k in range(int(fields.get("n") or 1))])
+        if not fields.get("stream"):
+            r = await self._client.post(path, json=body, headers={"X-Request-Id": rid})
+            if r.status_code != 200:
+                raise self._http_error(r.status_code, r.content)
+            out.apply(r.json(), chat)
+            out.finished = True
+            q.put((i, out))
+            return
+        async with self._client.stream("POST", path, json=body, headers={"X-Request-Id": rid}) as r:
+            if r.status_code != 200:
+                raise self._http_error(r.status_code, await r.aread())
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise request_error(_message(json.dumps(chunk)))
+                out.apply(chunk, chat)
+                q.put((i, out))
+        if not out.finished:  # the stream ended without finish reasons (server shutting down)
+            raise RequestError(f"the server at {self.url} closed the stream early")
+
+    def _http_error(self, status: int, content: bytes) -> VllmNotebookError:
+        if status == 401:
+            return RequestError(f"the server at {self.url} refused the API key (401 Unauthorized)")
+        msg = _message(content)
+        return request_error(msg if status == 400 else f"server error {status}: {msg}")
+
+    def _abort(self, run: _Run, pending: list[str]) -> None:
+        """Cancel the HTTP requests: closing a connection makes vLLM's server abort its request."""
+        if run.future is not None:
+            run.future.cancel()
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, VllmNotebookError):
+            return exc
+        import httpx
+
+        if isinstance(exc, httpx.TransportError):
+            if not self._process_alive() or not healthy(self.url, timeout=1.0):
+                self._gone = "its process exited" if not self._process_alive() else \
+                    f"no answer: {type(exc).__name__}"
+                return self._died()
+            return RequestError(f"the connection to the server at {self.url} failed: {exc or type(exc).__name__}")
+        return super()._translate(exc)
+
+    # ---------------------------------------------------------------- stop
+    def _close(self) -> bool:
+        with _registry_lock:
+            from .engine import _ENGINES
+
+            if _ENGINES.get(self.name) is self:
+                del _ENGINES[self.name]
+        if self._closed:
+            return False
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None and self._loop is not None and self._loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(client.aclose(), self._loop)
+            with _suppress():
+                fut.result(timeout=5)
+        self._stop_loop()
+        return True
+
+    def detach(self) -> str:
+        """Stop using the server; leave it running."""
+        self._close()
+        return f"detached from the server at {self.url} (still running)"
+
+    def _at_exit(self) -> None:
+        self._close()  # a server outlives the kernel: that is its point
+
+    def unload(self) -> str:
+        """Stop the server if vllm-notebook started it; only detach from one we attached to."""
+        self._close()
+        if not self.owned:
+            return f"detached from the server at {self.url} (not stopped: vllm-notebook did not start it)"
+        from . import servers
+
+        servers.stop(self.record)
+        return f"stopped the server at {self.url} ({self.model})"
+
+    def _repr_markdown_(self) -> str:
+        rows = [("model", self.model), ("URL", self.url), ("max_model_len", self.facts.get("max_model_len")),
+                ("started by", "vllm-notebook (%vllm_unload stops it)" if self.owned else "someone else (attached)")]
+        if self.record is not None:
+            rows += [("pid", self.record.pid), ("uptime", self.record.uptime()), ("job", self.record.job_id or "-"),
+                     ("log", self.log_path)]
+        body = "\n".join(f"| {k} | `{v}` |" for k, v in rows)
+        state = "running" if self.alive else "gone"
+        return f"**vLLM server `{self.name}`** ({state})\n\n| | |\n|---|---|\n{body}\n"
+
+
+def connect(name: str, url: str, api_key: str | None, record=None, model: str | None = None) -> ServerEngine:
+    """Attach to a running server and register it as engine ``name`` (replacing an older one)."""
+    from .engine import engines
+
+    old = engines().get(name)
+    eng = ServerEngine(name, url, api_key, record=record, model=model)
+    eng._start()
+    if old is not None and old is not eng:
+        if isinstance(old, ServerEngine) and old.record is not None and record is not None \
+                and old.record.id == record.id:
+            old._close()
+        else:
+            old.unload()
+    _register(eng)
+    return eng
