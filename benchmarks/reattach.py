@@ -36,6 +36,8 @@ def run(kc, code: str, timeout: float = 900) -> str:
         kind, content = msg["msg_type"], msg["content"]
         if kind == "stream":
             out.append(content["text"])
+        elif kind in ("display_data", "update_display_data", "execute_result"):
+            out.append(content["data"].get("text/plain", "") + "\n")
         elif kind == "error":
             raise RuntimeError(f"{content['ename']}: {content['evalue']}")
         elif kind == "status" and content["execution_state"] == "idle":
@@ -70,9 +72,16 @@ def main() -> None:
     flags = a.flags or ["--enforce-eager", "--max-model-len", "512"]
     line = shlex.join([a.model, *flags])
 
+    from vllm_notebook import servers
+
+    running = servers.find(a.model, servers.normalize(flags))
+    if running is not None:  # a cold start must start one
+        servers.stop(running)
     km, kc = kernel()
     try:
-        cold = seconds(run(kc, TIMED.format(load=f"%vllm_load {line} --server")))
+        out = run(kc, TIMED.format(load=f"%vllm_load {line} --server"))
+        assert "server ready in" in out, out
+        cold = seconds(out)
         reattach = []
         for _ in range(a.repeats):
             km.restart_kernel(now=False)
@@ -80,8 +89,8 @@ def main() -> None:
             out = run(kc, TIMED.format(load=f"%vllm_load {line} --server"))
             assert "attached to the running server" in out, out
             reattach.append(seconds(out))
-        run(kc, "%vllm_unload")
     finally:
+        run(kc, "%vllm_unload")
         kc.stop_channels()
         km.shutdown_kernel(now=False)
 

@@ -13,6 +13,20 @@ ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 512}
 LOAD_FLAGS = "--enforce-eager --max-model-len 512"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_servers_left_behind():
+    """Servers outlive kernels by design; whatever a failed test left running is stopped here."""
+    import time
+
+    t0 = time.time()
+    yield
+    from vllm_notebook import servers
+
+    for rec in servers.records():
+        if rec.started >= t0 and rec.here:
+            servers.stop(rec)
+
+
 @pytest.fixture(scope="session")
 def demo_path() -> str:
     import vllm_notebook

@@ -260,6 +260,10 @@ def test_server_survives_kernel_restart_and_recovers_from_sigkill(demo_path):
         assert "attached to the running server" in out and seconds < 2.0
         assert "vllm_imported False" in out
         assert PARIS in k.run(gen)
+        msg_id = k.submit("%%generate --max-tokens 400 --ignore-eos --temperature 0\nOnce upon a time")
+        out, error = k.collect(msg_id, timeout=60, on_update=k.km.interrupt_kernel)  # Ctrl-C mid-stream
+        assert error is None and "interrupted: aborted 1 request(s)" in out, (out, error)
+        assert PARIS in k.run(gen)
         assert psutil.pid_exists(server_pid)
 
         os.kill(server_pid, 9)  # the server's API process dies without a word
