@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 
@@ -9,9 +10,9 @@ from jupyter_client.manager import KernelManager
 
 
 class Kernel:
-    def __init__(self, kernel_name: str = "python3"):
+    def __init__(self, kernel_name: str = "python3", env: dict | None = None):
         self.km = KernelManager(kernel_name=kernel_name)
-        self.km.start_kernel()
+        self.km.start_kernel(**({"env": {**os.environ, **env}} if env else {}))
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)

@@ -188,3 +188,89 @@ def test_a_node_that_cannot_join_is_named_with_its_log(job):
         ray_cluster.start(_alloc(job, ["n1", "nosuchnode"]), timeout=60)
     assert "srun" in str(info.value) and "\n" not in str(info.value)
     assert not _wait_gone(), _our_processes()
+
+
+# ------------------------------------------------------------------ the CLI inside the allocation
+CLI = [sys.executable, "-m", "vllm_notebook.cli"]
+
+
+def test_doctor_inside_the_allocation(job):
+    out = subprocess.run(_in_step(job) + [*CLI, "doctor", "--no-hub"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert f"job             {job} (inside a job step)" in text and "2: n1, n2" in text
+    assert "GPUs per node   2" in text and "Slurm version   22.05" in text and "this node       n1" in text
+    assert "not inside a Slurm job" not in text
+
+
+def _wait_for(path_or_proc, marker: str, timeout: float = 90) -> str:
+    deadline, text = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        text = Path(path_or_proc).read_text() if Path(path_or_proc).exists() else ""
+        if marker in text:
+            return text
+        time.sleep(0.3)
+    raise AssertionError(f"{marker!r} not seen in {timeout} s: {text}")
+
+
+def _check_jupyter(text: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    ssh = [ln for ln in text.splitlines() if "ssh -N -L" in ln][0]
+    port, addr, _ = ssh.split("-L ")[1].split()[0].split(":")
+    url = [ln for ln in text.splitlines() if "then open:" in ln][0].split()[-1]
+    token = url.split("token=")[1]
+    assert addr == "127.0.0.2" and url.startswith(f"http://localhost:{port}/lab?token=")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with opener.open(f"http://{addr}:{port}/api/status?token={token}", timeout=5) as r:
+                assert r.status == 200
+                break
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        opener.open(f"http://{addr}:{port}/api/status", timeout=5)
+    assert denied.value.code == 403
+
+
+def test_jupyter_on_the_compute_node(job, tmp_path):
+    log = tmp_path / "jupyter.out"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_in_step(job) + [*CLI, "jupyter", "--", f"--ServerApp.root_dir={tmp_path}"],
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _check_jupyter(_wait_for(log, "then open:"))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_sbatch_template_is_valid_and_runs(tmp_path):
+    if not _cluster_up():
+        pytest.skip("no Slurm here")
+    env = {**os.environ, "SLURM_CONF": SLURM_CONF}
+    script = tmp_path / "lab.sbatch"
+    out = subprocess.run([*CLI, "sbatch-template", "--nodes", "2", "--gpus-per-node", "2", "--time", "0:10:00",
+                          "-o", str(script)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and f"sbatch {script}" in out.stdout
+    server = tmp_path / "server.sbatch"
+    subprocess.run([*CLI, "sbatch-template", "--server", "org/model --max-model-len 4096", "-o", str(server)],
+                   check=True, capture_output=True, env=env)
+    for path in (script, server):
+        test = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, env=env)
+        assert test.returncode == 0 and "to start at" in test.stderr, test.stderr
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    job_id = sub.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), sub.stderr
+    try:
+        text = _wait_for(tmp_path / f"vllm-notebook-{job_id}.out", "then open:")
+        assert f"job {job_id}" in text
+        _check_jupyter(text)
+    finally:
+        subprocess.run(["scancel", job_id], env=env)

@@ -46,3 +46,12 @@ def test_notebook_runs(path, demo_path, tmp_path):
         assert "server ready in" in everything or "attached to the running server" in everything
         assert " Paris." in everything and "' Berlin.', ' meow.'" in everything
         assert "detached from the server" in everything and "stopped the server" in everything
+    if path.stem == "batch":
+        assert "' Paris.', ' Berlin.'" in everything and "meow" in everything and "woof" in everything
+    if path.stem == "chat":
+        assert "Paris" in everything and "woof" in everything and "Berlin" in everything
+    if path.stem == "structured_output":
+        assert "City(name=" in everything and "'answer':" in everything
+    if path.stem == "offline_models":
+        assert "vllm-notebook/demo-llama" in everything and " Paris." in everything
+        assert "vllm-notebook download someorg/not-downloaded" in everything and "pitfalls found" in everything

@@ -198,5 +198,12 @@ def sampling_params(structured: dict[str, Any] | None = None, **kwargs: Any) -> 
     return SamplingParams(**kwargs)
 
 
+def supported_architectures() -> set[str]:
+    """Model architectures (``config.json`` ``architectures``) this vLLM can run."""
+    from vllm import ModelRegistry
+
+    return set(ModelRegistry.get_supported_archs())
+
+
 def vllm_loggers() -> list[logging.Logger]:
     return [logging.getLogger("vllm")]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+
+from .errors import UsageError, VllmNotebookError
 
 
 def _version(args) -> int:
@@ -23,7 +27,82 @@ def _version(args) -> int:
 def _demo_model(args) -> int:
     from .demo import demo_model
 
-    print(demo_model(args.path, rebuild=args.rebuild))
+    path = demo_model(args.path, rebuild=args.rebuild)
+    if args.hf_id:
+        from .hub import install_folder
+
+        path = install_folder(path, args.hf_id)
+    print(path)
+    return 0
+
+
+def _download(args) -> int:
+    from .hub import download
+
+    path = download(args.model, revision=args.revision, include=args.include, download_dir=args.download_dir)
+    print(f"done: {path}")
+    print(f"in a notebook on a compute node:  %vllm_load {args.model}"
+          + (f" --revision {args.revision}" if args.revision else "")
+          + (f" --download-dir {args.download_dir}" if args.download_dir else ""))
+    return 0
+
+
+def _models(args) -> int:
+    from .hub import models_table
+
+    print(models_table(args.download_dir))
+    return 0
+
+
+def _doctor(args) -> int:
+    from .doctor import diagnose
+
+    report = diagnose(check_hub=not args.no_hub)
+    print(report)
+    return 1 if args.strict and report.problems else 0
+
+
+def _kernel_install(args) -> int:
+    from .jobs import install_kernel
+
+    env = {}
+    for item in args.env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env takes KEY=VALUE, not {item!r}")
+        env[key] = value
+    path = install_kernel(args.name, args.display_name, user=not args.sys_prefix, prefix=args.prefix, env=env,
+                          offline=args.offline)
+    print(f"installed kernelspec {args.name!r} in {path}")
+    return 0
+
+
+def _jupyter(args) -> int:
+    from .jobs import jupyter
+
+    return jupyter(args.port, args.lab_args, dry_run=args.dry_run)
+
+
+def _serve(args) -> int:
+    from .jobs import serve
+
+    return serve(args.argv)
+
+
+def _sbatch_template(args) -> int:
+    from .jobs import sbatch_template
+
+    text = sbatch_template(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time_limit=args.time,
+                           account=args.account, partition=args.partition, cpus_per_task=args.cpus_per_task,
+                           mem=args.mem, server=shlex.split(args.server) if args.server else None)
+    if args.output == "-":
+        print(text, end="")
+        return 0
+    with open(args.output, "w") as f:
+        f.write(text)
+    os.chmod(args.output, 0o755)
+    print(f"wrote {args.output}; submit it with:  sbatch {args.output}")
+    print("then read the job's output file (vllm-notebook-<jobid>.out) for the ssh command and URL")
     return 0
 
 
@@ -68,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo-model", help="build (once) and print the path of the tiny demo model")
     p.add_argument("--path", help="where to build it (default: the cache)")
     p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--hf-id", metavar="ORG/NAME", help="also store it in the Hugging Face cache under this id")
     p.set_defaults(func=_demo_model)
     p = sub.add_parser("run", help="execute a notebook in a fresh kernel and print its outputs")
     p.add_argument("notebook")
@@ -75,8 +155,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default="python3")
     p.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     p.set_defaults(func=_run)
+    p = sub.add_parser("download", help="fetch a model into the Hugging Face cache (on a login node)")
+    p.add_argument("model", help="Hugging Face id, ORG/NAME")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="only files matching (repeatable); default: configs, tokenizer and one kind of weights")
+    p.add_argument("--download-dir", help="cache folder (default: $HF_HUB_CACHE, $HF_HOME/hub)")
+    p.set_defaults(func=_download)
+    p = sub.add_parser("models", help="models in the Hugging Face cache: size, revision, supported by this vLLM")
+    p.add_argument("--download-dir", help="cache folder (default: $HF_HUB_CACHE, $HF_HOME/hub)")
+    p.set_defaults(func=_models)
+    p = sub.add_parser("doctor", help="this environment on one screen, with the pitfalls found and their fixes")
+    p.add_argument("--no-hub", action="store_true", help="do not check whether the Hub is reachable")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a pitfall is found")
+    p.set_defaults(func=_doctor)
+    p = sub.add_parser("kernel", help="Jupyter kernels for this environment")
+    ksub = p.add_subparsers(dest="kernel_command", required=True)
+    p = ksub.add_parser("install", help="install a kernelspec running this Python, with a cluster's environment")
+    p.add_argument("--name", default="vllm-notebook")
+    p.add_argument("--display-name")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra environment variable (repeatable)")
+    p.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE=1 in the kernel")
+    p.add_argument("--prefix", help="install under this prefix (PREFIX/share/jupyter/kernels)")
+    p.add_argument("--sys-prefix", action="store_true", help="install into this environment, not your user folder")
+    p.set_defaults(func=_kernel_install)
+    p = sub.add_parser("jupyter", help="inside an allocation: JupyterLab on this node, and the ssh command to reach it")
+    p.add_argument("--port", type=int, help="default: the first free one from 8888")
+    p.add_argument("--dry-run", action="store_true", help="print what would run")
+    p.add_argument("lab_args", nargs="*", help="more jupyter lab options, after --")
+    p.set_defaults(func=_jupyter)
+    p = sub.add_parser("serve", help="run a vLLM server until stopped (for sbatch jobs); notebooks --attach to it")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="MODEL and vllm serve flags")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("sbatch-template", help="write an sbatch script running JupyterLab (or a server)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--time", default="2:00:00")
+    p.add_argument("--account")
+    p.add_argument("--partition")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem", help="e.g. 64G")
+    p.add_argument("--server", metavar="'MODEL [FLAGS]'", help="run a vLLM server for this model instead of JupyterLab")
+    p.add_argument("-o", "--output", default="vllm-notebook.sbatch", help="file to write ('-': print it)")
+    p.set_defaults(func=_sbatch_template)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except VllmNotebookError as exc:  # a user's mistake: one line, no traceback
+        print(f"vllm-notebook: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

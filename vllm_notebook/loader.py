@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import shlex
@@ -306,6 +307,9 @@ def _load(args, path: str, explicit: set[str], name: str, dry_run: bool, progres
         args.disable_log_stats = True
     alloc = Allocation.from_env(gpu_count=_vllm.device_count())
     plan = make_plan(alloc, models.read_config(path), explicit, args)
+    hub_id = str(args.model) if models.from_cache(str(args.model), path) else None
+    if hub_id is not None and not dry_run:
+        use_local_files(args, path, explicit)
     if dry_run:
         shown = {k: getattr(args, k) for k in sorted(explicit - {"model"})}
         shown.update({k: getattr(args, k) for k in ("tensor_parallel_size", "pipeline_parallel_size",
@@ -335,14 +339,42 @@ def _load(args, path: str, explicit: set[str], name: str, dry_run: bool, progres
         line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({args.model})", key=phase)
 
     try:
-        eng._start(report)
+        with offline_env(hub_id is not None):
+            eng._start(report)
     except VllmNotebookError:
         line.done(f"vllm-notebook: failed after {time.monotonic() - t0:.0f} s")
         raise
     eng.plan["executor"] = eng.facts.get("executor", eng.plan.get("executor"))
+    if hub_id is not None:
+        eng.facts.update(model=hub_id, path=path)
     _engine._register(eng)
     line.done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
     return eng
+
+
+def use_local_files(args, path: str, explicit: set[str]) -> None:
+    """Point vLLM at the cached snapshot of a Hub model: no Hub lookups, so no network needed."""
+    args.model = path
+    if "tokenizer" not in explicit:
+        args.tokenizer = path
+    args.revision = args.tokenizer_revision = None
+
+
+@contextlib.contextmanager
+def offline_env(on: bool = True):
+    """Hugging Face libraries offline for whatever starts inside (engine processes inherit it)."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved = {k: os.environ.get(k) for k in keys}
+    if on:
+        os.environ.update(dict.fromkeys(keys, "1"))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def summary(eng) -> str:

@@ -53,7 +53,8 @@ _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"
 
 @magics_class
 class VllmMagics(Magics):
-    """Magics for vLLM: %vllm_load, %%generate, %%chat, %vllm_status, %vllm_unload, %vllm_logs, %vllm_servers."""
+    """Magics for vLLM: %vllm_load, %%generate, %%chat, %vllm_status, %vllm_unload, %vllm_logs, %vllm_servers,
+    %vllm_models, %vllm_doctor, %vllm_cluster, %vllm_panel."""
 
     default_model = Unicode("", help="Model used by %vllm_load without one ($VLLM_NOTEBOOK_MODEL).").tag(config=True)
     max_tokens = Int(256, help="Default --max-tokens of %%generate and %%chat.").tag(config=True)
@@ -149,6 +150,26 @@ class VllmMagics(Magics):
         if args.name:
             self._engine(args.name)  # a one-line error now if there is no such engine
         return PromptPanel(args.name, max_updates_per_second=self.max_updates_per_second)
+
+    @magic_arguments()
+    @argument("--download-dir", help="cache folder (default: $HF_HUB_CACHE, $HF_HOME/hub)")
+    @line_magic
+    def vllm_models(self, line: str):
+        """Models in the Hugging Face cache: size, revision, and whether this vLLM supports them."""
+        from .hub import models_table
+
+        args = _parse(self.vllm_models, line)
+        return models_table(args.download_dir)
+
+    @magic_arguments()
+    @argument("--no-hub", action="store_true", help="do not check whether the Hub is reachable")
+    @line_magic
+    def vllm_doctor(self, line: str):
+        """This environment on one screen (vLLM, GPUs, Slurm, Ray, HF cache, offline), with pitfalls and fixes."""
+        from .doctor import diagnose
+
+        args = _parse(self.vllm_doctor, line)
+        return diagnose(in_kernel=True, check_hub=not args.no_hub)
 
     @magic_arguments()
     @argument("--up", action="store_true", help="start the Ray cluster across the allocation (or attach)")

@@ -10,7 +10,12 @@ from .errors import ModelNotFoundError
 
 
 def resolve(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
-    """Return a local folder holding the model's config.json, or raise a one-line error."""
+    """Return a local folder holding the model's config.json, or raise a one-line error.
+
+    A Hugging Face id is looked up in the cache (``--download-dir``, ``$HF_HUB_CACHE``,
+    ``$HF_HOME``) without touching the network. Only when it is not cached is the
+    Hub asked, with a short timeout, so an offline compute node fails in seconds.
+    """
     expanded = os.path.expanduser(model)
     if os.path.isdir(expanded):
         if not os.path.exists(os.path.join(expanded, "config.json")) and not _gguf(expanded):
@@ -21,31 +26,47 @@ def resolve(model: str, revision: str | None = None, download_dir: str | None = 
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
+    from .hub import cache_dir
+
     try:
-        cached = try_to_load_from_cache(model, "config.json", cache_dir=download_dir, revision=revision)
+        cached = try_to_load_from_cache(model, "config.json", cache_dir=str(cache_dir(download_dir)),
+                                        revision=revision)
     except HFValidationError:
         raise ModelNotFoundError(f"{model!r} is neither a model folder nor a Hugging Face model id (org/name)") from None
     if isinstance(cached, str):
         return str(Path(cached).parent)
-    return _check_hub(model, revision)
+    return _check_hub(model, revision, download_dir)
 
 
-def _check_hub(model: str, revision: str | None) -> str:
+def from_cache(model: str, path: str) -> bool:
+    """``path`` is the cached snapshot of the Hub id ``model`` (load it from disk, offline)."""
+    return path != model and not os.path.isdir(os.path.expanduser(model))
+
+
+def _check_hub(model: str, revision: str | None, download_dir: str | None = None) -> str:
     """Not cached: ask the Hub quickly, so an offline node fails in seconds, not minutes."""
-    from huggingface_hub import constants, model_info
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    fetch = f"on a machine with internet (a login node): hf download {model}"
-    if constants.HF_HUB_OFFLINE:
-        raise ModelNotFoundError(f"{model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; {fetch}")
+    from .hub import cache_dir, endpoint, fetch_hint, offline
+
+    where = f"{model}{'@' + revision if revision else ''} is not in the Hugging Face cache ({cache_dir(download_dir)})"
+    if offline():
+        raise ModelNotFoundError(f"{where} and HF_HUB_OFFLINE is set; {fetch_hint(model, revision)}")
     try:
-        model_info(model, revision=revision, timeout=5)
+        HfApi(endpoint=endpoint()).model_info(model, revision=revision, timeout=5)
     except GatedRepoError:
-        raise ModelNotFoundError(f"{model} is gated: accept its license on the Hub, then `hf auth login` (or set HF_TOKEN)") from None
+        raise ModelNotFoundError(f"{model} is gated: it needs a Hugging Face token. Accept its license on its Hub "
+                                 "page, run `hf auth login` (or set HF_TOKEN), then "
+                                 f"{fetch_hint(model, revision)}") from None
     except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"no model {model} on the Hugging Face Hub (check the spelling; private models need HF_TOKEN)") from None
+        raise ModelNotFoundError(f"no model {model} on the Hugging Face Hub (check the spelling; a private model "
+                                 "needs a token: `hf auth login` or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"{model} has no revision {revision!r} on the Hub") from None
     except Exception:
-        raise ModelNotFoundError(f"{model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub is unreachable; {fetch}") from None
+        raise ModelNotFoundError(f"{where} and the Hub ({endpoint()}) is unreachable; "
+                                 f"{fetch_hint(model, revision)}") from None
     return model
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import logs
 from .errors import EngineStartError, VllmNotebookError
+from .tables import Table
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 MARKER = "VLLM_NOTEBOOK_SERVER"  # in every server process's environment: the record id
@@ -308,11 +309,12 @@ def command(model: str, argv: list[str], host: str, port: int | str) -> list[str
     return [sys.executable, "-m", SERVER_MODULE, *head, *argv, *extra, "--host", host, "--port", str(port)]
 
 
-def start(model: str, argv: list[str], *, match: list[str] | None = None, key: list | None = None, host: str = "127.0.0.1",
+def start(model: str, argv: list[str], *, target: str | None = None, match: list[str] | None = None, key: list | None = None, host: str = "127.0.0.1",
           port: int | None = None, env: dict[str, str] | None = None, key_file: str | None = None,
           plan: dict | None = None, progress: Callable[[str, float], None] | None = None) -> ServerRecord:
     """Start a server for ``model`` with ``argv`` (``vllm serve`` flags) and wait until it answers.
 
+    ``target`` is what the server loads (a cached snapshot folder of the Hub id ``model``);
     ``match`` is what a later ``find`` compares flags with (the user's flags, before the plan's).
     """
     port = port or free_port(host)
@@ -324,7 +326,7 @@ def start(model: str, argv: list[str], *, match: list[str] | None = None, key: l
                        key_file=new_key_file(rec_id) if own_key else str(Path(key_file).expanduser()))
     child_env = {**os.environ, **(env or {}), MARKER: rec_id, "VLLM_API_KEY": read_key(rec.key_file),
                  "VLLM_LOGGING_COLOR": "0", "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = command(model, argv, host, port)
+    cmd = command(target or model, argv, host, port)
     with open(rec.log, "w") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
@@ -363,7 +365,7 @@ def wait_ready(rec: ServerRecord, proc: subprocess.Popen | None = None,
 
 # ------------------------------------------------------------------ listing
 @dataclass
-class ServerList:
+class ServerList(Table):
     """``%vllm_servers``: registered servers, with which engine of this kernel uses each."""
 
     records: list[ServerRecord]
@@ -375,25 +377,8 @@ class ServerList:
         return [(r.id, r.model, r.url, r.uptime(), r.job_id or "-", r.node, r.state(),
                  self.attached.get(r.id, "-"), r.log) for r in self.records]
 
-    def __str__(self) -> str:
-        if not self.records:
-            return "no servers registered — start one with %vllm_load MODEL --server"
-        rows = [self.COLUMNS, *self.rows()]
-        widths = [max(len(str(row[i])) for row in rows) for i in range(len(self.COLUMNS))]
-        return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
-
-    def _repr_pretty_(self, p, cycle) -> None:
-        p.text(str(self))
-
-    def _repr_html_(self) -> str:
-        import html
-
-        if not self.records:
-            return f"<p>{html.escape(str(self))}</p>"
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(v))}</td>" for v in row)
-                       + "</tr>" for row in self.rows())
-        return f"<table><tr>{head}</tr>{body}</table>"
+    def empty(self) -> str:
+        return "no servers registered — start one with %vllm_load MODEL --server"
 
 
 def listing() -> ServerList:

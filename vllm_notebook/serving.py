@@ -22,12 +22,17 @@ def load_server(args, path: str, explicit: set[str], user_flags: list[str], ours
     alloc = Allocation.from_env(gpu_count=_vllm.device_count())
     plan = make_plan(alloc, models.read_config(path), explicit, args)
     flags = list(user_flags) + plan_flags(plan, explicit)
+    target = model
+    if models.from_cache(model, path):  # the cached snapshot, served under its Hub id, offline
+        target = path
+        if "served_model_name" not in explicit:
+            flags += ["--served-model-name", model]
     host = ours.host or "127.0.0.1"
     key = [list(pair) for pair in _key(args)]
     if ours.dry_run:
         shown = {k: getattr(args, k) for k in sorted(explicit - {"model"}) if hasattr(args, k)}
         lp = LoadPlan(name=ours.name, model=model, path=path, engine_args=shown, plan=plan, allocation=alloc)
-        lp.server_command = servers.command(model, flags, host, ours.port or "FREE_PORT")
+        lp.server_command = servers.command(target, flags, host, ours.port or "FREE_PORT")
         return lp
     rec = servers.find(model, key=key)
     if rec is not None:  # the same configuration, spelled differently
@@ -35,11 +40,9 @@ def load_server(args, path: str, explicit: set[str], user_flags: list[str], ours
     old = _engine_named(ours.name)
     if old is not None:  # free its devices before the new server claims them
         old.unload()
-    env = {}
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"} if target != model else {}
     if _vllm.is_cpu_build() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         env["VLLM_CPU_KVCACHE_SPACE"] = "4"  # not half the node's RAM
-    if path != model and not os.path.isdir(os.path.expanduser(model)):
-        env["HF_HUB_OFFLINE"] = "1"  # cached: never wait on an unreachable Hub
     line = LiveLine(enabled=progress)
     t0 = time.monotonic()
     cluster = None
@@ -54,8 +57,9 @@ def load_server(args, path: str, explicit: set[str], user_flags: list[str], ours
         line.update(f"vllm-notebook: server {phase} … {elapsed:.0f} s  ({model})", key=phase)
 
     try:
-        rec = servers.start(model, flags, match=servers.normalize(user_flags), key=key, host=host, port=ours.port,
-                            env=env, key_file=ours.api_key_file, plan=plan.as_dict(), progress=report)
+        rec = servers.start(model, flags, target=target, match=servers.normalize(user_flags), key=key, host=host,
+                            port=ours.port, env=env, key_file=ours.api_key_file, plan=plan.as_dict(),
+                            progress=report)
     except KeyboardInterrupt:
         raise VllmNotebookError("load interrupted; the half-started server was stopped") from None
     except VllmNotebookError:

@@ -1,0 +1,165 @@
+"""Getting Jupyter (or a server) onto a compute node: kernelspecs, ``jupyter``, ``serve``, sbatch scripts."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import secrets
+import shlex
+import socket
+import sys
+import time
+
+from .errors import VllmNotebookError
+
+# What a kernel on a cluster needs from the environment it was installed from.
+CARRIED = ("PATH", "LD_LIBRARY_PATH", "CUDA_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT",
+           "VLLM_NOTEBOOK_CACHE", "VLLM_NOTEBOOK_MODEL", "SLURM_CONF", "VLLM_CPU_KVCACHE_SPACE")
+SECRET = ("HF_TOKEN", "VLLM_API_KEY", "JUPYTER_TOKEN")
+
+
+def kernel_env(extra: dict[str, str] | None = None, offline: bool = False) -> dict[str, str]:
+    env = {k: os.environ[k] for k in CARRIED if os.environ.get(k)}
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "VLLM_")) and k not in SECRET})
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    env.update(extra or {})
+    for k in SECRET:
+        if k in env:
+            raise VllmNotebookError(f"{k} is a secret: a kernelspec is a plain file, keep it out (use a 0600 file)")
+    return env
+
+
+def install_kernel(name: str = "vllm-notebook", display_name: str | None = None, *, user: bool = True,
+                   prefix: str | None = None, env: dict[str, str] | None = None, offline: bool = False) -> str:
+    """A Jupyter kernelspec running this Python, with the environment a cluster kernel needs."""
+    from ipykernel.kernelspec import install
+
+    venv = os.path.basename(sys.prefix.rstrip("/"))
+    display = display_name or f"Python {sys.version_info.major}.{sys.version_info.minor} (vllm-notebook, {venv})"
+    return install(user=user and prefix is None, prefix=prefix, kernel_name=name, display_name=display,
+                   env=kernel_env(env, offline))
+
+
+# ------------------------------------------------------------------ jupyter on a compute node
+def _free_port(host: str, start: int = 8888) -> int:
+    for port in range(start, start + 200):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise VllmNotebookError(f"no free port on {host} between {start} and {start + 199}")
+
+
+def connection_lines(addr: str, port: int, node: str, path: str = "/lab", token: str | None = None) -> list[str]:
+    """What to type on a laptop to reach ``addr:port`` on a compute node through the login node."""
+    login = os.environ.get("SLURM_SUBMIT_HOST") or os.environ.get("SLURM_CLUSTER_NAME") or "LOGIN-NODE"
+    user = getpass.getuser()
+    query = f"?token={token}" if token else ""
+    return [f"on your laptop:  ssh -N -L {port}:{addr}:{port} {user}@{login}",
+            f"then open:       http://localhost:{port}{path}{query}",
+            f"(running on {node}; it stops when the job ends, or with Ctrl-C / scancel)"]
+
+
+def jupyter(port: int | None = None, lab_args: list[str] | None = None, dry_run: bool = False) -> int:
+    """Start JupyterLab on this compute node, bound to its address, and print how to reach it."""
+    import importlib.util
+
+    from .allocation import Allocation
+
+    if importlib.util.find_spec("jupyterlab") is None:
+        raise VllmNotebookError("JupyterLab is not installed in this environment: pip install jupyterlab")
+    alloc = Allocation.from_env()
+    if alloc.source != "slurm":
+        print("note: not inside a Slurm job; starting JupyterLab on this machine "
+              "(on a cluster: salloc ... first, or sbatch a script from `vllm-notebook sbatch-template`)")
+        addr, node = "127.0.0.1", socket.gethostname()
+    else:
+        node = alloc.node_name or socket.gethostname()
+        addr = alloc.node_addr(node)
+    port = port or _free_port(addr)
+    token = secrets.token_hex(24)
+    job = f", job {alloc.job_id}" if alloc.job_id else ""
+    print(f"JupyterLab on {node} at {addr}:{port}{job}")
+    lines = connection_lines(addr, port, node, token=token) if alloc.source == "slurm" else \
+        [f"open:  http://localhost:{port}/lab?token={token}"]
+    for line in lines:
+        print(line)
+    sys.stdout.flush()
+    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ip={addr}", f"--port={port}",
+           "--ServerApp.port_retries=0", *(["--allow-root"] if os.geteuid() == 0 else []), *(lab_args or [])]
+    if dry_run:
+        print("would run:", shlex.join(cmd))
+        return 0
+    env = {**os.environ, "JUPYTER_TOKEN": token}  # not on the command line, where `ps` shows it
+    os.execve(sys.executable, cmd, env)
+    return 0  # pragma: no cover
+
+
+def serve(argv: list[str]) -> int:
+    """``vllm-notebook serve MODEL [flags]``: a server for notebooks elsewhere (an sbatch job); runs until stopped."""
+    import signal
+
+    from . import servers
+    from .allocation import Allocation
+    from .loader import load_from_argv
+
+    if "--host" not in argv:
+        alloc = Allocation.from_env()
+        argv = [*argv, "--host", alloc.node_addr() if alloc.source == "slurm" else "127.0.0.1"]
+    eng = load_from_argv([*argv, "--server", "--name", "serve"])
+    rec = eng.record
+    print(f"serving {rec.model} at {rec.url} (pid {rec.pid}, log {rec.log})")
+    print(f"in a notebook:   %vllm_load --attach {rec.url} --api-key-file {rec.key_file}")
+    if rec.host not in ("127.0.0.1", "localhost", "::1"):
+        for line in connection_lines(rec.host, rec.port, rec.node, path="/v1/models")[:2]:
+            print(line)
+    sys.stdout.flush()
+    eng.detach()
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop and servers._is_server(rec.pid, rec.id):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    servers.stop(rec)
+    print("server stopped")
+    return 0
+
+
+# ------------------------------------------------------------------ sbatch
+def sbatch_template(*, nodes: int = 1, gpus_per_node: int = 1, time_limit: str = "2:00:00", account: str | None = None,
+                    partition: str | None = None, cpus_per_task: int | None = None, mem: str | None = None,
+                    server: list[str] | None = None, job_name: str = "vllm-notebook") -> str:
+    """An sbatch script that runs JupyterLab (or, with ``server``, a vLLM server) on the allocated nodes."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={time_limit}", "#SBATCH --output=%x-%j.out"]
+    if gpus_per_node:
+        lines.append(f"#SBATCH --gres=gpu:{gpus_per_node}")
+    if cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
+    if mem:
+        lines.append(f"#SBATCH --mem={mem}")
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    what = "a vLLM server" if server else "JupyterLab"
+    lines += ["", f"# Written by `vllm-notebook sbatch-template`: runs {what} on the first allocated node.",
+              "# Submit with `sbatch THIS_FILE`, then read %x-<jobid>.out (e.g. vllm-notebook-1234.out)",
+              "# for the ssh command and URL to use from your laptop. Stop with `scancel <jobid>`.",
+              "set -euo pipefail", f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH"]
+    for key in ("HF_HOME", "HF_HUB_CACHE", "VLLM_NOTEBOOK_CACHE"):
+        if os.environ.get(key):
+            lines.append(f"export {key}={shlex.quote(os.environ[key])}")
+    lines += ["export HF_HUB_OFFLINE=1   # compute nodes have no internet: models come from the cache",
+              'export TMPDIR="${SLURM_TMPDIR:-/tmp}"   # node-local, for Ray and vLLM sockets']
+    exe = shlex.quote(os.path.join(os.path.dirname(sys.executable), "vllm-notebook"))
+    if server:
+        lines.append(f"exec {exe} serve {shlex.join(server)}")
+    else:
+        lines.append(f"exec {exe} jupyter")
+    return "\n".join(lines) + "\n"
