@@ -197,9 +197,9 @@ CLI = [sys.executable, "-m", "vllm_notebook.cli"]
 def test_doctor_inside_the_allocation(job):
     out = subprocess.run(_in_step(job) + [*CLI, "doctor", "--no-hub"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    text = out.stdout
-    assert f"job             {job} (inside a job step)" in text and "2: n1, n2" in text
-    assert "GPUs per node   2" in text and "Slurm version   22.05" in text and "this node       n1" in text
+    text = " ".join(out.stdout.split())
+    assert f"job {job} (inside a job step)" in text and "nodes 2: n1, n2" in text, text
+    assert "GPUs per node 2" in text and "Slurm version 22.05" in text and "this node n1" in text, text
     assert "not inside a Slurm job" not in text
 
 
@@ -248,29 +248,3 @@ def test_jupyter_on_the_compute_node(job, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def test_sbatch_template_is_valid_and_runs(tmp_path):
-    if not _cluster_up():
-        pytest.skip("no Slurm here")
-    env = {**os.environ, "SLURM_CONF": SLURM_CONF}
-    script = tmp_path / "lab.sbatch"
-    out = subprocess.run([*CLI, "sbatch-template", "--nodes", "2", "--gpus-per-node", "2", "--time", "0:10:00",
-                          "-o", str(script)], capture_output=True, text=True, env=env)
-    assert out.returncode == 0 and f"sbatch {script}" in out.stdout
-    server = tmp_path / "server.sbatch"
-    subprocess.run([*CLI, "sbatch-template", "--server", "org/model --max-model-len 4096", "-o", str(server)],
-                   check=True, capture_output=True, env=env)
-    for path in (script, server):
-        test = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, env=env)
-        assert test.returncode == 0 and "to start at" in test.stderr, test.stderr
-    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env,
-                         cwd=tmp_path)
-    job_id = sub.stdout.strip().split(";")[0]
-    assert job_id.isdigit(), sub.stderr
-    try:
-        text = _wait_for(tmp_path / f"vllm-notebook-{job_id}.out", "then open:")
-        assert f"job {job_id}" in text
-        _check_jupyter(text)
-    finally:
-        subprocess.run(["scancel", job_id], env=env)

@@ -211,3 +211,14 @@ def test_attach_to_nothing_is_one_line():
         vllm_notebook.attach("127.0.0.1:9", name="nothing", progress=False)
     assert time.monotonic() - t0 < 5
     assert "nothing" not in vllm_notebook.engines()
+
+
+def test_pydantic_flag_errors_are_one_line():
+    from vllm_notebook.loader import _explain
+
+    msg = ("argument --structured-outputs-config: 1 validation error for StructuredOutputsConfig\n"
+           "  Value error, disable_any_whitespace is only supported for xgrammar and guidance backends. "
+           "[type=value_error, input_value={}, input_type=dict]\n    For further information visit https://x")
+    out = _explain(msg, [], )
+    assert "\n" not in out
+    assert out.startswith("%vllm_load: argument --structured-outputs-config: disable_any_whitespace is only")

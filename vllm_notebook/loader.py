@@ -271,7 +271,13 @@ def _explain(message: str, argv: list[str], *parsers) -> str:
                 if near:
                     return f"%vllm_load: unknown flag {flag} (did you mean {near[0]}?); {hint}"
                 return f"%vllm_load: unknown flag {flag}; {hint}"
-    return f"%vllm_load: {message}; {hint}"
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    if len(lines) > 1:  # pydantic: "argument --x: 1 validation error for X", then "Value error, WHY [type=...]"
+        from .logs import _pydantic_detail
+
+        why = _pydantic_detail(lines[1]).removeprefix("invalid engine arguments: ")
+        lines = [f"{lines[0].split(':')[0]}: {why}" if why else lines[0]]
+    return f"%vllm_load: {lines[0] if lines else message}; {hint}"
 
 
 def _key(args) -> tuple:

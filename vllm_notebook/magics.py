@@ -212,7 +212,8 @@ class VllmMagics(Magics):
 
     # ------------------------------------------------------------ generation
     @magic_arguments()
-    @argument("-i", "--input", metavar="VAR", help="(line magic) a str or list of str variable")
+    @argument("-i", "--input", metavar="VAR", help="(line magic) a str or list of str: a variable or an "
+              "expression such as df.prompt")
     @argument("--chat", action="store_true", help="apply the model's chat template")
     @argument("--split", choices=["lines", "blank"], help="one prompt per line, or per blank-line block")
     @_sampling_flags
@@ -226,9 +227,7 @@ class VllmMagics(Magics):
         if cell is None:
             if not args.input:
                 raise UsageError("%generate needs -i VAR (a str or list of str); use %%generate for a cell prompt")
-            if args.input not in ns:
-                raise UsageError(f"no variable named {args.input!r}")
-            prompts = prompts_from_value(ns[args.input], args.input)
+            prompts = prompts_from_value(self._value(args.input), args.input)
         else:
             if args.input:
                 raise UsageError("-i is for the line magic %generate; %%generate takes the cell as the prompt")
@@ -267,6 +266,11 @@ class VllmMagics(Magics):
         return gen
 
     @line_magic
+    def chat_history(self, line: str):
+        """The %%chat conversation so far: a list of role/content messages (a copy)."""
+        return [dict(m) for m in self.conversation]
+
+    @line_magic
     def chat_reset(self, line: str):
         """Forget the %%chat conversation."""
         n = sum(1 for m in self.conversation if m["role"] == "user")
@@ -274,6 +278,18 @@ class VllmMagics(Magics):
         print(f"conversation cleared ({n} turn(s) forgotten)")
 
     # ------------------------------------------------------------ helpers
+    def _value(self, expr: str):
+        """A variable, or an expression over variables (``df.prompt``, ``rows[:10]``) for ``-i``."""
+        ns = self.shell.user_ns
+        if expr in ns:
+            return ns[expr]
+        if expr.isidentifier():
+            raise UsageError(f"no variable named {expr!r}")
+        try:
+            return self.shell.ev(expr)
+        except Exception as exc:  # noqa: BLE001 - the user's expression: one line
+            raise UsageError(f"-i {expr}: {type(exc).__name__}: {exc}") from None
+
     def _engines(self):
         from .engine import engines
 

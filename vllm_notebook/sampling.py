@@ -94,7 +94,8 @@ def _as_dict(base: Any) -> dict[str, Any]:
                 out[name] = value
         if out.get("structured_outputs") is not None:
             so = out["structured_outputs"]
-            out["structured_outputs"] = {k: getattr(so, k) for k in STRUCTURED if getattr(so, k, None) is not None}
+            keys = (*STRUCTURED, "disable_any_whitespace", "whitespace_pattern")
+            out["structured_outputs"] = {k: getattr(so, k) for k in keys if getattr(so, k, None) is not None}
         return out
     raise UsageError(f"sampling parameters must be a dict or SamplingParams, not {type(base).__name__}")
 
