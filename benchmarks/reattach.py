@@ -8,6 +8,7 @@ Runs the magics in a real Jupyter kernel (jupyter_client), timing inside the cel
   reattach  the same cell after a kernel restart (finds and attaches to that server)
   in-kernel %load_ext + %vllm_load MODEL FLAGS in a fresh kernel (the in-process engine), for scale
 and prints reattach / cold and reattach / in-kernel. The server is stopped at the end.
+benchmarks/run.py runs ``measure`` as its server row.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import queue
 import re
 import shlex
+import statistics
 import time
 
 from jupyter_client.manager import KernelManager
@@ -57,6 +59,45 @@ def kernel() -> tuple[KernelManager, object]:
     return km, kc
 
 
+def measure(model: str, flags: list[str], repeats: int = 3, in_kernel: bool = True) -> dict:
+    """Cold server start, then ``repeats`` kernel restarts each followed by a reattach; seconds and ratios."""
+    from vllm_notebook import servers
+
+    line = shlex.join([model, *flags])
+    running = servers.find(model, servers.normalize(flags))
+    if running is not None:  # a cold start must start one
+        servers.stop(running)
+    km, kc = kernel()
+    try:
+        out = run(kc, TIMED.format(load=f"%vllm_load {line} --server"))
+        assert "server ready in" in out, out
+        cold = seconds(out)
+        reattach = []
+        for _ in range(repeats):
+            km.restart_kernel(now=False)
+            kc.wait_for_ready(timeout=60)
+            out = run(kc, TIMED.format(load=f"%vllm_load {line} --server"))
+            assert "attached to the running server" in out, out
+            reattach.append(seconds(out))
+    finally:
+        run(kc, "%vllm_unload")
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    result = {"cold_server_s": cold, "reattach_s": sorted(reattach)}
+    result["reattach_median_s"] = statistics.median(reattach)
+    result["reattach_over_cold"] = result["reattach_median_s"] / cold
+    if in_kernel:
+        km, kc = kernel()
+        try:
+            result["in_kernel_load_s"] = seconds(run(kc, TIMED.format(load=f"%vllm_load {line}")))
+            run(kc, "%vllm_unload")
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=False)
+        result["reattach_over_in_kernel"] = result["reattach_median_s"] / result["in_kernel_load_s"]
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model (default: the demo model)")
@@ -70,53 +111,17 @@ def main() -> None:
 
         a.model = vllm_notebook.demo_model()
     flags = a.flags or ["--enforce-eager", "--max-model-len", "512"]
-    line = shlex.join([a.model, *flags])
-
-    from vllm_notebook import servers
-
-    running = servers.find(a.model, servers.normalize(flags))
-    if running is not None:  # a cold start must start one
-        servers.stop(running)
-    km, kc = kernel()
-    try:
-        out = run(kc, TIMED.format(load=f"%vllm_load {line} --server"))
-        assert "server ready in" in out, out
-        cold = seconds(out)
-        reattach = []
-        for _ in range(a.repeats):
-            km.restart_kernel(now=False)
-            kc.wait_for_ready(timeout=60)
-            out = run(kc, TIMED.format(load=f"%vllm_load {line} --server"))
-            assert "attached to the running server" in out, out
-            reattach.append(seconds(out))
-    finally:
-        run(kc, "%vllm_unload")
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)
-
-    km, kc = kernel()
-    try:
-        in_kernel = seconds(run(kc, TIMED.format(load=f"%vllm_load {line}")))
-        run(kc, "%vllm_unload")
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)
-
-    reattach.sort()
-    median = reattach[len(reattach) // 2]
-    result = {"model": a.model, "flags": flags, "cold_server_s": cold, "reattach_s": reattach,
-              "reattach_median_s": median, "in_kernel_load_s": in_kernel,
-              "reattach_over_cold": median / cold, "reattach_over_in_kernel": median / in_kernel}
+    r = measure(a.model, flags, a.repeats)
     print(f"server mode, {a.model}")
-    print(f"  cold start (%vllm_load --server)      {cold:8.2f} s")
-    print(f"  in-kernel load (%vllm_load)           {in_kernel:8.2f} s")
-    print(f"  reattach after kernel restart         {median:8.3f} s  (median of {len(reattach)}: "
-          f"{', '.join(f'{s:.3f}' for s in reattach)})")
-    print(f"  ratio reattach / cold server start    {median / cold:8.4f}")
-    print(f"  ratio reattach / in-kernel load       {median / in_kernel:8.4f}")
+    print(f"  cold start (%vllm_load --server)      {r['cold_server_s']:8.2f} s")
+    print(f"  in-kernel load (%vllm_load)           {r['in_kernel_load_s']:8.2f} s")
+    print(f"  reattach after kernel restart         {r['reattach_median_s']:8.3f} s  (median of {a.repeats}: "
+          f"{', '.join(f'{s:.3f}' for s in r['reattach_s'])})")
+    print(f"  ratio reattach / cold server start    {r['reattach_over_cold']:8.4f}")
+    print(f"  ratio reattach / in-kernel load       {r['reattach_over_in_kernel']:8.4f}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump({"model": a.model, "flags": flags, **r}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,12 @@ def _run(args) -> int:
     except ImportError:
         print("vllm-notebook run needs nbclient: pip install nbclient", file=sys.stderr)
         return 2
-    nb = nbformat.read(args.notebook, as_version=4)
+    try:
+        nb = nbformat.read(args.notebook, as_version=4)
+    except FileNotFoundError:
+        raise UsageError(f"no such notebook: {args.notebook}") from None
+    except Exception as exc:  # noqa: BLE001 - not JSON, not a notebook
+        raise UsageError(f"cannot read {args.notebook} as a notebook: {exc}") from None
     client = NotebookClient(nb, timeout=args.timeout, kernel_name=args.kernel)
     try:
         client.execute()
@@ -140,8 +145,15 @@ def _run(args) -> int:
     return status
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistyped command line is one line, with where to look: no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-notebook", description="Drive vLLM from Jupyter on HPC clusters.")
+    parser = _Parser(prog="vllm-notebook", description="Drive vLLM from Jupyter on HPC clusters.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("version", help="versions of vllm-notebook, vLLM, torch and Ray").set_defaults(func=_version)
     p = sub.add_parser("demo-model", help="build (once) and print the path of the tiny demo model")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import logs
-from .errors import EngineDiedError, EngineStartError, NoEngineError, RequestError, VllmNotebookError
+from .errors import EngineDiedError, EngineStartError, NoEngineError, RequestError, UsageError, VllmNotebookError
 from .generation import Generation
 
 _DONE = object()
@@ -93,14 +93,16 @@ class Engine:
         t0 = time.monotonic()
         fut = asyncio.run_coroutine_threadsafe(self._create(), self._loop)
         phase = "starting engine"
+        shown = 0.0
         try:
             while True:
                 try:
-                    fut.result(timeout=0.25)
+                    fut.result(timeout=0.05)  # the load returns within 50 ms of the engine being ready
                     break
                 except TimeoutError:
                     pass
-                if progress:
+                if progress and time.monotonic() - shown >= 0.25:
+                    shown = time.monotonic()
                     phase = logs.phase_of("\n".join(logs.tail(self.log_path, 30)), phase)
                     progress(phase, time.monotonic() - t0)
         except KeyboardInterrupt:
@@ -249,8 +251,7 @@ class Engine:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: Any = None, **sampling) -> Generation:
         """Generate for one prompt or a batch (submitted at once). Sampling as keyword arguments."""
-        batch = [prompts] if isinstance(prompts, str | dict) else list(prompts)
-        return self.run(batch, self.params(params, sampling))
+        return self.run(_as_batch(prompts), self.params(params, sampling))
 
     def chat(self, messages: Sequence[dict], params: Any = None, **sampling) -> Generation:
         """One assistant reply to ``messages`` (OpenAI-style role/content dicts)."""
@@ -434,7 +435,21 @@ class _suppress:
         return exc[0] is not None and not issubclass(exc[0], KeyboardInterrupt | SystemExit)
 
 
+def _as_batch(prompts) -> list:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    if isinstance(prompts, list | tuple) or hasattr(prompts, "tolist"):
+        batch = list(prompts.tolist() if hasattr(prompts, "tolist") else prompts)
+        if batch:
+            return batch
+        raise UsageError("no prompts: the list is empty")
+    raise UsageError(f"prompts must be a str, a list of str, or {{'prompt_token_ids': [...]}}, "
+                     f"not {type(prompts).__name__}")
+
+
 def _engine_prompt(p: Prompt):
+    if not isinstance(p, str | dict):
+        raise UsageError(f"each prompt must be a str or {{'prompt_token_ids': [...]}}, not {type(p).__name__}")
     if isinstance(p, dict) and "prompt_token_ids" in p:
         return {"prompt_token_ids": list(p["prompt_token_ids"])}
     return p

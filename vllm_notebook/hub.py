@@ -86,7 +86,8 @@ def download(model: str, revision: str | None = None, include: list[str] | None 
              download_dir: str | None = None, token: str | None = None) -> str:
     """Fetch what vLLM needs of ``model`` into the cache (progress bars by huggingface_hub); return its folder."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     if offline():
         raise VllmNotebookError("HF_HUB_OFFLINE is set: unset it to download (on a node with internet)")
@@ -102,6 +103,8 @@ def download(model: str, revision: str | None = None, include: list[str] | None 
                                  "HF_TOKEN or `hf auth login`)") from None
     except RevisionNotFoundError:
         raise ModelNotFoundError(f"{model} has no revision {revision!r}") from None
+    except HFValidationError:
+        raise ModelNotFoundError(f"{model!r} is not a Hugging Face model id (ORG/NAME)") from None
     except Exception as exc:  # noqa: BLE001 - httpx/httpx2 connection errors, HTTP errors: all "unreachable"
         raise VllmNotebookError(f"cannot reach the Hugging Face Hub at {endpoint()} ({type(exc).__name__}): "
                                 "download on a node with internet (a login node)") from None
@@ -178,7 +181,7 @@ def _supported_architectures() -> set[str] | None:
         return None
 
 
-@dataclass
+@dataclass(repr=False)  # a dataclass __repr__ would win over Table's _repr_pretty_ in IPython
 class ModelTable(Table):
     models: list[CachedModel]
     cache: str

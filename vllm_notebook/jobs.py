@@ -71,6 +71,8 @@ def jupyter(port: int | None = None, lab_args: list[str] | None = None, dry_run:
 
     if importlib.util.find_spec("jupyterlab") is None:
         raise VllmNotebookError("JupyterLab is not installed in this environment: pip install jupyterlab")
+    if port is not None and not 1 <= port <= 65535:
+        raise VllmNotebookError(f"--port must be between 1 and 65535, not {port}")
     alloc = Allocation.from_env()
     if alloc.source != "slurm":
         print("note: not inside a Slurm job; starting JupyterLab on this machine "

@@ -364,7 +364,7 @@ def wait_ready(rec: ServerRecord, proc: subprocess.Popen | None = None,
 
 
 # ------------------------------------------------------------------ listing
-@dataclass
+@dataclass(repr=False)  # a dataclass __repr__ would win over Table's _repr_pretty_ in IPython
 class ServerList(Table):
     """``%vllm_servers``: registered servers, with which engine of this kernel uses each."""
 

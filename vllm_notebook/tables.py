@@ -6,7 +6,10 @@ import html
 
 
 class Table:
-    """Subclasses give ``COLUMNS``, ``rows()``, and optionally ``title()`` and ``empty()``."""
+    """Subclasses give ``COLUMNS``, ``rows()``, and optionally ``title()`` and ``empty()``.
+
+    A dataclass subclass needs ``repr=False``: IPython prefers a class's own ``__repr__``.
+    """
 
     COLUMNS: tuple[str, ...] = ()
 
