@@ -52,6 +52,29 @@ def fetch_hint(model: str, revision: str | None = None) -> str:
     return f"on a login node (with internet): vllm-notebook download {model}{rev}"
 
 
+def ask_hub(model: str, revision: str | None, *, unreachable: str, then: str, timeout: float = 5,
+            files_metadata: bool = False, token: str | None = None):
+    """The Hub's ``model_info``, every failure as one line: gated, unknown, bad revision, unreachable."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return HfApi(endpoint=endpoint(), token=token).model_info(model, revision=revision, timeout=timeout,
+                                                                  files_metadata=files_metadata)
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{model} is gated: it needs a Hugging Face token. Accept its license on its Hub "
+                                 f"page, run `hf auth login` (or set HF_TOKEN), then {then}") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"no model {model} on the Hugging Face Hub (check the spelling; a private model "
+                                 "needs a token: `hf auth login` or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"{model} has no revision {revision!r} on the Hub") from None
+    except HFValidationError:
+        raise ModelNotFoundError(f"{model!r} is not a Hugging Face model id (ORG/NAME)") from None
+    except Exception:  # noqa: BLE001 - httpx/httpx2 connection errors, HTTP errors: all "unreachable"
+        raise VllmNotebookError(unreachable) from None
+
+
 # ------------------------------------------------------------------ choosing files
 def select_files(names: list[str]) -> list[str]:
     """The files vLLM needs from a repository: configs, tokenizer, and one kind of weights."""
@@ -85,29 +108,14 @@ def _free_bytes(path: Path) -> int:
 def download(model: str, revision: str | None = None, include: list[str] | None = None,
              download_dir: str | None = None, token: str | None = None) -> str:
     """Fetch what vLLM needs of ``model`` into the cache (progress bars by huggingface_hub); return its folder."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub import snapshot_download
 
     if offline():
         raise VllmNotebookError("HF_HUB_OFFLINE is set: unset it to download (on a node with internet)")
     cache = cache_dir(download_dir)
-    try:
-        info = HfApi(endpoint=endpoint(), token=token).model_info(model, revision=revision, files_metadata=True,
-                                                                   timeout=15)
-    except GatedRepoError:
-        raise ModelNotFoundError(f"{model} is gated: accept its license on its Hub page, then `hf auth login` "
-                                 "(or set HF_TOKEN) and download again") from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"no model {model} on the Hub (check the spelling; a private model needs "
-                                 "HF_TOKEN or `hf auth login`)") from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(f"{model} has no revision {revision!r}") from None
-    except HFValidationError:
-        raise ModelNotFoundError(f"{model!r} is not a Hugging Face model id (ORG/NAME)") from None
-    except Exception as exc:  # noqa: BLE001 - httpx/httpx2 connection errors, HTTP errors: all "unreachable"
-        raise VllmNotebookError(f"cannot reach the Hugging Face Hub at {endpoint()} ({type(exc).__name__}): "
-                                "download on a node with internet (a login node)") from None
+    info = ask_hub(model, revision, files_metadata=True, timeout=15, token=token, then="download again",
+                   unreachable=f"cannot reach the Hugging Face Hub at {endpoint()}: download on a node with "
+                               "internet (a login node)")
     sizes = {s.rfilename: (s.size or 0) for s in info.siblings or []}
     names = list(sizes)
     wanted = [n for n in names if any(fnmatch.fnmatch(n, p) for p in include)] if include else select_files(names)

@@ -153,7 +153,9 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
                          "(a key on the command line shows in `ps` and in the notebook)")
     if ours.server and not ours.dry_run and not ours.help:
         model, flags = _split_model(rest, default_model)
-        rec = servers_find(model, flags)
+        from . import servers
+
+        rec = servers.find(model, servers.normalize(flags)) if model else None
         if rec is not None:  # the fast path: no vLLM import at all
             return _attach_record(rec, ours.name, progress)
     _vllm = logs.import_vllm()
@@ -195,12 +197,6 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
     return _load(args, path, explicit, ours.name, ours.dry_run, progress, ours.ray_address)
 
 
-def servers_find(model: str | None, flags: list[str]):
-    from . import servers
-
-    return servers.find(model, servers.normalize(flags)) if model else None
-
-
 def _split_model(rest: list[str], default_model: str) -> tuple[str | None, list[str]]:
     """The model and the other flags, without vLLM's parser (for the reattach fast path)."""
     if rest and not rest[0].startswith("-"):
@@ -233,7 +229,11 @@ def _attach_record(rec, name: str, progress: bool):
         return old
     line = LiveLine(enabled=progress)
     t0 = time.monotonic()
-    servers.wait_ready(rec, progress=lambda phase, s: line.update(f"vllm-notebook: server still {phase} … {s:.0f} s"))
+    try:  # a server started by an earlier kernel may still be loading
+        servers.wait_ready(rec, progress=lambda phase, s: line.update(f"vllm-notebook: server still {phase} … {s:.0f} s"))
+    except KeyboardInterrupt:
+        raise VllmNotebookError(f"stopped waiting; the server at {rec.url} goes on starting "
+                                "(%vllm_servers shows it, --stop ID stops it)") from None
     eng = client.connect(name, rec.url, rec.api_key(), record=rec)
     line.done(f"vllm-notebook: attached to the running server at {rec.url} in {time.monotonic() - t0:.2f} s "
               f"(up {rec.uptime()}{', job ' + rec.job_id if rec.job_id else ''}) — {eng.model}")

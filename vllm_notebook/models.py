@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, VllmNotebookError
 
 
 def resolve(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
@@ -45,28 +45,18 @@ def from_cache(model: str, path: str) -> bool:
 
 def _check_hub(model: str, revision: str | None, download_dir: str | None = None) -> str:
     """Not cached: ask the Hub quickly, so an offline node fails in seconds, not minutes."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    from .hub import cache_dir, endpoint, fetch_hint, offline
+    from .hub import ask_hub, cache_dir, endpoint, fetch_hint, offline
 
     where = f"{model}{'@' + revision if revision else ''} is not in the Hugging Face cache ({cache_dir(download_dir)})"
     if offline():
         raise ModelNotFoundError(f"{where} and HF_HUB_OFFLINE is set; {fetch_hint(model, revision)}")
     try:
-        HfApi(endpoint=endpoint()).model_info(model, revision=revision, timeout=5)
-    except GatedRepoError:
-        raise ModelNotFoundError(f"{model} is gated: it needs a Hugging Face token. Accept its license on its Hub "
-                                 "page, run `hf auth login` (or set HF_TOKEN), then "
-                                 f"{fetch_hint(model, revision)}") from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"no model {model} on the Hugging Face Hub (check the spelling; a private model "
-                                 "needs a token: `hf auth login` or HF_TOKEN)") from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(f"{model} has no revision {revision!r} on the Hub") from None
-    except Exception:
-        raise ModelNotFoundError(f"{where} and the Hub ({endpoint()}) is unreachable; "
-                                 f"{fetch_hint(model, revision)}") from None
+        ask_hub(model, revision, then=fetch_hint(model, revision),
+                unreachable=f"{where} and the Hub ({endpoint()}) is unreachable; {fetch_hint(model, revision)}")
+    except ModelNotFoundError:
+        raise
+    except VllmNotebookError as exc:  # unreachable: a model that cannot be found, as far as this node knows
+        raise ModelNotFoundError(str(exc)) from None
     return model
 
 

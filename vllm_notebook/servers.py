@@ -140,10 +140,6 @@ def records(prune: bool = True) -> list[ServerRecord]:
 
 def update(rec: ServerRecord) -> None:
     """Record ``rec`` (replacing the entry with its id)."""
-    _add(rec)
-
-
-def _add(rec: ServerRecord) -> None:
     with _locked() as path:
         recs = [r for r in _read(path) if r.id != rec.id]
         _write(path, recs + [rec])
@@ -333,7 +329,7 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
         proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=os.getcwd())
     rec.pid = proc.pid
-    _add(rec)
+    update(rec)
     try:
         wait_ready(rec, proc, progress)
     except BaseException:
