@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import re
 import shlex
 import statistics
-import time
 
 from jupyter_client.manager import KernelManager
 
@@ -29,21 +27,20 @@ TIMED = ("import time as _t\n_t0 = _t.perf_counter()\n%load_ext vllm_notebook\n{
 
 
 def run(kc, code: str, timeout: float = 900) -> str:
-    msg_id = kc.execute(code)
-    out, deadline = [], time.monotonic() + timeout
-    while True:
-        msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
+    """Execute ``code`` (jupyter_client's ``execute_interactive``) and return the text it showed."""
+    out: list[str] = []
+
+    def hook(msg) -> None:
         kind, content = msg["msg_type"], msg["content"]
         if kind == "stream":
             out.append(content["text"])
         elif kind in ("display_data", "update_display_data", "execute_result"):
             out.append(content["data"].get("text/plain", "") + "\n")
-        elif kind == "error":
-            raise RuntimeError(f"{content['ename']}: {content['evalue']}")
-        elif kind == "status" and content["execution_state"] == "idle":
-            return "".join(out)
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)["content"]
+    if reply["status"] == "error":
+        raise RuntimeError(f"{reply['ename']}: {reply['evalue']}")
+    return "".join(out)
 
 
 def seconds(out: str) -> float:
@@ -127,5 +124,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except queue.Empty:
+    except TimeoutError:
         raise SystemExit("the kernel stopped answering") from None
