@@ -255,6 +255,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="small sizes, one trial: checks that everything runs")
     ap.add_argument("--json", default="artifacts/benchmark.json", help="write the results here")
     ap.add_argument("--no-server", action="store_true", help="skip the server-mode row")
+    ap.add_argument("--trials", type=int, help="timed trials of each throughput row (default 7; 1 with --smoke)")
+    ap.add_argument("--cycles", type=int, help="load/unload cycles and raw loads (default 5 and 3)")
     ap.add_argument("flags", nargs="*", help="engine flags, after --")
     a = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -266,6 +268,10 @@ def main() -> None:
                 conc_trials=1, raw_loads=1, restarts=1) \
         if a.smoke else dict(prompts=256, max_tokens=64, trials=7, cycles=5, stream_tokens=256, conc=64,
                              conc_tokens=128, conc_trials=5, raw_loads=3, restarts=3)
+    if a.trials:
+        size.update(trials=a.trials, conc_trials=a.trials)
+    if a.cycles:
+        size.update(cycles=a.cycles, raw_loads=a.cycles)
     line = shlex.join([model, *flags])
     t_start = time.perf_counter()
 

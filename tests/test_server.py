@@ -169,6 +169,13 @@ def test_api_key_required_and_kept_secret(server):
     assert _post(f"{url}/v1/completions", body, None) == 401
     assert _post(f"{url}/v1/completions", body, "wrong-key") == 401
     assert _post(f"{url}/v1/completions", body, key) == 200
+    for path in ("/invocations", "/tokenize"):  # beyond /v1: vLLM's own check leaves these open
+        assert _post(f"{url}{path}", body, None) == 401, path
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for path in ("/health", "/metrics", "/docs", "/openapi.json", "/is_sleeping"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(f"{url}{path}", timeout=10)
+        assert refused.value.code == 401, path
     key_file = server.record.key_file
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(servers.home()).st_mode) == 0o700
@@ -195,7 +202,7 @@ def test_attach_by_url_never_stops_the_server(server, tmp_path):
     assert not att.owned
     assert att.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
     assert "not stopped" in att.unload()
-    assert healthy(server.url) and server.alive
+    assert healthy(server.url, api_key=server.record.api_key()) and server.alive
 
 
 def test_registry_drops_dead_and_ended_servers(server):

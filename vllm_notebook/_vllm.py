@@ -131,6 +131,24 @@ def free_memory() -> None:
     cleanup_dist_env_and_memory()
 
 
+def sleep_mode_enabled(llm: AsyncLLM) -> bool:
+    return bool(getattr(llm.vllm_config.model_config, "enable_sleep_mode", False))
+
+
+async def sleep(llm: AsyncLLM, level: int) -> None:
+    await llm.sleep(level)
+
+
+async def wake(llm: AsyncLLM, level: int) -> None:
+    """Wake from ``level``; level 2 dropped the weights, so they are reloaded before the KV cache returns."""
+    if level >= 2:
+        await llm.wake_up(["weights"])
+        await llm.collective_rpc("reload_weights")
+        await llm.wake_up(["kv_cache"])
+    else:
+        await llm.wake_up(None)
+
+
 def default_sampling(llm: AsyncLLM) -> dict[str, Any]:
     """The model's generation-config defaults (what ``LLM.generate`` applies too)."""
     get = getattr(llm.model_config, "get_diff_sampling_param", None)

@@ -69,16 +69,21 @@ class RequestOutput:
 
 
 # ------------------------------------------------------------------ plain HTTP (health, models, metrics)
-def healthy(url: str, timeout: float = 2.0) -> bool:
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def healthy(url: str, timeout: float = 2.0, api_key: str | None = None) -> bool:
+    """The server answers ``/health`` with 200 (servers we start want the key on every path)."""
     try:
-        with _NO_PROXY.open(f"{url}/health", timeout=timeout) as r:
+        with _NO_PROXY.open(urllib.request.Request(f"{url}/health", headers=_auth(api_key)), timeout=timeout) as r:
             return r.status == 200
     except (OSError, ValueError):
         return False
 
 
 def get_json(url: str, path: str, api_key: str | None, timeout: float = 10.0) -> Any:
-    req = urllib.request.Request(f"{url}{path}", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    req = urllib.request.Request(f"{url}{path}", headers=_auth(api_key))
     try:
         with _NO_PROXY.open(req, timeout=timeout) as r:
             return json.loads(r.read())
@@ -92,13 +97,13 @@ def get_json(url: str, path: str, api_key: str | None, timeout: float = 10.0) ->
         raise VllmNotebookError(f"cannot reach a vLLM server at {url} ({reason})") from None
 
 
-def metrics(url: str, timeout: float = 2.0) -> dict[str, float]:
+def metrics(url: str, timeout: float = 2.0, api_key: str | None = None) -> dict[str, float]:
     """KV-cache use and queue lengths from the server's Prometheus ``/metrics``."""
     wanted = {"vllm:kv_cache_usage_perc": "kv_cache_usage", "vllm:num_requests_running": "running",
               "vllm:num_requests_waiting": "waiting"}
     out: dict[str, float] = {}
     try:
-        with _NO_PROXY.open(f"{url}/metrics", timeout=timeout) as r:
+        with _NO_PROXY.open(urllib.request.Request(f"{url}/metrics", headers=_auth(api_key)), timeout=timeout) as r:
             text = r.read().decode(errors="replace")
     except OSError:
         return out
@@ -172,13 +177,14 @@ class ServerEngine(Engine):
         import httpx
 
         self._start_loop()
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        headers = _auth(self._api_key)
         # trust_env=False: a cluster's HTTP(S)_PROXY must not capture requests to a node-local server.
         self._client = httpx.AsyncClient(
             base_url=self.url, headers=headers, trust_env=False,
             timeout=httpx.Timeout(None, connect=10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self.load_seconds = time.monotonic() - t0
+        self._asleep = self._sleep_level_now()
 
     # ---------------------------------------------------------------- state
     @property
@@ -192,7 +198,7 @@ class ServerEngine(Engine):
 
         return _is_server(self.record.pid, self.record.id)
 
-    def _check(self) -> None:
+    def _check_alive(self) -> None:
         if self._closed or self._client is None:
             raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
         if self._gone is None and not self._process_alive():
@@ -214,7 +220,7 @@ class ServerEngine(Engine):
         return request_fields(base, overrides)
 
     def refresh_usage(self) -> None:
-        self.usage.update(metrics(self.url))
+        self.usage.update(metrics(self.url, api_key=self._api_key))
 
     def chat_prompt(self, messages) -> dict:
         """The server applies the chat template: the prompt is the messages themselves."""
@@ -287,12 +293,55 @@ class ServerEngine(Engine):
         import httpx
 
         if isinstance(exc, httpx.TransportError):
-            if not self._process_alive() or not healthy(self.url, timeout=1.0):
+            if not self._process_alive() or not healthy(self.url, timeout=1.0, api_key=self._api_key):
                 self._gone = "its process exited" if not self._process_alive() else \
                     f"no answer: {type(exc).__name__}"
                 return self._died()
             return RequestError(f"the connection to the server at {self.url} failed: {exc or type(exc).__name__}")
         return super()._translate(exc)
+
+    # ---------------------------------------------------------------- sleep mode (vLLM's dev endpoints)
+    def _sleep_level_now(self) -> int:
+        """The level a server sleeps at now: its record's, else 1 if ``/is_sleeping`` says so; 0 awake."""
+        try:
+            sleeping = bool(get_json(self.url, "/is_sleeping", self._api_key, timeout=5.0).get("is_sleeping"))
+        except VllmNotebookError:  # 404: no dev endpoints, so no sleep mode
+            return 0
+        recorded = getattr(self.record, "asleep", 0) if self.record is not None else 0
+        return (recorded or 1) if sleeping else 0
+
+    def _can_sleep(self) -> bool:
+        try:
+            get_json(self.url, "/is_sleeping", self._api_key, timeout=5.0)
+        except VllmNotebookError:
+            return False
+        return True
+
+    async def _post(self, path: str, **kwargs) -> None:
+        r = await self._client.post(path, **kwargs)
+        if r.status_code != 200:
+            raise self._http_error(r.status_code, r.content)
+
+    async def _sleep(self, level: int) -> None:
+        await self._post("/sleep", params={"level": str(level)})
+        self._remember_sleep(level)
+
+    async def _wake(self, level: int) -> None:
+        if level >= 2:  # the weights were dropped: reload them before the KV cache comes back
+            await self._post("/wake_up", params={"tags": "weights"})
+            await self._post("/collective_rpc", json={"method": "reload_weights"})
+            await self._post("/wake_up", params={"tags": "kv_cache"})
+        else:
+            await self._post("/wake_up")
+        self._remember_sleep(0)
+
+    def _remember_sleep(self, level: int) -> None:
+        """Keep the level in the registry, so a restarted kernel knows how to wake the server."""
+        if self.record is not None:
+            from . import servers
+
+            self.record.asleep = level
+            servers.update(self.record)
 
     # ---------------------------------------------------------------- stop
     def _close(self) -> bool:

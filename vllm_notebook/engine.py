@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import logs
+from . import gpus, logs, sleep_mode
 from .errors import EngineDiedError, EngineStartError, NoEngineError, RequestError, UsageError, VllmNotebookError
 from .generation import Generation
+from .sleep_mode import SleepReport
 
 _DONE = object()
 _ids = itertools.count()
@@ -76,6 +77,7 @@ class Engine:
         self._groups: list[int] = []
         self.ray_cluster = None  # the Ray cluster a multi-node engine runs on
         self._announced_in: int | None = None
+        self._asleep = 0  # the sleep level, 0 when awake
 
     # ---------------------------------------------------------------- start
     def _start_loop(self) -> None:
@@ -150,6 +152,13 @@ class Engine:
         return self._tokenizer
 
     def _check(self) -> None:
+        """Raise a one-line error unless the engine can take requests now."""
+        self._check_alive()
+        if self._asleep:
+            raise UsageError(f"engine '{self.name}' is asleep (level {self._asleep}): "
+                             "wake it with %vllm_wake (or .wake()) first")
+
+    def _check_alive(self) -> None:
         if self._closed or self._llm is None:
             raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
         if self._llm.errored:
@@ -158,9 +167,17 @@ class Engine:
                 f"run %vllm_load again to restart it  (log: {self.log_path})"
             )
 
+    @property
+    def state(self) -> str:
+        """``running``, ``asleep (level N)``, ``unloaded`` or ``dead``."""
+        if self._closed:
+            return "unloaded"
+        if not self.alive:
+            return "dead"
+        return f"asleep (level {self._asleep})" if self._asleep else "running"
+
     def __repr__(self) -> str:
-        state = "running" if self.alive else ("unloaded" if self._closed else "dead")
-        return f"<Engine {self.name!r} model={self.model!r} {state}>"
+        return f"<Engine {self.name!r} model={self.model!r} {self.state}>"
 
     def _repr_markdown_(self) -> str:
         from .render import engine_markdown
@@ -372,6 +389,69 @@ class Engine:
     async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue) -> None:
         async for out in self._llm.generate(prompt, params, rid):
             q.put((i, out))
+
+    # ---------------------------------------------------------------- sleep mode
+    @property
+    def asleep(self) -> int:
+        """0 when awake, else the level the engine sleeps at."""
+        return self._asleep
+
+    def sleep(self, level: int = 1) -> SleepReport:
+        """Free the GPU and keep the engine (loaded with ``--enable-sleep-mode``).
+
+        Level 1 moves the weights to CPU memory and drops the KV cache; level 2
+        drops the weights too (``wake`` reloads them from disk). Requests are
+        refused until ``wake``.
+        """
+        sleep_mode.check_level(level)
+        self._check_alive()
+        if self._asleep:
+            raise UsageError(f"engine '{self.name}' is already asleep (level {self._asleep})")
+        if not self._can_sleep():
+            raise sleep_mode.not_enabled(self.name)
+        if self.stats.running:
+            raise UsageError(f"engine '{self.name}' has {self.stats.running} request(s) running: "
+                             "let them finish (or stop them) before it sleeps")
+        before, t0 = gpus.used_mib(), time.monotonic()
+        self._call(self._sleep(level))
+        self._asleep = level
+        return SleepReport(self.name, "sleep", level, time.monotonic() - t0, before, gpus.used_mib())
+
+    def wake(self) -> SleepReport:
+        """Bring a sleeping engine back: its GPU memory, then (level 2) its weights from disk."""
+        self._check_alive()
+        if not self._asleep:
+            raise UsageError(f"engine '{self.name}' is awake already")
+        level, before, t0 = self._asleep, gpus.used_mib(), time.monotonic()
+        self._call(self._wake(level))
+        self._asleep = 0
+        return SleepReport(self.name, "wake", level, time.monotonic() - t0, before, gpus.used_mib())
+
+    def _can_sleep(self) -> bool:
+        from . import _vllm
+
+        return _vllm.sleep_mode_enabled(self._llm)
+
+    async def _sleep(self, level: int) -> None:
+        from . import _vllm
+
+        await _vllm.sleep(self._llm, level)
+
+    async def _wake(self, level: int) -> None:
+        from . import _vllm
+
+        await _vllm.wake(self._llm, level)
+
+    def _call(self, coro, timeout: float | None = None):
+        """Run ``coro`` on the engine's loop and wait; Ctrl-C waits too (a half-done sleep is worse)."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        while True:
+            try:
+                return fut.result(timeout=timeout)
+            except KeyboardInterrupt:
+                print(f"vllm-notebook: engine '{self.name}' is finishing a sleep or wake; waiting for it")
+            except BaseException as exc:
+                raise self._translate(exc) from None
 
     # ---------------------------------------------------------------- stop
     def _at_exit(self) -> None:

@@ -54,7 +54,7 @@ _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"
 @magics_class
 class VllmMagics(Magics):
     """Magics for vLLM: %vllm_load, %%generate, %%chat, %vllm_status, %vllm_unload, %vllm_logs, %vllm_servers,
-    %vllm_models, %vllm_doctor, %vllm_cluster, %vllm_panel."""
+    %vllm_models, %vllm_doctor, %vllm_cluster, %vllm_panel, %vllm_sleep, %vllm_wake."""
 
     default_model = Unicode("", help="Model used by %vllm_load without one ($VLLM_NOTEBOOK_MODEL).").tag(config=True)
     max_tokens = Int(256, help="Default --max-tokens of %%generate and %%chat.").tag(config=True)
@@ -111,6 +111,24 @@ class VllmMagics(Magics):
         eng = get_engine(args.name)
         message = eng.unload()
         print(message or f"unloaded engine '{eng.name}' ({eng.model})")
+
+    @magic_arguments()
+    @argument("--level", type=int, default=1, choices=[1, 2],
+              help="1: weights to CPU memory, KV cache dropped (default); 2: weights dropped too, reloaded on wake")
+    @argument("--name", help="engine (default: the only one, or 'default')")
+    @line_magic
+    def vllm_sleep(self, line: str):
+        """Free the GPU and keep the engine (loaded with --enable-sleep-mode); %vllm_wake brings it back."""
+        args = _parse(self.vllm_sleep, line)
+        print(self._engine(args.name).sleep(args.level))
+
+    @magic_arguments()
+    @argument("--name", help="engine (default: the only one, or 'default')")
+    @line_magic
+    def vllm_wake(self, line: str):
+        """Wake an engine put to sleep with %vllm_sleep."""
+        args = _parse(self.vllm_wake, line)
+        print(self._engine(args.name).wake())
 
     @magic_arguments()
     @argument("--stop", metavar="ID", help="stop this registered server (id, port, URL or model)")

@@ -34,6 +34,8 @@ from .tables import Table
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 MARKER = "VLLM_NOTEBOOK_SERVER"  # in every server process's environment: the record id
+GUARD = "vllm_notebook.server_guard.RequireKey"
+SLEEP_FLAGS = ("--enable-sleep-mode",)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ServerRecord:
     started: float = 0.0
     plan: dict = field(default_factory=dict)
     ray_groups: list[int] = field(default_factory=list)  # a Ray cluster started for this server
+    asleep: int = 0  # the sleep level (sleep mode), 0 when awake
 
     @property
     def url(self) -> str:
@@ -302,6 +305,7 @@ def command(model: str, argv: list[str], host: str, port: int | str) -> list[str
     """The ``vllm serve`` command line (as ``python -m``, which works for every vLLM distribution)."""
     head = [] if "--model" in argv else ["--model", model]
     extra = [] if "--disable-uvicorn-access-log" in argv else ["--disable-uvicorn-access-log"]
+    extra += ["--middleware", GUARD]  # the API key on every path, not only /v1
     return [sys.executable, "-m", SERVER_MODULE, *head, *argv, *extra, "--host", host, "--port", str(port)]
 
 
@@ -322,6 +326,9 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
                        key_file=new_key_file(rec_id) if own_key else str(Path(key_file).expanduser()))
     child_env = {**os.environ, **(env or {}), MARKER: rec_id, "VLLM_API_KEY": read_key(rec.key_file),
                  "VLLM_LOGGING_COLOR": "0", "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
+    if any(t.split("=", 1)[0] in SLEEP_FLAGS for t in argv):
+        # Sleep and wake are vLLM's dev endpoints; the guard above keeps them (and the rest) keyed.
+        child_env["VLLM_SERVER_DEV_MODE"] = "1"
     cmd = command(target or model, argv, host, port)
     with open(rec.log, "w") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
@@ -345,7 +352,8 @@ def wait_ready(rec: ServerRecord, proc: subprocess.Popen | None = None,
 
     t0 = time.monotonic()
     phase = "starting"
-    while not healthy(rec.url, timeout=1.0):
+    key = rec.api_key()
+    while not healthy(rec.url, timeout=1.0, api_key=key):
         exited = proc.poll() is not None if proc is not None else not _is_server(rec.pid, rec.id)
         if exited:
             lines = logs.root_cause(rec.log)

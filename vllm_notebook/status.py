@@ -43,7 +43,7 @@ class Status:
                 eng.refresh_usage()
             f, st = eng.facts, eng.stats
             rows.append({
-                "engine": name, "model": eng.model, "state": "running" if eng.alive else "dead",
+                "engine": name, "model": eng.model, "state": eng.state,
                 "TP/PP": f"{f.get('tensor_parallel_size')}/{f.get('pipeline_parallel_size')}",
                 "device": f.get("device"), "dtype": f.get("dtype"), "max_model_len": f.get("max_model_len"),
                 "KV cache tokens": f"{f.get('kv_cache_tokens', 0):,}",
