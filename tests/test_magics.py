@@ -108,6 +108,10 @@ BAD = [
     ("%vllm_load 'unterminated", UsageError, "quotation"),
     ("%vllm_load --enforce-eager", UsageError, "no model given"),
     ("%%generate -n 0\nx", UsageError, "-n must be >= 1"),
+    ("%vllm_sleep", UsageError, "loaded without sleep mode: load it with --enable-sleep-mode"),
+    ("%vllm_sleep --level 3", UsageError, "invalid choice"),
+    ("%vllm_wake", UsageError, "is awake already"),
+    ("%vllm_sleep --name nope", NoEngineError, "no engine named"),
 ]
 
 

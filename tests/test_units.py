@@ -222,3 +222,28 @@ def test_pydantic_flag_errors_are_one_line():
     out = _explain(msg, [], )
     assert "\n" not in out
     assert out.startswith("%vllm_load: argument --structured-outputs-config: disable_any_whitespace is only")
+
+
+def test_sleep_report_lines():
+    from vllm_notebook.sleep_mode import SleepReport
+
+    slept = SleepReport("default", "sleep", 1, 1.3, [131797], [839])
+    assert str(slept) == ("engine 'default' asleep (level 1) in 1.30 s — GPU memory 131,797 → 839 MiB "
+                          "(130,958 MiB freed) — %vllm_wake (or .wake()) brings it back")
+    assert slept.freed_mib == 130958
+    woke = SleepReport("default", "wake", 2, 0.61, None, None)  # no NVML: no memory part
+    assert str(woke) == "engine 'default' awake in 0.61 s (slept at level 2) — ready for requests"
+    assert woke.freed_mib is None
+
+
+def test_gpu_memory_is_none_without_nvml_and_respects_visible_devices(monkeypatch):
+    from vllm_notebook import gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    assert gpus._visible(4) == [2, 0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpus._visible(4) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234abcd")  # UUIDs: every device NVML sees
+    assert gpus._visible(2) == [0, 1]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpus._visible(2) == [0, 1]

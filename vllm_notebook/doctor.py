@@ -218,7 +218,8 @@ def diagnose(in_kernel: bool = False, check_hub: bool = True) -> Report:
                          and torch_mod.cuda.is_initialized())
         r.add("this kernel", "CUDA initialised", "yes" if cuda_init else "no")
         if cuda_init:
-            r.problem("CUDA is already initialised in this kernel: vLLM's worker processes may fail or hang",
+            r.problem("CUDA is already initialised in this kernel: %vllm_load still works, but vLLM must spawn "
+                      "its processes (a slower start, vLLM imported twice) and the kernel keeps GPU memory",
                       "restart the kernel and run %vllm_load before anything that touches torch.cuda")
     if os.environ.get("JUPYTERHUB_USER"):
         r.add("this kernel", "JupyterHub user", os.environ["JUPYTERHUB_USER"])
