@@ -127,7 +127,7 @@ def _sampling(max_tokens: int, stream: bool):
 def measure_stream(sh: Shell, engine, max_tokens: int, trials: int) -> dict:
     """One streamed prompt: %%generate (timed from the cell's start) vs the panel vs raw AsyncLLM."""
     from vllm_notebook import display
-    from vllm_notebook.prompt_panel import PromptPanel
+    from vllm_notebook.ui.panel import PromptPanel
 
     prompt = "Once upon a time"
     cell = f"%%generate --temperature 0 --max-tokens {max_tokens} --ignore-eos\n{prompt}"
@@ -202,7 +202,7 @@ def _rate(times: list[float]) -> float:
 
 def measure_concurrency(sh: Shell, engine, n_batch: int, max_tokens: int, trials: int) -> dict:
     """3 panels streaming and one %generate batch at once, against the same requests sent raw."""
-    from vllm_notebook.prompt_panel import PromptPanel
+    from vllm_notebook.ui.panel import PromptPanel
 
     streams = ["Once upon a time", "The capital of France is", "A dog says"]
     batch = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(n_batch)]

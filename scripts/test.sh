@@ -22,4 +22,12 @@ elif [ -n "${CI:-}" ]; then
 else
   echo "warning: no dev Slurm cluster (needs root); the cluster tests will be skipped" >&2
 fi
-"$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+# Two tiers: the fast one (no vLLM engine, kernel, server, Slurm or browser; under a minute) first, so a broken
+# change fails at once, then the slow one. Selecting tests yourself (-k, -m, a path) runs just those.
+selected=
+for a in "$@"; do case "$a" in -k|-m|tests/*|*.py|*::*) selected=1 ;; esac; done
+if [ -n "$selected" ]; then
+  exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+fi
+"$VENV/bin/python" -m pytest -p no:cacheprovider -q -m "not slow" -x
+"$VENV/bin/python" -m pytest -p no:cacheprovider -m slow "$@"

@@ -10,6 +10,17 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 512}
+
+# The slow tier: tests that need a vLLM engine, a server, a Jupyter kernel, Slurm or a browser. Everything
+# else is the fast tier (`pytest -m "not slow and not gpu"`, well under a minute), which CI runs first.
+SLOW_FIXTURES = {"demo_path", "engine", "ip", "cell", "server", "kernel", "job", "slurm_kernel", "hf_home"}
+SLOW_MODULES = {"test_browser", "test_notebooks", "test_benchmark", "test_kernel", "test_jobs", "test_reliability"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 LOAD_FLAGS = "--enforce-eager --max-model-len 512"
 
 
@@ -21,10 +32,11 @@ def _no_servers_left_behind():
     t0 = time.time()
     yield
     from vllm_notebook import servers
+    from vllm_notebook.server import process
 
     for rec in servers.records():
         if rec.started >= t0 and rec.here:
-            servers.stop(rec)
+            process.stop(rec)
 
 
 @pytest.fixture(scope="session")

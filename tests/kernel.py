@@ -6,7 +6,25 @@ import os
 import queue
 import time
 
+import psutil
 from jupyter_client.manager import KernelManager
+
+
+def engine_processes(pid: int) -> list[psutil.Process]:
+    """The kernel's engine processes (not our watchdog, nor multiprocessing's resource tracker)."""
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    keep = []
+    for p in procs:
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "_watchdog" not in cmd and "resource_tracker" not in cmd:
+            keep.append(p)
+    return keep
 
 
 class Kernel:
@@ -49,6 +67,21 @@ class Kernel:
                 error = content
             elif kind == "status" and content["execution_state"] == "idle":
                 return "".join(text), error
+
+    def interrupted(self, code: str, timeout: float = 60) -> tuple[str, dict | None, float | None]:
+        """Run ``code``, interrupt the kernel at its first streamed update (Kernel > Interrupt, Ctrl-C).
+
+        Returns the output, the error (if any) and the seconds from the interrupt to the kernel being idle
+        (None if nothing was streamed, so no interrupt was sent).
+        """
+        sent: list[float] = []
+
+        def interrupt():
+            sent.append(time.monotonic())
+            self.km.interrupt_kernel()
+
+        out, error = self.collect(self.submit(code), timeout, on_update=interrupt)
+        return out, error, (time.monotonic() - sent[0]) if sent else None
 
     def run(self, code: str, timeout: float = 120) -> str:
         out, error = self.collect(self.submit(code), timeout)

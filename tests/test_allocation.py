@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_notebook.allocation import (
+from vllm_notebook.cluster.allocation import (
     Allocation,
     AllocationError,
     expand_hostlist,
@@ -16,7 +16,7 @@ from vllm_notebook.allocation import (
     parse_per_node_counts,
     parse_time_left,
 )
-from vllm_notebook.plan import PlanError, make_plan
+from vllm_notebook.cluster.plan import PlanError, make_plan
 
 
 @pytest.mark.parametrize("text,hosts", [

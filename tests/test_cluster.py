@@ -85,7 +85,7 @@ def _wait_gone(timeout: float = 20) -> list[str]:
 
 
 def test_allocation_reads_what_slurm_set(job):
-    code = ("import json; from vllm_notebook.allocation import Allocation; a = Allocation.from_env(); "
+    code = ("import json; from vllm_notebook.cluster.allocation import Allocation; a = Allocation.from_env(); "
             "print(json.dumps(dict(nodes=a.nodes, gpus=a.gpus_per_node, ids=a.gpu_ids, job=a.job_id, node=a.node_name, "
             "addr=a.node_addr(), addr2=a.node_addr('n2'), left=a.time_left(), step=a.in_step, cpus=a.cpus_per_node)))")
     out = subprocess.run(_in_step(job) + [sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -105,7 +105,8 @@ def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
         assert "nodes" in out and "n1, n2" in out
         out = k.run(f"p = %vllm_load {demo_path} --server --dry-run\nprint(' '.join(p.server_command))")
         assert ("--tensor-parallel-size 2 --pipeline-parallel-size 2 --distributed-executor-backend ray "
-                "--disable-uvicorn-access-log --host 127.0.0.1 --port FREE_PORT") in out, out
+                "--disable-uvicorn-access-log --middleware vllm_notebook.server.guard.RequireKey --host 127.0.0.1 "
+                "--port FREE_PORT") in out, out
         _, error = k.collect(k.submit(f"%vllm_load {demo_path} --dry-run --pipeline-parallel-size 4"))
         assert error["ename"] == "PlanError" and len(error["traceback"]) == 1, error
         assert "more than the model's 2 layers" in error["evalue"] or "GPUs" in error["evalue"]
@@ -158,14 +159,14 @@ def test_multi_node_notebook_runs_in_the_allocation(slurm_kernel, demo_path, tmp
 
 
 def _alloc(job: str, nodes: list[str]):
-    from vllm_notebook.allocation import Allocation
+    from vllm_notebook.cluster.allocation import Allocation
 
     return Allocation(source="slurm", nodes=nodes, gpus_per_node=2, cpus_per_node=[1] * len(nodes), job_id=job,
                       node_name="n1", env={"SLURM_CONF": SLURM_CONF})
 
 
 def test_attached_cluster_is_never_stopped(job, monkeypatch):
-    from vllm_notebook import ray_cluster
+    from vllm_notebook.cluster import ray as ray_cluster
 
     owned = ray_cluster.start(_alloc(job, ["n1", "n2"]), timeout=120)
     try:
@@ -182,7 +183,7 @@ def test_attached_cluster_is_never_stopped(job, monkeypatch):
 
 
 def test_a_node_that_cannot_join_is_named_with_its_log(job):
-    from vllm_notebook import ray_cluster
+    from vllm_notebook.cluster import ray as ray_cluster
 
     with pytest.raises(ray_cluster.RayClusterError, match="nosuchnode") as info:
         ray_cluster.start(_alloc(job, ["n1", "nosuchnode"]), timeout=60)

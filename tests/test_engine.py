@@ -22,7 +22,7 @@ def test_exact_greedy_completions(engine):
 
 
 def test_batch_is_submitted_at_once(engine):
-    from vllm_notebook.sampling import build_params
+    from vllm_notebook.engine.sampling import build_params
 
     arrivals = []
     p = build_params(None, {"max_tokens": 48, "ignore_eos": True, "temperature": 0.0})
@@ -103,7 +103,7 @@ def test_interrupt_aborts_and_keeps_partial_text(engine):
         if len(seen) == 5:
             raise KeyboardInterrupt  # what Ctrl-C delivers to the waiting thread
 
-    from vllm_notebook.sampling import build_params
+    from vllm_notebook.engine.sampling import build_params
 
     t0 = time.monotonic()
     gen = engine.run(["Once upon a time"], build_params(None, {"max_tokens": 500, "ignore_eos": True}),

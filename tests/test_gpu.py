@@ -22,11 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from kernel import Kernel
+from kernel import Kernel, engine_processes
 
-from vllm_notebook import gpus
+from vllm_notebook.engine import gpus
 
 PROMPTS = ["The capital of France is", "A dog says", "Once upon a time", "The capital of Japan is"]
 TOKENS = 32
@@ -126,23 +125,6 @@ def kernel(raw):
     k.shutdown()
 
 
-def _children(pid: int) -> list[psutil.Process]:
-    """The kernel's engine processes (not our watchdog, nor multiprocessing's resource tracker)."""
-    try:
-        procs = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    out = []
-    for p in procs:
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "_watchdog" not in cmd and "resource_tracker" not in cmd:
-            out.append(p)
-    return out
-
-
 def _gpu_processes(exclude: int | None = None) -> list[int]:
     """Processes holding a CUDA context on any GPU (``exclude``: a kernel that touched CUDA itself)."""
     if not HAS_NVML:
@@ -162,7 +144,7 @@ def _assert_idle(kernel_pid: int | None, idle: int, what: str, kernel_uses_cuda:
     """No engine process left and GPU memory back near the idle baseline (waits up to 30 s)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        left = _children(kernel_pid) if kernel_pid else []
+        left = engine_processes(kernel_pid) if kernel_pid else []
         used = sum(gpus.used_mib() or [0])
         gpu_procs = _gpu_processes(exclude=kernel_pid if kernel_uses_cuda else None)
         if not left and not gpu_procs and (not HAS_NVML or used <= idle + SLACK_MIB):
@@ -208,7 +190,7 @@ def test_load_with_default_settings(kernel, raw, figures):
     figures["load_ratio"] = round(seconds / raw["construct_s"], 3)
     figures["device"] = facts["device"]
     assert facts["tensor_parallel_size"] == "1"
-    assert _children(kernel.pid), "no engine process"
+    assert engine_processes(kernel.pid), "no engine process"
     assert seconds <= raw["construct_s"] * 1.25 + 3, (seconds, raw["construct_s"])
 
 
@@ -228,17 +210,11 @@ def test_stream_equals_raw_and_streams(kernel, raw):
 def test_ten_interrupts_then_a_correct_generation(kernel, raw, figures):
     stops = []
     for _ in range(10):
-        msg = kernel.submit("%%generate --max-tokens 4000 --ignore-eos --temperature 0\nOnce upon a time")
-        sent: list[float] = []
-
-        def interrupt(sent=sent):
-            sent.append(time.monotonic())
-            kernel.km.interrupt_kernel()
-
-        out, error = kernel.collect(msg, timeout=60, on_update=interrupt)
+        out, error, seconds = kernel.interrupted(
+            "%%generate --max-tokens 4000 --ignore-eos --temperature 0\nOnce upon a time")
         assert error is None, error
-        assert sent and "interrupted: aborted 1 request(s)" in out, out[-500:]
-        stops.append(time.monotonic() - sent[0])
+        assert seconds is not None and "interrupted: aborted 1 request(s)" in out, out[-500:]
+        stops.append(seconds)
     figures["interrupt_to_idle_s_max"] = round(max(stops), 3)
     assert max(stops) < 2.0
     assert _greedy(kernel, PROMPTS[:1]) == [raw["single"]]
@@ -255,7 +231,7 @@ def test_unload_returns_the_gpu_three_cycles(kernel, idle, figures):
     for cycle in range(3):
         if cycle:
             kernel.run(f"%vllm_load {LINE}", timeout=400)
-        assert _children(kernel.pid)
+        assert engine_processes(kernel.pid)
         kernel.run("%vllm_unload --all")
         after.append(_assert_idle(kernel.pid, idle, f"after unload {cycle + 1}"))
     figures["used_mib_after_unloads"] = after

@@ -100,7 +100,7 @@ def test_download_selects_files_and_fills_the_cache(tmp_path, demo_path):
         assert not fetched & {"pytorch_model.bin", "original/consolidated.pth", "model.onnx"}
         out = cli("models", env=env)
         assert "someorg/tiny" in out.stdout and "main" in out.stdout
-        from vllm_notebook import models
+        from vllm_notebook.models import resolve as models
 
         os.environ["HF_HOME"] = str(tmp_path)
         try:  # resolution finds it in the cache without asking the Hub
@@ -114,9 +114,9 @@ def test_download_selects_files_and_fills_the_cache(tmp_path, demo_path):
 
 
 def test_resolution_honours_cache_locations_and_revisions(tmp_path, demo_path, monkeypatch):
-    from vllm_notebook import models
+    from vllm_notebook.models import resolve as models
     from vllm_notebook.errors import ModelNotFoundError
-    from vllm_notebook.hub import install_folder
+    from vllm_notebook.models.hub import install_folder
 
     monkeypatch.setenv("HF_ENDPOINT", CLOSED)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -138,7 +138,7 @@ def test_resolution_honours_cache_locations_and_revisions(tmp_path, demo_path, m
 def test_gated_model_says_a_token_is_needed(tmp_path, monkeypatch):
     from localhub import LocalHub
 
-    from vllm_notebook import models
+    from vllm_notebook.models import resolve as models
     from vllm_notebook.errors import ModelNotFoundError
 
     hub = LocalHub("someorg/gated", {"config.json": b"{}"})
@@ -168,7 +168,7 @@ def test_download_fails_fast_with_one_line(tmp_path):
 
 
 def test_select_files_keeps_one_kind_of_weights():
-    from vllm_notebook.hub import select_files
+    from vllm_notebook.models.hub import select_files
 
     names = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
              "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
@@ -230,7 +230,6 @@ def test_serve_command_runs_until_stopped(demo_path):
     import signal
 
     import vllm_notebook
-    from vllm_notebook.servers import _is_server
 
     proc = subprocess.Popen([*CLI, "serve", demo_path, *LOAD_FLAGS.split(), "--max-num-seqs", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -246,9 +245,9 @@ def test_serve_command_runs_until_stopped(demo_path):
         assert eng.generate("The capital of France is", max_tokens=8, temperature=0).text == " Paris."
         rec = [r for r in vllm_notebook.servers.records() if r.url == url][0]
         eng.unload()  # only detaches: we attached by URL
-        assert _is_server(rec.pid, rec.id)
+        assert rec.alive()
     finally:
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=60)[0]
     assert "server stopped" in rest, "".join(lines) + rest
-    assert not _is_server(rec.pid, rec.id)
+    assert not rec.alive()

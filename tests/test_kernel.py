@@ -6,26 +6,9 @@ import time
 
 import psutil
 import pytest
-from kernel import Kernel
+from kernel import Kernel, engine_processes
 
 from conftest import LOAD_FLAGS
-
-
-def _vllm_children(pid: int) -> list[psutil.Process]:
-    """The kernel's engine processes (not our watchdog nor multiprocessing's resource tracker)."""
-    try:
-        procs = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    keep = []
-    for p in procs:
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "_watchdog" not in cmd and "resource_tracker" not in cmd:
-            keep.append(p)
-    return keep
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +28,9 @@ def test_load_ext_does_not_import_vllm(kernel):
 def test_interrupt_aborts_and_engine_keeps_serving(kernel, demo_path):
     kernel.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
     for _ in range(10):
-        msg_id = kernel.submit("%%generate --max-tokens 500 --ignore-eos --temperature 0\nOnce upon a time")
-        sent: list[float] = []
-
-        def interrupt(sent=sent):
-            sent.append(time.monotonic())
-            kernel.km.interrupt_kernel()
-
-        out, error = kernel.collect(msg_id, timeout=30, on_update=interrupt)
-        assert sent and time.monotonic() - sent[0] < 2.0
+        out, error, seconds = kernel.interrupted(
+            "%%generate --max-tokens 500 --ignore-eos --temperature 0\nOnce upon a time", timeout=30)
+        assert seconds is not None and seconds < 2.0
         assert error is None, error
         assert "interrupted: aborted 1 request(s)" in out
     out = kernel.run("print(len(_.outputs[0].outputs[0].token_ids) < 500, _.interrupted)")
@@ -65,7 +42,7 @@ def test_interrupt_aborts_and_engine_keeps_serving(kernel, demo_path):
 
 def test_engine_process_death_is_one_line_and_reload_recovers(kernel, demo_path):
     kernel.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
-    pids = [p.pid for p in _vllm_children(kernel.pid)]
+    pids = [p.pid for p in engine_processes(kernel.pid)]
     assert pids
     for pid in pids:
         psutil.Process(pid).kill()
@@ -83,12 +60,12 @@ def test_unload_frees_processes_and_memory(kernel, demo_path):
     kernel.run("%load_ext vllm_notebook")
     for _ in range(3):
         kernel.run(f"%vllm_load {demo_path} {LOAD_FLAGS} --max-num-seqs 64", timeout=300)
-        assert _vllm_children(kernel.pid)
+        assert engine_processes(kernel.pid)
         kernel.run("%vllm_unload --all")
         deadline = time.monotonic() + 20
-        while _vllm_children(kernel.pid) and time.monotonic() < deadline:
+        while engine_processes(kernel.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _vllm_children(kernel.pid), "engine processes left after %vllm_unload"
+        assert not engine_processes(kernel.pid), "engine processes left after %vllm_unload"
         kernel.run("import gc; gc.collect()")
         rss.append(psutil.Process(kernel.pid).memory_info().rss)
     assert rss[2] <= rss[0] * 1.10, rss
@@ -97,7 +74,7 @@ def test_unload_frees_processes_and_memory(kernel, demo_path):
 def test_kernel_shutdown_leaves_no_process(demo_path):
     k = Kernel()
     k.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
-    children = _vllm_children(k.pid)
+    children = engine_processes(k.pid)
     assert children
     k.shutdown()
     gone, alive = psutil.wait_procs(children, timeout=20)
@@ -108,7 +85,7 @@ def test_kernel_killed_leaves_no_process(demo_path):
     """SIGKILL gives the kernel no chance to clean up: the watchdog must."""
     k = Kernel()
     k.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
-    children = _vllm_children(k.pid)
+    children = engine_processes(k.pid)
     assert children
     psutil.Process(k.pid).kill()
     gone, alive = psutil.wait_procs(children, timeout=20)

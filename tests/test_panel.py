@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vllm_notebook.prompt_panel import PromptPanel
+from vllm_notebook.ui.panel import PromptPanel
 
 
 @pytest.fixture(autouse=True)

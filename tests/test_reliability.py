@@ -37,7 +37,7 @@ def _one_line(text: str) -> bool:
 # ------------------------------------------------------------------ the Python API
 def _api_cases(engine, tmp_path):
     import vllm_notebook
-    from vllm_notebook.sampling import parse_schema
+    from vllm_notebook.engine.sampling import parse_schema
 
     unreadable = tmp_path / "schema-dir"
     unreadable.mkdir()
@@ -117,7 +117,7 @@ def test_bad_cli_input_is_one_line(argv, match):
 
 # ------------------------------------------------------------------ 64 requests at once
 def test_64_concurrent_requests_from_threads_and_panels(engine):
-    from vllm_notebook.prompt_panel import PromptPanel
+    from vllm_notebook.ui.panel import PromptPanel
 
     items = list(ANSWERS.items()) * 8  # 64
     thread_items, panel_items = items[:56], items[56:]

@@ -144,7 +144,7 @@ def test_magics_over_server(server, cell):
 
 
 def test_panel_over_server(server):
-    from vllm_notebook.prompt_panel import PromptPanel
+    from vllm_notebook.ui.panel import PromptPanel
 
     panel = PromptPanel("srv", temperature=0.0, max_tokens=8)
     panel._prompt.value = "The capital of France is"
@@ -190,7 +190,7 @@ def test_api_key_required_and_kept_secret(server):
 
 def test_attach_by_url_never_stops_the_server(server, tmp_path):
     import vllm_notebook
-    from vllm_notebook.client import healthy
+    from vllm_notebook.server.http import healthy
     from vllm_notebook.errors import VllmNotebookError
 
     bad = tmp_path / "bad.key"
@@ -239,9 +239,10 @@ def test_failed_start_shows_root_cause(demo_path, cell):
 
 # ------------------------------------------------------------------ a real kernel: restart, SIGKILL, unload
 def _members(rec_id: str) -> list[int]:
-    from vllm_notebook.servers import _is_server
+    from vllm_notebook import procs
+    from vllm_notebook.server.registry import MARKER
 
-    return [p.pid for p in psutil.process_iter() if _is_server(p.pid, rec_id)]
+    return procs.marked(MARKER, rec_id)
 
 
 def test_server_survives_kernel_restart_and_recovers_from_sigkill(demo_path):

@@ -10,9 +10,9 @@ import pytest
 
 from vllm_notebook import logs
 from vllm_notebook.errors import UsageError
-from vllm_notebook.plan import largest_valid_tp
-from vllm_notebook.prompts import interpolate, prompts_from_value, split
-from vllm_notebook.sampling import parse_schema
+from vllm_notebook.cluster.plan import largest_valid_tp
+from vllm_notebook.engine.prompts import interpolate, prompts_from_value, split
+from vllm_notebook.engine.sampling import parse_schema
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -143,7 +143,7 @@ def test_root_cause_names_a_dead_worker(tmp_path):
 
 # ------------------------------------------------------------------ server mode (no server needed)
 def test_normalize_flags():
-    from vllm_notebook.servers import normalize
+    from vllm_notebook.server.registry import normalize
 
     a = normalize(["--max-model-len=512", "--enforce-eager", "--dtype", "bfloat16"])
     b = normalize(["--dtype", "bfloat16", "--max_model_len", "512", "--enforce-eager"])
@@ -163,7 +163,7 @@ def test_split_model_for_the_fast_path():
 
 
 def test_server_error_messages_are_one_line():
-    from vllm_notebook.client import _message
+    from vllm_notebook.server.http import error_message as _message
 
     assert _message(b'{"error": {"message": "temperature must be non-negative, got -3.0.", "code": 400}}') \
         == "temperature must be non-negative, got -3.0."
@@ -174,7 +174,7 @@ def test_server_error_messages_are_one_line():
 
 
 def test_request_output_accumulates_stream_chunks():
-    from vllm_notebook.client import Completion, RequestOutput
+    from vllm_notebook.server.client import Completion, RequestOutput
 
     out = RequestOutput("r", "p", outputs=[Completion()])
     out.apply({"choices": [{"index": 0, "text": " Par", "token_ids": [1], "prompt_token_ids": [7, 8]}]}, chat=False)
@@ -225,7 +225,7 @@ def test_pydantic_flag_errors_are_one_line():
 
 
 def test_sleep_report_lines():
-    from vllm_notebook.sleep_mode import SleepReport
+    from vllm_notebook.engine.sleep import SleepReport
 
     slept = SleepReport("default", "sleep", 1, 1.3, [131797], [839])
     assert str(slept) == ("engine 'default' asleep (level 1) in 1.30 s — GPU memory 131,797 → 839 MiB "
@@ -237,7 +237,7 @@ def test_sleep_report_lines():
 
 
 def test_gpu_memory_is_none_without_nvml_and_respects_visible_devices(monkeypatch):
-    from vllm_notebook import gpus
+    from vllm_notebook.engine import gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
     assert gpus._visible(4) == [2, 0]

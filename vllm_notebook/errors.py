@@ -1,8 +1,13 @@
-"""Errors that users cause, shown as one line instead of a traceback.
+"""Every error a user (or a script) can act on, each message written once.
 
 IPython calls ``_render_traceback_`` when an exception escapes a cell; returning a
 single line keeps user mistakes readable. Internal bugs are ordinary exceptions
-and keep their full traceback.
+and keep their full traceback. Scripts catch the classes below:
+
+    try:
+        eng = vllm_notebook.attach(url, api_key_file=key)
+    except vllm_notebook.errors.ServerUnreachableError:
+        ...
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ class UsageError(VllmNotebookError):
 
 
 class NoEngineError(VllmNotebookError):
-    """No engine is loaded under the requested name."""
+    """No engine is loaded under the requested name (or it was unloaded)."""
 
 
 class ModelNotFoundError(VllmNotebookError):
@@ -28,12 +33,34 @@ class ModelNotFoundError(VllmNotebookError):
 
 
 class EngineStartError(VllmNotebookError):
-    """The engine failed to start; the message carries the root cause from its log."""
+    """The engine (or server) failed to start; the message carries the root cause from its log."""
 
 
 class EngineDiedError(VllmNotebookError):
-    """The engine's process is gone."""
+    """The engine's process (or the server) is gone."""
 
 
 class RequestError(VllmNotebookError):
     """The engine rejected a request (prompt too long, invalid schema, ...)."""
+
+
+class ServerUnreachableError(VllmNotebookError):
+    """Nothing answers HTTP at a server's address."""
+
+    def __init__(self, url: str, reason: object = ""):
+        super().__init__(f"cannot reach a vLLM server at {url} ({reason})" if reason else
+                         f"cannot reach a vLLM server at {url}")
+        self.url = url
+
+
+class AuthRefusedError(VllmNotebookError):
+    """A server refused the API key (401)."""
+
+    def __init__(self, url: str):
+        super().__init__(f"the server at {url} refused the API key (401 Unauthorized): "
+                         "give the right one with --api-key-file FILE")
+        self.url = url
+
+
+class ServerError(VllmNotebookError):
+    """Something about a registered server (not found, on another node, unreadable key or registry)."""

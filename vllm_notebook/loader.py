@@ -1,57 +1,31 @@
-"""``load()``: from a model name and engine flags to a running ``Engine``."""
+"""``load``, ``attach`` and ``%vllm_load``'s parser: from a line or a call to a running engine.
+
+One pipeline under every path: the model is resolved, vLLM's own parser reads the
+flags, ``prepare`` plans and sets the environment, then a back-end starts:
+``LocalEngine`` in this kernel, or a server (``server/launch.py``). The reattach
+fast path finds a running server from the line alone, without importing vLLM.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import os
-import shlex
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from . import engine as _engine
-from . import logs
+from . import logs, prepare
+from .cluster import ray as ray_cluster
+from .engine import registry as engine_registry
+from .engine.local import LocalEngine
 from .errors import UsageError, VllmNotebookError
+from .models import resolve
+from .prepare import LoadPlan, Prepared, engine_flags, scoped_env
+from .server import client, launch
+from .server import registry as servers
+from .ui.display import LiveLine
 
-
-
-@dataclass
-class LoadPlan:
-    """What ``load`` would start (the result of ``--dry-run``): the allocation and the plan."""
-
-    name: str
-    model: str
-    path: str
-    engine_args: dict[str, Any]
-    plan: Any = None
-    allocation: Any = None
-    server_command: list[str] | None = None  # --server: the ``vllm serve`` command that would run
-
-    def rows(self) -> list[tuple[str, str]]:
-        args = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in self.engine_args.items())
-        rows = [("engine", self.name), ("model", f"{self.model} ({self.path})"), ("flags", args or "(defaults)")]
-        rows += self.allocation.rows() if self.allocation is not None else []
-        rows += self.plan.rows() if self.plan is not None else []
-        if self.server_command:
-            rows.append(("server command", shlex.join(self.server_command)))
-        return rows
-
-    def __str__(self) -> str:
-        width = max(len(k) for k, _ in self.rows())
-        return f"would start engine '{self.name}' (dry run: nothing started)\n" + "\n".join(
-            f"  {k:<{width}}  {v}" for k, v in self.rows())
-
-    def _repr_pretty_(self, p, cycle) -> None:
-        p.text(str(self))
-
-    def _repr_html_(self) -> str:
-        import html
-
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-                       f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in self.rows())
-        return f"<p>would start engine <b>{html.escape(self.name)}</b> (dry run: nothing started)</p><table>{body}</table>"
+__all__ = ["LoadPlan", "attach", "load", "load_from_argv"]
 
 
 def load(model: str | None = None, *, name: str = "default", dry_run: bool = False,
@@ -70,7 +44,7 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
         own = {"--name": name, "--ray-address": ray_address, "--host": host, "--port": port,
                "--api-key-file": api_key_file}
         argv = [str(model), "--server", *(["--dry-run"] if dry_run else []),
-                *[t for k, v in own.items() if v is not None for t in (k, str(v))], *_flags(engine_args)]
+                *[t for k, v in own.items() if v is not None for t in (k, str(v))], *engine_flags(engine_args)]
         return load_from_argv(argv, progress=progress)
     if host or port or api_key_file:
         raise UsageError("host, port and api_key_file are for server=True")
@@ -80,11 +54,11 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
         bad = sorted(unknown)[0]
         near = difflib.get_close_matches(bad, _vllm.engine_arg_fields(), n=1)
         raise UsageError(f"unknown engine argument {bad!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    from . import models
-
-    path = models.resolve(str(model), engine_args.get("revision"), engine_args.get("download_dir"))
+    path = resolve.resolve(str(model), engine_args.get("revision"), engine_args.get("download_dir"))
     args = _vllm.engine_args(model=model, **engine_args)
-    return _load(args, path, set(engine_args), name, dry_run, progress, ray_address)
+    prep = prepare.prepare(name, args, path, set(engine_args), gpu_count=_vllm.device_count(),
+                           cpu_build=_vllm.is_cpu_build())
+    return prep.dry_run() if dry_run else start_local(prep, progress, ray_address)
 
 
 def attach(url: str, *, name: str = "default", api_key_file: str | None = None, api_key: str | None = None,
@@ -94,9 +68,6 @@ def attach(url: str, *, name: str = "default", api_key_file: str | None = None, 
     The key comes from ``api_key``, ``api_key_file``, ``$VLLM_API_KEY``, or (for a
     server vllm-notebook started) its key file.
     """
-    from . import client, servers
-    from .display import LiveLine
-
     url = (url if "://" in url else f"http://{url}").rstrip("/")
     if api_key is None and api_key_file:
         api_key = servers.read_key(api_key_file)
@@ -153,11 +124,9 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
                          "(a key on the command line shows in `ps` and in the notebook)")
     if ours.server and not ours.dry_run and not ours.help:
         model, flags = _split_model(rest, default_model)
-        from . import servers
-
         rec = servers.find(model, servers.normalize(flags)) if model else None
         if rec is not None:  # the fast path: no vLLM import at all
-            return _attach_record(rec, ours.name, progress)
+            return launch.attach_record(rec, ours.name, progress)
     _vllm = logs.import_vllm()
     if ours.server:
         parser = _vllm.serve_arg_parser("%vllm_load --server")
@@ -182,19 +151,20 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
     explicit.add("model")
     user_flags = _without(rest, ns.model_tag)
     del ns.model_tag
-    from . import models
-
     # Resolve before EngineArgs exists: constructing it already looks the model up.
-    path = models.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
+    path = resolve.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
     try:
         args = _vllm.engine_args_from_namespace(ns)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
+    prep = prepare.prepare(ours.name, args, path, explicit, gpu_count=_vllm.device_count(),
+                           cpu_build=_vllm.is_cpu_build())
     if ours.server:
-        from .serving import load_server
-
-        return load_server(args, path, explicit, user_flags, ours, progress)
-    return _load(args, path, explicit, ours.name, ours.dry_run, progress, ours.ray_address)
+        listen = launch.Listen(ours.host, ours.port, ours.api_key_file)
+        if ours.dry_run:
+            return prep.dry_run(launch.command_for(prep, user_flags, listen))
+        return launch.start(prep, user_flags, listen, ours.ray_address, progress)
+    return prep.dry_run() if ours.dry_run else start_local(prep, progress, ours.ray_address)
 
 
 def _split_model(rest: list[str], default_model: str) -> tuple[str | None, list[str]]:
@@ -218,48 +188,6 @@ def _without(rest: list[str], model_tag: str | None) -> list[str]:
     return _split_model(out, "")[1] if any(t == "--model" or t.startswith("--model=") for t in out) else out
 
 
-def _attach_record(rec, name: str, progress: bool):
-    """Use a server we started earlier (from this kernel or a previous one)."""
-    from . import client, servers
-    from .display import LiveLine
-
-    old = _engine.engines().get(name)
-    if old is not None and getattr(old, "record", None) is not None and old.record.id == rec.id and old.alive:
-        LiveLine(enabled=progress).done(f"vllm-notebook: engine '{name}' is already the server at {rec.url} (reused)")
-        return old
-    line = LiveLine(enabled=progress)
-    t0 = time.monotonic()
-    try:  # a server started by an earlier kernel may still be loading
-        servers.wait_ready(rec, progress=lambda phase, s: line.update(f"vllm-notebook: server still {phase} … {s:.0f} s"))
-    except KeyboardInterrupt:
-        raise VllmNotebookError(f"stopped waiting; the server at {rec.url} goes on starting "
-                                "(%vllm_servers shows it, --stop ID stops it)") from None
-    eng = client.connect(name, rec.url, rec.api_key(), record=rec)
-    line.done(f"vllm-notebook: attached to the running server at {rec.url} in {time.monotonic() - t0:.2f} s "
-              f"(up {rec.uptime()}{', job ' + rec.job_id if rec.job_id else ''}) — {eng.model}")
-    return eng
-
-
-def _flags(engine_args: dict[str, Any]) -> list[str]:
-    """``EngineArgs`` keyword arguments as ``vllm serve`` flags."""
-    import json
-
-    out: list[str] = []
-    for k, v in engine_args.items():
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            out.append(flag)
-        elif v is False:
-            out.append("--no-" + k.replace("_", "-"))
-        elif isinstance(v, dict):
-            out += [flag, json.dumps(v)]
-        elif isinstance(v, list | tuple):
-            out += [flag, *map(str, v)]
-        elif v is not None:
-            out += [flag, str(v)]
-    return out
-
-
 def _explain(message: str, argv: list[str], *parsers) -> str:
     hint = "see %vllm_load --help for every flag"
     if "unrecognized arguments" in message:
@@ -273,114 +201,60 @@ def _explain(message: str, argv: list[str], *parsers) -> str:
                 return f"%vllm_load: unknown flag {flag}; {hint}"
     lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
     if len(lines) > 1:  # pydantic: "argument --x: 1 validation error for X", then "Value error, WHY [type=...]"
-        from .logs import _pydantic_detail
-
-        why = _pydantic_detail(lines[1]).removeprefix("invalid engine arguments: ")
+        why = logs.pydantic_detail(lines[1]).removeprefix("invalid engine arguments: ")
         lines = [f"{lines[0].split(':')[0]}: {why}" if why else lines[0]]
     return f"%vllm_load: {lines[0] if lines else message}; {hint}"
 
 
-def _key(args) -> tuple:
-    """What identifies an engine's configuration: every field that is set to something."""
-    import dataclasses
-
-    key = []
-    for f in dataclasses.fields(args):
-        value = getattr(args, f.name)
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        if value in (None, "") or (default is not dataclasses.MISSING and repr(value) == repr(default)):
-            continue
-        key.append((f.name, repr(value)))
-    return tuple(key)
-
-
-def _load(args, path: str, explicit: set[str], name: str, dry_run: bool, progress: bool,
-          ray_address: str | None = None):
-    from . import models
-    from .allocation import Allocation
-    from .display import LiveLine
-    from .plan import make_plan
-
-    _vllm = logs.import_vllm()
-    line = LiveLine(enabled=progress and not dry_run)
+def start_local(prep: Prepared, progress: bool = True, ray_address: str | None = None) -> LocalEngine:
+    """Start the prepared engine in this kernel (or reuse the running one with the same configuration)."""
+    args = prep.args
+    line = LiveLine(enabled=progress)
     t0 = time.monotonic()
-    if "disable_log_stats" not in explicit:
+    if "disable_log_stats" not in prep.explicit:
         args.disable_log_stats = True
-    alloc = Allocation.from_env(gpu_count=_vllm.device_count())
-    plan = make_plan(alloc, models.read_config(path), explicit, args)
-    hub_id = str(args.model) if models.from_cache(str(args.model), path) else None
-    if hub_id is not None and not dry_run:
-        use_local_files(args, path, explicit)
-    if dry_run:
-        shown = {k: getattr(args, k) for k in sorted(explicit - {"model"})}
-        shown.update({k: getattr(args, k) for k in ("tensor_parallel_size", "pipeline_parallel_size",
-                                                       "distributed_executor_backend") if getattr(args, k) not in (None, 1)})
-        return LoadPlan(name=name, model=str(args.model), path=path, engine_args=shown, plan=plan, allocation=alloc)
-    key = _key(args)
-    old = _engine.engines().get(name)
+    if prep.hub_id is not None:  # the cached snapshot: no Hub lookups, so no network needed
+        args.model = prep.path
+        if "tokenizer" not in prep.explicit:
+            args.tokenizer = prep.path
+        args.revision = args.tokenizer_revision = None
+    old = engine_registry.engines().get(prep.name)
     if old is not None:
-        if old.key == key and old.alive:
-            line.done(f"vllm-notebook: engine '{name}' is already running {old.model} (reused)")
+        if old.key == prep.key and old.alive:
+            line.done(f"vllm-notebook: engine '{prep.name}' is already running {old.model} (reused)")
             return old
-        line.update(f"vllm-notebook: unloading the previous '{name}' engine ({old.model}) …")
+        line.update(f"vllm-notebook: unloading the previous '{prep.name}' engine ({old.model}) …")
         old.unload()
-    if _vllm.is_cpu_build() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        # vLLM's CPU build would reserve half the RAM for KV cache; a notebook shares the node.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
     cluster = None
-    if plan.needs_ray:
-        from . import ray_cluster
-
-        line.update(f"vllm-notebook: starting the Ray cluster on {alloc.num_nodes} nodes …")
-        cluster = ray_cluster.up(alloc, ray_address)
-    eng = _engine.Engine(name, args, key, logs.new_log_path(name), plan=plan.as_dict())
+    if prep.plan.needs_ray:
+        line.update(f"vllm-notebook: starting the Ray cluster on {prep.allocation.num_nodes} nodes …")
+        cluster = ray_cluster.up(prep.allocation, ray_address)
+    eng = LocalEngine(prep.name, args, prep.key, logs.new_log_path(prep.name), plan=prep.plan.as_dict())
     eng.ray_cluster = cluster
+    if cluster is not None and cluster.owned:
+        eng.on_unload.append(_stop_ray_when_unused)
 
     def report(phase: str, elapsed: float) -> None:
-        line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({args.model})", key=phase)
+        line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({prep.model})", key=phase)
 
     try:
-        with offline_env(hub_id is not None):
+        with scoped_env(prep.env):
             eng._start(report)
     except VllmNotebookError:
         line.done(f"vllm-notebook: failed after {time.monotonic() - t0:.0f} s")
         raise
     eng.plan["executor"] = eng.facts.get("executor", eng.plan.get("executor"))
-    if hub_id is not None:
-        eng.facts.update(model=hub_id, path=path)
-    _engine._register(eng)
+    if prep.hub_id is not None:
+        eng.facts.update(model=prep.hub_id, path=prep.path)
+    engine_registry.register(eng)
     line.done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
     return eng
 
 
-def use_local_files(args, path: str, explicit: set[str]) -> None:
-    """Point vLLM at the cached snapshot of a Hub model: no Hub lookups, so no network needed."""
-    args.model = path
-    if "tokenizer" not in explicit:
-        args.tokenizer = path
-    args.revision = args.tokenizer_revision = None
-
-
-@contextlib.contextmanager
-def offline_env(on: bool = True):
-    """Hugging Face libraries offline for whatever starts inside (engine processes inherit it)."""
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    saved = {k: os.environ.get(k) for k in keys}
-    if on:
-        os.environ.update(dict.fromkeys(keys, "1"))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _stop_ray_when_unused(unloaded: LocalEngine) -> None:
+    """After an engine on our Ray cluster unloads: stop the cluster unless another engine still uses it."""
+    if not any(e.ray_cluster is not None for e in engine_registry.engines().values() if e is not unloaded):
+        ray_cluster.down()
 
 
 def summary(eng) -> str:

@@ -17,6 +17,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from . import paths
+
 _PREFIX = re.compile(r"^\((?:[\w-]+) pid=\d+\)\s*")
 _EXC = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit|Interrupt))(?::\s*(.*))?$")
 _GENERIC = re.compile(
@@ -33,22 +35,9 @@ PHASES = [
 ]
 
 
-def log_dir() -> Path:
-    env = os.environ.get("VLLM_NOTEBOOK_LOG_DIR")
-    base = Path(env).expanduser() if env else _default_log_dir()
-    base.mkdir(parents=True, exist_ok=True)
-    return base
-
-
-def _default_log_dir() -> Path:
-    from .demo import cache_root
-
-    return cache_root() / "logs"
-
-
 def new_log_path(name: str) -> Path:
     safe = re.sub(r"[^\w.-]", "_", name)
-    return log_dir() / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    return paths.log_dir() / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 def tail(path: str | os.PathLike, n: int = 40) -> list[str]:
@@ -73,7 +62,7 @@ def root_cause(path: str | os.PathLike | None, exc: BaseException | None = None,
     for i, raw in enumerate(lines):
         line = _PREFIX.sub("", raw.strip())
         if _PYDANTIC.search(line) and i + 1 < len(lines):  # the message is on the next line
-            detail = _pydantic_detail(lines[i + 1])
+            detail = pydantic_detail(lines[i + 1])
             if detail and detail not in found:
                 found.append(detail)
             continue
@@ -100,7 +89,7 @@ def root_cause(path: str | os.PathLike | None, exc: BaseException | None = None,
 _PYDANTIC = re.compile(r"ValidationError: \d+ validation errors? for \w+")
 
 
-def _pydantic_detail(line: str) -> str:
+def pydantic_detail(line: str) -> str:
     """``  Value error, X is wrong. More. [type=...]`` -> ``invalid engine arguments: X is wrong.``"""
     text = re.sub(r"\s*\[type=.*$", "", line.strip()).removeprefix("Value error, ")
     first = re.match(r"(.+?\.)(\s|$)", text)
@@ -109,15 +98,15 @@ def _pydantic_detail(line: str) -> str:
 
 def import_vllm():
     """Import our vLLM layer with its import-time chatter sent to a session log."""
-    if "vllm_notebook._vllm" in sys.modules:
-        return sys.modules["vllm_notebook._vllm"]
+    if "vllm_notebook.engine.vllm_api" in sys.modules:
+        return sys.modules["vllm_notebook.engine.vllm_api"]
     # Log files are read by people and by root_cause(): no colour codes. Compute nodes
     # are usually offline: do not try to send usage statistics.
     os.environ.setdefault("VLLM_LOGGING_COLOR", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    path = log_dir() / f"session-{os.getpid()}.log"
+    path = paths.log_dir() / f"session-{os.getpid()}.log"
     with capture_output(path):
-        from . import _vllm
+        from .engine import vllm_api as _vllm
 
         route_vllm_logs(path, _vllm.vllm_loggers())
     return _vllm

@@ -5,15 +5,37 @@ Importing this module imports neither vLLM nor torch.
 
 from __future__ import annotations
 
+import difflib
 import os
 import shlex
 
-from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.error import UsageError as IPythonUsageError
+from IPython.core.magic import (
+    Magics,
+    cell_magic,
+    line_cell_magic,
+    line_magic,
+    magics_class,
+)
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
 
+from . import logs
+from .cluster import ray as ray_cluster
+from .cluster.allocation import Allocation
+from .doctor import diagnose
+from .engine.base import Engine
+from .engine.prompts import interpolate, prompts_from_value, split
+from .engine.registry import engines, get_engine, shutdown, unload_all
+from .engine.sampling import parse_schema
 from .errors import UsageError
+from .loader import load_from_argv
+from .models.hub import models_table
+from .server import process as server_process
+from .server import registry as servers
+from .ui.cluster_view import ClusterView
+from .ui.display import TextStream
+from .ui.status import Status
 
 
 def _sampling_flags(func):
@@ -82,15 +104,13 @@ class VllmMagics(Magics):
         the same line in a restarted kernel attaches to it in well under a second.
         --attach URL [--api-key-file FILE] uses any OpenAI-compatible vLLM server.
         """
-        from .loader import load_from_argv
-
         try:
             argv = shlex.split(line)
         except ValueError as exc:
             raise UsageError(f"%vllm_load: {exc}") from None
         default = self.default_model or os.environ.get("VLLM_NOTEBOOK_MODEL", "")
         result = load_from_argv(argv, default_model=default)
-        if result is not None and hasattr(result, "facts"):
+        if isinstance(result, Engine):
             result._announced_in = self.shell.execution_count
         return result
 
@@ -100,8 +120,6 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_unload(self, line: str):
         """Stop an engine and free its memory and processes."""
-        from .engine import engines, get_engine, unload_all
-
         args = _parse(self.vllm_unload, line)
         if args.all:
             names = sorted(engines())
@@ -135,15 +153,13 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_servers(self, line: str):
         """vLLM servers started with %vllm_load --server (by any kernel of yours): model, URL, uptime, job."""
-        from . import servers
-
         args = _parse(self.vllm_servers, line)
         if args.stop:
             rec = servers.lookup(args.stop)
-            for eng in list(self._engines().values()):
-                if getattr(eng, "record", None) is not None and eng.record.id == rec.id:
+            for eng in list(engines().values()):
+                if eng.record is not None and eng.record.id == rec.id:
                     eng.detach()
-            servers.stop(rec)
+            server_process.stop(rec)
             print(f"stopped the server {rec.id} at {rec.url} ({rec.model})")
             return None
         return servers.listing()
@@ -151,8 +167,6 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_status(self, line: str):
         """Loaded engines: model, parallel sizes, devices, KV cache, requests, tokens, memory."""
-        from .status import Status
-
         if line.strip():
             raise UsageError("%vllm_status takes no arguments")
         return Status.collect()
@@ -162,7 +176,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_panel(self, line: str):
         """A prompt panel (ipywidgets) over a loaded engine; generation runs in the background."""
-        from .prompt_panel import PromptPanel
+        from .ui.panel import PromptPanel
 
         args = _parse(self.vllm_panel, line)
         if args.name:
@@ -174,8 +188,6 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_models(self, line: str):
         """Models in the Hugging Face cache: size, revision, and whether this vLLM supports them."""
-        from .hub import models_table
-
         args = _parse(self.vllm_models, line)
         return models_table(args.download_dir)
 
@@ -184,8 +196,6 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_doctor(self, line: str):
         """This environment on one screen (vLLM, GPUs, Slurm, Ray, HF cache, offline), with pitfalls and fixes."""
-        from .doctor import diagnose
-
         args = _parse(self.vllm_doctor, line)
         return diagnose(in_kernel=True, check_hub=not args.no_hub)
 
@@ -197,10 +207,6 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_cluster(self, line: str):
         """The Slurm allocation, the plans of loaded engines and the Ray cluster; --up / --down manage Ray."""
-        from . import ray_cluster
-        from .allocation import Allocation
-        from .cluster_view import ClusterView
-
         args = _parse(self.vllm_cluster, line)
         if args.up and args.down:
             raise UsageError("%vllm_cluster: --up or --down, not both")
@@ -218,9 +224,6 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_logs(self, line: str):
         """Show the end of an engine's log file (vLLM's own output goes there)."""
-        from . import logs
-        from .engine import get_engine
-
         args = _parse(self.vllm_logs, line)
         if args.n <= 0:
             raise UsageError("-n must be a positive number of lines")
@@ -238,8 +241,6 @@ class VllmMagics(Magics):
     @line_cell_magic
     def generate(self, line: str, cell: str | None = None):
         """Generate from the cell body (or -i VAR): streamed for one prompt, batched for many."""
-        from .prompts import interpolate, prompts_from_value, split
-
         args = _parse(self.generate, line)
         ns = self.shell.user_ns
         if cell is None:
@@ -266,8 +267,6 @@ class VllmMagics(Magics):
     @cell_magic
     def chat(self, line: str, cell: str):
         """A conversation: each %%chat cell is a user turn; earlier turns are remembered (%chat_reset forgets)."""
-        from .prompts import interpolate
-
         args = _parse(self.chat, line)
         text = (cell if args.no_interpolate else interpolate(cell, self.shell.user_ns)).strip()
         if not text:
@@ -308,19 +307,10 @@ class VllmMagics(Magics):
         except Exception as exc:  # noqa: BLE001 - the user's expression: one line
             raise UsageError(f"-i {expr}: {type(exc).__name__}: {exc}") from None
 
-    def _engines(self):
-        from .engine import engines
-
-        return engines()
-
     def _engine(self, name):
-        from .engine import get_engine
-
         return get_engine(name)
 
     def _params(self, args, engine):
-        from .sampling import parse_schema
-
         ns = self.shell.user_ns
         base = None
         if args.params:
@@ -342,8 +332,6 @@ class VllmMagics(Magics):
         return engine.params(base, flags)
 
     def _run(self, engine, prompts, params, args):
-        from .display import TextStream
-
         streaming = self.stream and not args.no_stream and len(prompts) == 1 and args.format != "json"
         view, bar = None, None
         if streaming:
@@ -372,8 +360,6 @@ class VllmMagics(Magics):
 
 def _parse(magic, line: str):
     """Parse a magic's line with shell quoting, and a "did you mean" for mistyped flags."""
-    import difflib
-
     try:
         argv = shlex.split(line)
     except ValueError as exc:
@@ -407,9 +393,7 @@ def register(ipython) -> None:
 
 def unregister(ipython) -> None:
     """Undo ``register``: unload our engines and remove every magic we added."""
-    from . import engine
-
-    engine.shutdown()
+    shutdown()
     magics = ipython.magics_manager.registry.pop("VllmMagics", None)
     if magics is None:
         return

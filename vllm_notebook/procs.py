@@ -1,4 +1,6 @@
-"""Engine processes live in their own process group, guarded by a watchdog.
+"""Process control, in one place: own process groups, the watchdog, stopping groups, markers, free ports.
+
+Engine processes live in their own process group, guarded by a watchdog.
 
 Jupyter interrupts a kernel by sending SIGINT to its whole process group (and a
 terminal sends Ctrl-C to its foreground group); vLLM's engine processes exit on
@@ -6,8 +8,9 @@ SIGINT, so pressing Stop would kill the engine. Every process that
 multiprocessing starts while an engine starts therefore gets a process group of
 its own, whatever the start method: *spawn* goes through
 ``multiprocessing.util.spawnv_passfds``, and so does the *forkserver* process
-(vLLM uses one only in ``vllm serve``), whose children share its group; *fork* — which vLLM picks on a GPU node when CUDA is not yet
-initialised in the kernel — through ``popen_fork.Popen._launch``, where parent
+(vLLM uses one only in ``vllm serve``), whose children share its group; *fork*
+— which vLLM picks on a GPU node when CUDA is not yet initialised in the kernel —
+through ``popen_fork.Popen._launch``, where parent
 and child both call ``setpgid`` (the shell's job-control idiom, so no signal
 can fall between fork and the new group). The processes those children start
 in turn (EngineCore's workers) stay in their parent's group. Not a session of
@@ -24,17 +27,23 @@ import contextlib
 import multiprocessing.popen_fork as mp_fork
 import multiprocessing.util as mp_util
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+
+import psutil
 
 _lock = threading.Lock()
 _keep: list[subprocess.Popen] = []  # never garbage-collected, so subprocess never reaps them
 _watchdog: subprocess.Popen | None = None
 
 
-def _guard(pgid: int, add: bool = True) -> None:
+def guard(pgid: int, add: bool = True) -> None:
+    """Have the watchdog kill process group ``pgid`` if this process dies first (``add=False``: stop guarding)."""
     global _watchdog
     with _lock:
         if _watchdog is None or _watchdog.poll() is not None:
@@ -57,7 +66,7 @@ def new_group() -> dict:
 def _adopt(pid: int) -> None:
     """Record ``pid`` as the leader of a group we started, and have the watchdog guard it."""
     _groups.append(pid)
-    _guard(pid)
+    guard(pid)
 
 
 def _spawn_in_own_group(path, args, passfds, _original=mp_util.spawnv_passfds):
@@ -124,8 +133,6 @@ def started_groups() -> list[int]:
 
 def terminate_group(pgid: int, grace: float = 10.0) -> None:
     """SIGTERM a process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
-    import time
-
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
         try:
             os.killpg(pgid, sig)
@@ -143,4 +150,50 @@ def terminate_group(pgid: int, grace: float = 10.0) -> None:
 def stop_group(pgid: int, timeout: float = 10.0) -> None:
     """Terminate a process group we started (after vLLM's own shutdown, for stragglers)."""
     terminate_group(pgid, timeout)
-    _guard(pgid, add=False)
+    guard(pgid, add=False)
+
+
+# ---------------------------------------------------------------- markers: find our processes again
+def has_marker(pid: int, key: str, value: str) -> bool:
+    """``pid`` is alive and has ``key=value`` in its environment (so it is ours, not a recycled pid)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{key}={value}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def marked(key: str, value: str) -> list[int]:
+    """Every process of this node with ``key=value`` in its environment (a server and its engine processes)."""
+    return [p.pid for p in psutil.process_iter() if has_marker(p.pid, key, value)]
+
+
+# ---------------------------------------------------------------- ports
+def free_port(host: str = "127.0.0.1", *, start: int | None = None, span: int = 1,
+              scan: tuple[int, int] | None = None, step: int = 1) -> int:
+    """A port on ``host`` with ``span`` free ports from it.
+
+    By default any port the kernel picks; ``start``: the first free one from ``start`` up (easy to type in
+    an ``ssh -L`` line); ``scan=(low, high)``: a random one in that range, at multiples of ``step`` (a block
+    for a service that needs several ports, e.g. Ray's).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if start is None and scan is None:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    if start is not None:
+        candidates = list(range(start, start + 200))
+    else:
+        candidates = random.SystemRandom().sample(range(scan[0], scan[1], step), k=min(50, (scan[1] - scan[0]) // step))
+    for base in candidates:
+        try:
+            for port in range(base, base + span):
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return base
+    where = f"from {start}" if start is not None else f"in {scan[0]}-{scan[1]}"
+    raise OSError(f"no {span} free port(s) on {host} {where}")
+

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UsageError
 from . import gpus
-from .errors import UsageError
 
 LEVELS = (1, 2)
 

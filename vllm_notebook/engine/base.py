@@ -1,15 +1,25 @@
-"""``Engine``: one vLLM ``AsyncLLM`` driven from a private event-loop thread.
+"""``Engine``: the engine protocol, and the request machinery both back-ends share.
+
+An engine runs prompts on vLLM and streams their outputs back. There are two
+back-ends, and everything above them (magics, the panel, status, batches, chat)
+talks to this class only:
+
+- ``LocalEngine`` (``engine/local.py``): vLLM's ``AsyncLLM`` in this kernel;
+- ``ServerEngine`` (``server/client.py``): a vLLM OpenAI-compatible server over HTTP.
 
 Every public method is thread-safe and synchronous, so cells, widgets and user
-threads can share one engine; their requests meet in vLLM's scheduler and are
-batched there. Nothing here imports IPython; vLLM is imported on first load.
+threads can share one engine: requests go out from the engine's private
+event-loop thread and meet in vLLM's scheduler, which batches them. A back-end
+supplies how one request is sent (``_request``), aborted (``_abort``) and how its
+errors read (``_translate``); this class does the rest: submitting a batch at
+once, streaming, Ctrl-C and Stop, results, statistics, sleep and wake.
+Nothing here imports IPython or vLLM.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
-import atexit
-import gc
 import itertools
 import queue
 import threading
@@ -18,17 +28,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import gpus, logs, sleep_mode
-from .errors import EngineDiedError, EngineStartError, NoEngineError, RequestError, UsageError, VllmNotebookError
+from ..errors import RequestError, UsageError, VllmNotebookError
+from . import gpus
+from . import sleep as sleep_mode
 from .generation import Generation
-from .sleep_mode import SleepReport
+from .sleep import SleepReport
 
 _DONE = object()
 _ids = itertools.count()
-_ENGINES: dict[str, Engine] = {}
-_registry_lock = threading.RLock()
 
-Prompt = str | dict  # a text prompt, or {"prompt_token_ids": [...]}
+Prompt = str | dict  # a text prompt, {"prompt_token_ids": [...]}, or chat {"messages": [...]}
 
 
 @dataclass
@@ -41,7 +50,7 @@ class Stats:
 
 
 @dataclass
-class _Run:
+class Run:
     """The state of one call to ``Engine.run``: its requests and their latest outputs."""
 
     rids: list[str]
@@ -54,118 +63,113 @@ class _Run:
     done: bool = False
 
 
-class Engine:
-    """A running vLLM engine. Create with ``vllm_notebook.load``."""
+class Engine(abc.ABC):
+    """A running vLLM engine, in this kernel or behind a server. Create one with ``vllm_notebook.loader``."""
 
-    def __init__(self, name: str, args: Any, key: tuple, log_path: str, plan: dict | None = None):
+    record = None  # the registry record of a server vllm-notebook started (server back-end)
+    ray_cluster = None  # the Ray cluster a multi-node engine runs on
+
+    def __init__(self, name: str, key: tuple, log_path: str, plan: dict | None = None):
         self.name = name
-        self.args = args
-        self.key = key
+        self.key = key  # what identifies the configuration: a re-run of the same load reuses the engine
         self.log_path = str(log_path)
-        self.plan = plan or {}
+        self.plan = dict(plan or {})
         self.facts: dict[str, Any] = {}
         self.stats = Stats()
         self.usage: dict[str, Any] = {}  # the scheduler's latest KV-cache use and queue lengths
         self.load_seconds: float | None = None
-        self._llm = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
-        self._tokenizer = None
-        self._defaults: dict[str, Any] | None = None
-        self._groups: list[int] = []
-        self.ray_cluster = None  # the Ray cluster a multi-node engine runs on
-        self._announced_in: int | None = None
+        self._announced_in: int | None = None  # the cell that loaded it (its summary is shown there)
         self._asleep = 0  # the sleep level, 0 when awake
+        self.on_unload: list[Callable[[Engine], None]] = []  # run after the engine has stopped
 
-    # ---------------------------------------------------------------- start
-    def _start_loop(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"vllm-notebook:{self.name}", daemon=True
-        )
-        self._thread.start()
-
-    def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
-        self._start_loop()
-        from . import procs
-
-        groups_before = set(procs.started_groups())
-        t0 = time.monotonic()
-        fut = asyncio.run_coroutine_threadsafe(self._create(), self._loop)
-        phase = "starting engine"
-        shown = 0.0
-        try:
-            while True:
-                try:
-                    fut.result(timeout=0.05)  # the load returns within 50 ms of the engine being ready
-                    break
-                except TimeoutError:
-                    pass
-                if progress and time.monotonic() - shown >= 0.25:
-                    shown = time.monotonic()
-                    phase = logs.phase_of("\n".join(logs.tail(self.log_path, 30)), phase)
-                    progress(phase, time.monotonic() - t0)
-        except KeyboardInterrupt:
-            for pgid in set(procs.started_groups()) - groups_before:
-                procs.stop_group(pgid, timeout=2.0)
-            with _suppress():
-                fut.result(timeout=30)
-            self._stop_loop()
-            raise VllmNotebookError("load interrupted; the half-started engine was stopped") from None
-        except BaseException as exc:
-            self._stop_loop()
-            if isinstance(exc, VllmNotebookError):
-                raise
-            lines = logs.root_cause(self.log_path, exc)
-            msg = "; ".join(lines) or f"{type(exc).__name__}: {exc}"
-            raise EngineStartError(f"engine failed to start: {msg}  (full log: {self.log_path})") from None
-        self.load_seconds = time.monotonic() - t0
-        self._groups = [g for g in procs.started_groups() if g not in groups_before]
-
-    async def _create(self) -> None:
-        from .procs import own_process_group
-
-        with logs.capture_output(self.log_path), own_process_group():
-            from . import _vllm
-
-            logs.route_vllm_logs(self.log_path, _vllm.vllm_loggers())
-            try:
-                self._llm = _vllm.start_engine(self.args, self.usage)
-            finally:
-                logs.route_vllm_logs(self.log_path, _vllm.vllm_loggers())
-            self._tokenizer = _vllm.tokenizer(self._llm)
-            self.facts = _vllm.engine_facts(self._llm)
-
-    # ---------------------------------------------------------------- state
+    # ---------------------------------------------------------------- what a back-end provides
     @property
+    @abc.abstractmethod
     def alive(self) -> bool:
-        return self._llm is not None and not self._closed and not self._llm.errored
+        """The engine can answer (it may be asleep)."""
 
     @property
     def model(self) -> str:
-        return str(self.facts.get("model") or getattr(self.args, "model", ""))
+        return str(self.facts.get("model") or "")
+
+    @property
+    def owned(self) -> bool:
+        """Started by vllm-notebook, so ``unload`` stops it (an attached server is only detached)."""
+        return True
 
     @property
     def tokenizer(self):
-        return self._tokenizer
+        """The model's tokenizer where it lives in this process (in-kernel engines), else None."""
+        return None
 
+    @abc.abstractmethod
+    def _check_alive(self) -> None:
+        """Raise a one-line error if the engine is unloaded or dead."""
+
+    @abc.abstractmethod
+    def params(self, base: Any = None, overrides: dict[str, Any] | None = None) -> Any:
+        """Sampling for this engine: the model's defaults, then ``base`` (dict or SamplingParams), then ``overrides``."""
+
+    @abc.abstractmethod
+    def default_sampling(self) -> dict[str, Any]:
+        """The model's own sampling defaults, as the engine applies them."""
+
+    @abc.abstractmethod
+    def chat_prompt(self, messages: Sequence[dict]) -> dict:
+        """An engine prompt for one assistant reply to ``messages``."""
+
+    @abc.abstractmethod
+    def _prepare(self, params: Any, stream: bool) -> Any:
+        """The back-end's form of ``params`` for one run."""
+
+    @abc.abstractmethod
+    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue) -> None:
+        """Send one request; put ``(i, output)`` on ``q`` for each (cumulative) output."""
+
+    @abc.abstractmethod
+    def _abort(self, run: Run, pending: list[str]) -> None:
+        """Abort the requests ``pending`` of ``run``."""
+
+    @abc.abstractmethod
+    def _translate(self, exc: BaseException) -> BaseException:
+        """A one-line error for an exception raised while serving a request."""
+
+    @abc.abstractmethod
+    def _can_sleep(self) -> bool:
+        """Sleep mode is on for this engine."""
+
+    @abc.abstractmethod
+    async def _sleep(self, level: int) -> None: ...
+
+    @abc.abstractmethod
+    async def _wake(self, level: int) -> None: ...
+
+    @abc.abstractmethod
+    def unload(self) -> str:
+        """Stop the engine (or, for a server we did not start, detach); returns what was done."""
+
+    def detach(self) -> str:
+        """Stop using the engine from this kernel. For an in-kernel engine that is ``unload``."""
+        return self.unload()
+
+    def close_at_exit(self) -> None:
+        """At kernel exit: stop what lives only as long as this kernel (servers outlive it)."""
+        self.unload()
+
+    def refresh_usage(self) -> None:
+        """Update ``usage`` (KV-cache use, queue lengths) where the back-end must ask for it."""
+
+    # ---------------------------------------------------------------- state
     def _check(self) -> None:
         """Raise a one-line error unless the engine can take requests now."""
         self._check_alive()
         if self._asleep:
             raise UsageError(f"engine '{self.name}' is asleep (level {self._asleep}): "
                              "wake it with %vllm_wake (or .wake()) first")
-
-    def _check_alive(self) -> None:
-        if self._closed or self._llm is None:
-            raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
-        if self._llm.errored:
-            raise EngineDiedError(
-                f"engine '{self.name}' has died ({_dead_reason(self)}); "
-                f"run %vllm_load again to restart it  (log: {self.log_path})"
-            )
 
     @property
     def state(self) -> str:
@@ -177,42 +181,14 @@ class Engine:
         return f"asleep (level {self._asleep})" if self._asleep else "running"
 
     def __repr__(self) -> str:
-        return f"<Engine {self.name!r} model={self.model!r} {self.state}>"
+        return f"<{type(self).__name__} {self.name!r} model={self.model!r} {self.state}>"
 
-    def _repr_markdown_(self) -> str:
-        from .render import engine_markdown
-
-        return engine_markdown(self)
-
-    def _ipython_display_(self) -> None:
-        from .render import show_engine
-
-        show_engine(self)
-
-    def params(self, base: Any = None, overrides: dict[str, Any] | None = None):
-        """Sampling for this engine: the model's defaults, then ``base`` (dict or SamplingParams), then ``overrides``."""
-        from .sampling import build_params
-
-        return build_params(base, overrides, self.default_sampling())
-
-    def default_sampling(self) -> dict[str, Any]:
-        """The model's own sampling defaults (its generation_config), as vLLM applies them."""
-        if self._defaults is None:
-            from . import _vllm
-
-            self._defaults = _vllm.default_sampling(self._llm) if self._llm is not None else {}
-        return dict(self._defaults)
-
-    # ---------------------------------------------------------------- prompts
-    def chat_prompt(self, messages: Sequence[dict]) -> dict:
-        """Apply the model's chat template; returns an engine prompt with token ids."""
-        self._check()
-        tok = self._tokenizer
-        try:
-            text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # no template, bad roles, ...
-            raise RequestError(f"cannot apply the chat template of {self.model}: {exc}") from None
-        return {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
+    def _start_loop(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"vllm-notebook:{self.name}", daemon=True
+        )
+        self._thread.start()
 
     # ---------------------------------------------------------------- generation
     def run(
@@ -268,27 +244,17 @@ class Engine:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: Any = None, **sampling) -> Generation:
         """Generate for one prompt or a batch (submitted at once). Sampling as keyword arguments."""
-        return self.run(_as_batch(prompts), self.params(params, sampling))
+        return self.run(as_batch(prompts), self.params(params, sampling))
 
     def chat(self, messages: Sequence[dict], params: Any = None, **sampling) -> Generation:
         """One assistant reply to ``messages`` (OpenAI-style role/content dicts)."""
         return self.run([self.chat_prompt(messages)], self.params(params, sampling))
 
-    def _prepare(self, params: Any, stream: bool):
-        """The engine's form of ``params`` for one run (a copy; the caller's object is left alone)."""
-        from . import _vllm
-
-        if not isinstance(params, _vllm.SamplingParams):
-            params = self.params(params)
-        params = params.clone()
-        params.output_kind = _vllm.CUMULATIVE if stream else _vllm.FINAL_ONLY
-        return params
-
-    def _submit(self, prompts: Sequence[Prompt], params: Any, *, stream: bool) -> _Run:
+    def _submit(self, prompts: Sequence[Prompt], params: Any, *, stream: bool) -> Run:
         self._check()
         params = self._prepare(params, stream)
-        items = [_engine_prompt(p) for p in prompts]
-        run = _Run(rids=[f"{self.name}-{next(_ids)}" for _ in items], outputs=[None] * len(items))
+        items = [engine_prompt(p) for p in prompts]
+        run = Run(rids=[f"{self.name}-{next(_ids)}" for _ in items], outputs=[None] * len(items))
         run.params = params
         with self._lock:
             self.stats.running += len(items)
@@ -296,7 +262,7 @@ class Engine:
         run.future = asyncio.run_coroutine_threadsafe(self._drive(items, params, run), self._loop)
         return run
 
-    def _events(self, run: _Run, deadline: float | None = None,
+    def _events(self, run: Run, deadline: float | None = None,
                 stop_event: threading.Event | None = None) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, output)`` until the run ends (or ``deadline``); one-line errors on failure."""
         while True:
@@ -323,7 +289,7 @@ class Engine:
             run.outputs[i] = out
             yield i, out
 
-    def _stop_run(self, run: _Run) -> None:
+    def _stop_run(self, run: Run) -> None:
         """Abort what is still running and collect the final (partial) outputs, within ~1 s."""
         pending = [r for r, o in zip(run.rids, run.outputs) if o is None or not o.finished]
         if pending:
@@ -341,21 +307,12 @@ class Engine:
         if not run.done:
             run.future.cancel()
 
-    def _abort(self, run: _Run, pending: list[str]) -> None:
-        if self.alive:
-            fut = asyncio.run_coroutine_threadsafe(self._llm.abort(pending), self._loop)
-            with _suppress():
-                fut.result(timeout=1.0)
-
-    def _translate(self, exc: BaseException) -> BaseException:
-        return _translate(self, exc)
-
-    def _result(self, run: _Run, prompts: Sequence[Prompt], interrupted: bool) -> Generation:
+    def _result(self, run: Run, prompts: Sequence[Prompt], interrupted: bool) -> Generation:
         elapsed = time.monotonic() - run.started
         ttft = (run.first_token_at - run.started) if run.first_token_at else None
-        unfinished = sum(1 for o in run.outputs if o is None or not o.finished or _aborted(o))
+        unfinished = sum(1 for o in run.outputs if o is None or not o.finished or aborted(o))
         gen = Generation(
-            prompts=[_prompt_text(p) for p in prompts], outputs=run.outputs, params=run.params,
+            prompts=[prompt_text(p) for p in prompts], outputs=run.outputs, params=run.params,
             engine=self.name, elapsed=elapsed, ttft=ttft, interrupted=interrupted,
             aborted=unfinished if interrupted else 0,
         )
@@ -369,7 +326,7 @@ class Engine:
                     self.stats.output_tokens += sum(len(c.token_ids) for c in o.outputs)
         return gen
 
-    async def _drive(self, items, params, run: _Run) -> None:
+    async def _drive(self, items, params, run: Run) -> None:
         """Run every request of ``run`` concurrently; outputs and errors go to ``run.q``, then ``_DONE``."""
         q = run.q
 
@@ -385,10 +342,6 @@ class Engine:
             await asyncio.gather(*(one(i, p, r) for i, (p, r) in enumerate(zip(items, run.rids))))
         finally:
             q.put(_DONE)
-
-    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue) -> None:
-        async for out in self._llm.generate(prompt, params, rid):
-            q.put((i, out))
 
     # ---------------------------------------------------------------- sleep mode
     @property
@@ -427,21 +380,6 @@ class Engine:
         self._asleep = 0
         return SleepReport(self.name, "wake", level, time.monotonic() - t0, before, gpus.used_mib())
 
-    def _can_sleep(self) -> bool:
-        from . import _vllm
-
-        return _vllm.sleep_mode_enabled(self._llm)
-
-    async def _sleep(self, level: int) -> None:
-        from . import _vllm
-
-        await _vllm.sleep(self._llm, level)
-
-    async def _wake(self, level: int) -> None:
-        from . import _vllm
-
-        await _vllm.wake(self._llm, level)
-
     def _call(self, coro, timeout: float | None = None):
         """Run ``coro`` on the engine's loop and wait; Ctrl-C waits too (a half-done sleep is worse)."""
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -453,40 +391,6 @@ class Engine:
             except BaseException as exc:
                 raise self._translate(exc) from None
 
-    # ---------------------------------------------------------------- stop
-    def _at_exit(self) -> None:
-        """At kernel exit: stop what lives only as long as this kernel."""
-        self.unload()
-
-    def unload(self) -> str | None:
-        """Stop the engine and its processes and release their memory."""
-        with _registry_lock:
-            if _ENGINES.get(self.name) is self:
-                del _ENGINES[self.name]
-        if self._closed:
-            return
-        self._closed = True
-        llm, self._llm, self._tokenizer = self._llm, None, None
-        if llm is not None and self._loop is not None and self._loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(_shutdown(llm), self._loop)
-            with _suppress():
-                fut.result(timeout=60)
-        del llm
-        self._stop_loop()
-        from .procs import stop_group
-
-        for pgid in self._groups:  # anything vLLM's shutdown left behind
-            stop_group(pgid)
-        if self.ray_cluster is not None and self.ray_cluster.owned and not _uses_ray(exclude=self):
-            from . import ray_cluster
-
-            ray_cluster.down()
-        gc.collect()
-        with _suppress():
-            from . import _vllm
-
-            _vllm.free_memory()
-
     def _stop_loop(self) -> None:
         loop, self._loop = self._loop, None
         if loop is not None:
@@ -497,17 +401,14 @@ class Engine:
                 loop.close()
 
 
-async def _shutdown(llm) -> None:
-    from . import _vllm
-
-    _vllm.stop_engine(llm)
-
 
 class _Stopped(BaseException):
     """A run's stop_event was set (the panel's Stop button)."""
 
 
-class _suppress:
+class suppress_errors:
+    """``with suppress_errors():`` ignores errors, never Ctrl-C or exit."""
+
     def __enter__(self):
         return self
 
@@ -515,7 +416,7 @@ class _suppress:
         return exc[0] is not None and not issubclass(exc[0], KeyboardInterrupt | SystemExit)
 
 
-def _as_batch(prompts) -> list:
+def as_batch(prompts) -> list:
     if isinstance(prompts, str | dict):
         return [prompts]
     if isinstance(prompts, list | tuple) or hasattr(prompts, "tolist"):
@@ -527,7 +428,7 @@ def _as_batch(prompts) -> list:
                      f"not {type(prompts).__name__}")
 
 
-def _engine_prompt(p: Prompt):
+def engine_prompt(p: Prompt):
     if not isinstance(p, str | dict):
         raise UsageError(f"each prompt must be a str or {{'prompt_token_ids': [...]}}, not {type(p).__name__}")
     if isinstance(p, dict) and "prompt_token_ids" in p:
@@ -535,36 +436,23 @@ def _engine_prompt(p: Prompt):
     return p
 
 
-def _prompt_text(p: Prompt) -> str:
+def prompt_text(p: Prompt) -> str:
     if isinstance(p, dict):
         return str(p.get("prompt", p.get("prompt_token_ids", "")))
     return p
 
 
-def _aborted(o) -> bool:
+def aborted(o) -> bool:
     return any(c.finish_reason == "abort" for c in o.outputs)
 
 
-def _dead_reason(engine: Engine) -> str:
-    lines = logs.root_cause(engine.log_path)
-    return lines[-1] if lines else "its process exited"
 
-
-def _translate(engine: Engine, exc: BaseException) -> BaseException:
-    from . import _vllm
-
-    if isinstance(exc, VllmNotebookError):
-        return exc
-    if isinstance(exc, _vllm.EngineDeadError) or (engine._llm is not None and engine._llm.errored):
-        return EngineDiedError(
-            f"engine '{engine.name}' has died ({_dead_reason(engine)}); "
-            f"run %vllm_load again to restart it  (log: {engine.log_path})"
-        )
+def first_line(exc: BaseException) -> str:
+    """The first line of the innermost cause of ``exc`` (or its type's name)."""
     cause = exc
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return request_error(msg)
+    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
 
 
 def request_error(msg: str) -> RequestError:
@@ -572,52 +460,3 @@ def request_error(msg: str) -> RequestError:
     if "maximum context length" in msg or "maximum model length" in msg:
         msg += " — shorten the prompt, or load with a larger --max-model-len"
     return RequestError(msg)
-
-
-# -------------------------------------------------------------------- registry
-def engines() -> dict[str, Engine]:
-    """The loaded engines, by name."""
-    with _registry_lock:
-        return dict(_ENGINES)
-
-
-def get_engine(name: str | None = None) -> Engine:
-    """The engine called ``name``; with no name, the only one (or ``default``)."""
-    with _registry_lock:
-        if name is None:
-            if len(_ENGINES) == 1:
-                return next(iter(_ENGINES.values()))
-            name = "default"
-        eng = _ENGINES.get(name)
-    if eng is None:
-        loaded = ", ".join(sorted(_ENGINES)) or "none"
-        hint = "load one with %vllm_load MODEL" if not _ENGINES else f"loaded: {loaded}; pick one with --name"
-        raise NoEngineError(f"no engine named '{name}' — {hint}")
-    return eng
-
-
-def unload_all() -> None:
-    for eng in list(engines().values()):
-        eng.unload()
-
-
-def _uses_ray(exclude: Engine) -> bool:
-    return any(e.ray_cluster is not None for e in engines().values() if e is not exclude)
-
-
-def shutdown() -> None:
-    """At exit (kernel shutdown, %unload_ext): every in-kernel engine (servers live on), then our Ray cluster."""
-    for eng in list(engines().values()):
-        eng._at_exit()
-    import sys
-
-    if "vllm_notebook.ray_cluster" in sys.modules:
-        sys.modules["vllm_notebook.ray_cluster"].down()
-
-
-def _register(engine: Engine) -> None:
-    with _registry_lock:
-        _ENGINES[engine.name] = engine
-
-
-atexit.register(shutdown)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from ..errors import VllmNotebookError
+from ..ui import render
+
+
 class Generation:
     """Outputs of one generate call.
 
@@ -83,8 +87,6 @@ class Generation:
         try:
             import pandas as pd
         except ImportError:
-            from .errors import VllmNotebookError
-
             raise VllmNotebookError("to_pandas() needs pandas: pip install pandas") from None
         return pd.DataFrame.from_records(self.to_records())
 
@@ -106,17 +108,11 @@ class Generation:
         return len(self.prompts) == 1 and len(self.texts) <= 1
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        from . import render
-
         return render.bundle(self)
 
     def _repr_pretty_(self, p, cycle) -> None:
-        from . import render
-
         p.text(render.plain(self))
 
     def _ipython_display_(self) -> None:
         """Show the result where it streamed (once), otherwise as a new output."""
-        from . import render
-
         render.show(self)

@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ModelNotFoundError, VllmNotebookError
+from ..errors import ModelNotFoundError, VllmNotebookError
+from .hub import ask_hub, cache_dir, endpoint, fetch_hint, offline
 
 
 def resolve(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
@@ -26,7 +27,6 @@ def resolve(model: str, revision: str | None = None, download_dir: str | None = 
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
-    from .hub import cache_dir
 
     try:
         cached = try_to_load_from_cache(model, "config.json", cache_dir=str(cache_dir(download_dir)),
@@ -45,7 +45,6 @@ def from_cache(model: str, path: str) -> bool:
 
 def _check_hub(model: str, revision: str | None, download_dir: str | None = None) -> str:
     """Not cached: ask the Hub quickly, so an offline node fails in seconds, not minutes."""
-    from .hub import ask_hub, cache_dir, endpoint, fetch_hint, offline
 
     where = f"{model}{'@' + revision if revision else ''} is not in the Hugging Face cache ({cache_dir(download_dir)})"
     if offline():

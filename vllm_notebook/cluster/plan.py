@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import UsageError
+from ..errors import UsageError
+
 
 class PlanError(UsageError):
     """The requested parallel layout does not fit the allocation or the model."""

@@ -16,8 +16,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError, VllmNotebookError
-from .tables import Table
+from .. import logs
+from ..errors import ModelNotFoundError, VllmNotebookError
+from ..ui.tables import Table
 
 # Weights vLLM loads, best first: only the first kind a repository has is fetched.
 WEIGHT_KINDS = (("*.safetensors", "model.safetensors.index.json"), ("*.bin", "pytorch_model.bin.index.json"),
@@ -56,7 +57,12 @@ def ask_hub(model: str, revision: str | None, *, unreachable: str, then: str, ti
             files_metadata: bool = False, token: str | None = None):
     """The Hub's ``model_info``, every failure as one line: gated, unknown, bad revision, unreachable."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return HfApi(endpoint=endpoint(), token=token).model_info(model, revision=revision, timeout=timeout,
@@ -89,7 +95,7 @@ def select_files(names: list[str]) -> list[str]:
     return sorted({n for n in keep if n not in is_weight and n not in index_files} | set(weights))
 
 
-def _human(n: float) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -124,9 +130,9 @@ def download(model: str, revision: str | None = None, include: list[str] | None 
                                 f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
     need, free = sum(sizes[n] for n in wanted), _free_bytes(cache)
     if need > free:
-        raise VllmNotebookError(f"{model} needs {_human(need)} but {cache} has {_human(free)} free: point HF_HOME "
+        raise VllmNotebookError(f"{model} needs {human_size(need)} but {cache} has {human_size(free)} free: point HF_HOME "
                                 "at a larger filesystem (e.g. project or scratch space) and download again")
-    print(f"downloading {len(wanted)} of {len(names)} files of {model} ({_human(need)}) into {cache}")
+    print(f"downloading {len(wanted)} of {len(names)} files of {model} ({human_size(need)}) into {cache}")
     try:
         path = snapshot_download(model, revision=info.sha, allow_patterns=wanted, cache_dir=str(cache),
                                  endpoint=endpoint(), token=token)
@@ -182,8 +188,6 @@ def _architectures(folder: Path) -> list[str]:
 
 def _supported_architectures() -> set[str] | None:
     try:
-        from . import logs
-
         return logs.import_vllm().supported_architectures()
     except ImportError:
         return None
@@ -198,7 +202,7 @@ class ModelTable(Table):
 
     def rows(self) -> list[tuple[str, ...]]:
         yes = {True: "supported", False: "NOT supported", None: "? (vLLM not installed)"}
-        return [(m.repo_id, m.revision[:10], ",".join(m.refs) or "-", _human(m.size),
+        return [(m.repo_id, m.revision[:10], ",".join(m.refs) or "-", human_size(m.size),
                  ",".join(m.architectures) or "(no config.json)", yes[m.supported]) for m in self.models]
 
     def title(self) -> str:

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Engine, _register, _registry_lock, _Run, _suppress, request_error
-from .errors import EngineDiedError, NoEngineError, RequestError, VllmNotebookError
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from ..engine import registry as engine_registry
+from ..engine.base import Engine, Run, first_line, request_error, suppress_errors
+from ..engine.sampling import request_fields
+from ..errors import (
+    AuthRefusedError,
+    EngineDiedError,
+    NoEngineError,
+    RequestError,
+    VllmNotebookError,
+)
+from . import process, registry
+from .http import auth_header, error_message, get_json, healthy, metrics
 
 
 # ------------------------------------------------------------------ results shaped like vLLM's
@@ -68,82 +73,15 @@ class RequestOutput:
         self.finished = bool(self.outputs) and all(c.finish_reason for c in self.outputs)
 
 
-# ------------------------------------------------------------------ plain HTTP (health, models, metrics)
-def _auth(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def healthy(url: str, timeout: float = 2.0, api_key: str | None = None) -> bool:
-    """The server answers ``/health`` with 200 (servers we start want the key on every path)."""
-    try:
-        with _NO_PROXY.open(urllib.request.Request(f"{url}/health", headers=_auth(api_key)), timeout=timeout) as r:
-            return r.status == 200
-    except (OSError, ValueError):
-        return False
-
-
-def get_json(url: str, path: str, api_key: str | None, timeout: float = 10.0) -> Any:
-    req = urllib.request.Request(f"{url}{path}", headers=_auth(api_key))
-    try:
-        with _NO_PROXY.open(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            raise VllmNotebookError(f"the server at {url} refused the API key (401 Unauthorized): "
-                                    "give the right one with --api-key-file FILE") from None
-        raise VllmNotebookError(f"the server at {url} answered {exc.code} to {path}: {_message(exc.read())}") from None
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise VllmNotebookError(f"cannot reach a vLLM server at {url} ({reason})") from None
-
-
-def metrics(url: str, timeout: float = 2.0, api_key: str | None = None) -> dict[str, float]:
-    """KV-cache use and queue lengths from the server's Prometheus ``/metrics``."""
-    wanted = {"vllm:kv_cache_usage_perc": "kv_cache_usage", "vllm:num_requests_running": "running",
-              "vllm:num_requests_waiting": "waiting"}
-    out: dict[str, float] = {}
-    try:
-        with _NO_PROXY.open(urllib.request.Request(f"{url}/metrics", headers=_auth(api_key)), timeout=timeout) as r:
-            text = r.read().decode(errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        m = re.match(r"^([\w:]+)(?:\{[^}]*\})?\s+([-+\d.eE]+|NaN)$", line)
-        if m and m.group(1) in wanted:
-            out[wanted[m.group(1)]] = out.get(wanted[m.group(1)], 0.0) + float(m.group(2))
-    for k in ("running", "waiting"):
-        if k in out:
-            out[k] = int(out[k])
-    return out
-
-
-def _message(body: bytes | str) -> str:
-    """The first useful line of an error response of vLLM's server."""
-    try:
-        data = json.loads(body)
-        err = data.get("error", data)
-        text = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-    except (ValueError, AttributeError):
-        text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()] or ["(no message)"]
-    if re.match(r"^\d+ validation errors?", lines[0]) and len(lines) > 1:
-        m = re.search(r"'msg': '([^']*)'.*'loc': '([^']*)'|'loc': '([^']*)'.*'msg': '([^']*)'", lines[1])
-        if m:
-            loc, msg = (m.group(2), m.group(1)) if m.group(1) else (m.group(3), m.group(4))
-            return f"{loc.removeprefix('body.')}: {msg}"
-        return lines[1]
-    return lines[0]
-
-
 # ------------------------------------------------------------------ the engine
 class ServerEngine(Engine):
     """An engine that is a vLLM server: one we started (``record``) or any we attached to."""
 
     def __init__(self, name: str, url: str, api_key: str | None, record=None, model: str | None = None):
-        super().__init__(name, None, ("server", record.id if record is not None else url),
+        super().__init__(name, ("server", record.id if record is not None else url),
                          record.log if record is not None else "", plan=dict(record.plan) if record is not None else {})
         self.url = url.rstrip("/")
-        self.record = record
+        self.record: registry.ServerRecord | None = record
         self._api_key = api_key  # never printed, logged or stored
         self._wanted = model
         self._client = None
@@ -155,7 +93,7 @@ class ServerEngine(Engine):
         return self.record is not None
 
     def __repr__(self) -> str:
-        state = "running" if self.alive else ("detached" if self._closed else "gone")
+        state = "detached" if self._closed else self.state
         return f"<ServerEngine {self.name!r} model={self.model!r} url={self.url!r} {state}>"
 
     # ---------------------------------------------------------------- connect
@@ -177,7 +115,7 @@ class ServerEngine(Engine):
         import httpx
 
         self._start_loop()
-        headers = _auth(self._api_key)
+        headers = auth_header(self._api_key)
         # trust_env=False: a cluster's HTTP(S)_PROXY must not capture requests to a node-local server.
         self._client = httpx.AsyncClient(
             base_url=self.url, headers=headers, trust_env=False,
@@ -194,9 +132,7 @@ class ServerEngine(Engine):
     def _process_alive(self) -> bool:
         if self.record is None or not self.record.here:
             return True
-        from .servers import _is_server
-
-        return _is_server(self.record.pid, self.record.id)
+        return self.record.alive()
 
     def _check_alive(self) -> None:
         if self._closed or self._client is None:
@@ -215,8 +151,6 @@ class ServerEngine(Engine):
         return {}  # the server applies the model's generation_config itself
 
     def params(self, base: Any = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        from .sampling import request_fields
-
         return request_fields(base, overrides)
 
     def refresh_usage(self) -> None:
@@ -270,7 +204,7 @@ class ServerEngine(Engine):
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise request_error(_message(json.dumps(chunk)))
+                    raise request_error(error_message(json.dumps(chunk)))
                 out.apply(chunk, chat)
                 q.put((i, out))
         if not out.finished:  # the stream ended without finish reasons (server shutting down)
@@ -278,11 +212,11 @@ class ServerEngine(Engine):
 
     def _http_error(self, status: int, content: bytes) -> VllmNotebookError:
         if status == 401:
-            return RequestError(f"the server at {self.url} refused the API key (401 Unauthorized)")
-        msg = _message(content)
+            return AuthRefusedError(self.url)
+        msg = error_message(content)
         return request_error(msg if status == 400 else f"server error {status}: {msg}")
 
-    def _abort(self, run: _Run, pending: list[str]) -> None:
+    def _abort(self, run: Run, pending: list[str]) -> None:
         """Cancel the HTTP requests: closing a connection makes vLLM's server abort its request."""
         if run.future is not None:
             run.future.cancel()
@@ -298,7 +232,7 @@ class ServerEngine(Engine):
                     f"no answer: {type(exc).__name__}"
                 return self._died()
             return RequestError(f"the connection to the server at {self.url} failed: {exc or type(exc).__name__}")
-        return super()._translate(exc)
+        return request_error(first_line(exc))
 
     # ---------------------------------------------------------------- sleep mode (vLLM's dev endpoints)
     def _sleep_level_now(self) -> int:
@@ -307,7 +241,7 @@ class ServerEngine(Engine):
             sleeping = bool(get_json(self.url, "/is_sleeping", self._api_key, timeout=5.0).get("is_sleeping"))
         except VllmNotebookError:  # 404: no dev endpoints, so no sleep mode
             return 0
-        recorded = getattr(self.record, "asleep", 0) if self.record is not None else 0
+        recorded = self.record.asleep if self.record is not None else 0
         return (recorded or 1) if sleeping else 0
 
     def _can_sleep(self) -> bool:
@@ -338,25 +272,19 @@ class ServerEngine(Engine):
     def _remember_sleep(self, level: int) -> None:
         """Keep the level in the registry, so a restarted kernel knows how to wake the server."""
         if self.record is not None:
-            from . import servers
-
             self.record.asleep = level
-            servers.update(self.record)
+            registry.update(self.record)
 
     # ---------------------------------------------------------------- stop
     def _close(self) -> bool:
-        with _registry_lock:
-            from .engine import _ENGINES
-
-            if _ENGINES.get(self.name) is self:
-                del _ENGINES[self.name]
+        engine_registry.unregister(self)
         if self._closed:
             return False
         self._closed = True
         client, self._client = self._client, None
         if client is not None and self._loop is not None and self._loop.is_running():
             fut = asyncio.run_coroutine_threadsafe(client.aclose(), self._loop)
-            with _suppress():
+            with suppress_errors():
                 fut.result(timeout=5)
         self._stop_loop()
         return True
@@ -366,7 +294,7 @@ class ServerEngine(Engine):
         self._close()
         return f"detached from the server at {self.url} (still running)"
 
-    def _at_exit(self) -> None:
+    def close_at_exit(self) -> None:
         self._close()  # a server outlives the kernel: that is its point
 
     def unload(self) -> str:
@@ -374,9 +302,7 @@ class ServerEngine(Engine):
         self._close()
         if not self.owned:
             return f"detached from the server at {self.url} (not stopped: vllm-notebook did not start it)"
-        from . import servers
-
-        servers.stop(self.record)
+        process.stop(self.record)
         return f"stopped the server at {self.url} ({self.model})"
 
     def _repr_markdown_(self) -> str:
@@ -392,16 +318,12 @@ class ServerEngine(Engine):
 
 def connect(name: str, url: str, api_key: str | None, record=None, model: str | None = None) -> ServerEngine:
     """Attach to a running server and register it as engine ``name`` (replacing an older one)."""
-    from .engine import engines
-
-    old = engines().get(name)
     eng = ServerEngine(name, url, api_key, record=record, model=model)
     eng._start()
-    if old is not None and old is not eng:
-        if isinstance(old, ServerEngine) and old.record is not None and record is not None \
-                and old.record.id == record.id:
-            old._close()
+    old = engine_registry.register(eng)
+    if old is not None:
+        if old.record is not None and record is not None and old.record.id == record.id:
+            old.detach()  # the same server: only this kernel's connection goes
         else:
             old.unload()
-    _register(eng)
     return eng

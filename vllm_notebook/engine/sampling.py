@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 DEFAULT_MAX_TOKENS = 256
 STRUCTURED = ("json", "regex", "choice", "grammar")
@@ -39,7 +39,7 @@ def merge(base: Any = None, overrides: Mapping[str, Any] | None = None,
 
 def build_params(base: Any = None, overrides: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None):
     """One vLLM ``SamplingParams`` from :func:`merge`'s layers, validated by vLLM."""
-    from . import _vllm
+    from . import vllm_api as _vllm
 
     merged, structured = merge(base, overrides, defaults)
     try:
@@ -81,7 +81,7 @@ def _as_dict(base: Any) -> dict[str, Any]:
         return dict(base)
     if type(base).__name__ != "SamplingParams":
         raise UsageError(f"sampling parameters must be a dict or SamplingParams, not {type(base).__name__}")
-    from . import _vllm
+    from . import vllm_api as _vllm
 
     if isinstance(base, _vllm.SamplingParams):
         out = {}

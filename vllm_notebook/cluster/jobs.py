@@ -1,4 +1,4 @@
-"""Getting Jupyter (or a server) onto a compute node: kernelspecs, ``jupyter``, ``serve``, sbatch scripts."""
+"""Getting Jupyter onto a compute node: kernelspecs, ``jupyter``, sbatch scripts, ``ssh -L`` lines."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import secrets
 import shlex
 import socket
 import sys
-import time
 
-from .errors import VllmNotebookError
+from .. import procs
+from ..errors import VllmNotebookError
+from .allocation import Allocation
 
 # What a kernel on a cluster needs from the environment it was installed from.
 CARRIED = ("PATH", "LD_LIBRARY_PATH", "CUDA_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT",
@@ -42,17 +43,6 @@ def install_kernel(name: str = "vllm-notebook", display_name: str | None = None,
 
 
 # ------------------------------------------------------------------ jupyter on a compute node
-def _free_port(host: str, start: int = 8888) -> int:
-    for port in range(start, start + 200):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise VllmNotebookError(f"no free port on {host} between {start} and {start + 199}")
-
-
 def connection_lines(addr: str, port: int, node: str, path: str = "/lab", token: str | None = None) -> list[str]:
     """What to type on a laptop to reach ``addr:port`` on a compute node through the login node."""
     login = os.environ.get("SLURM_SUBMIT_HOST") or os.environ.get("SLURM_CLUSTER_NAME") or "LOGIN-NODE"
@@ -67,7 +57,6 @@ def jupyter(port: int | None = None, lab_args: list[str] | None = None, dry_run:
     """Start JupyterLab on this compute node, bound to its address, and print how to reach it."""
     import importlib.util
 
-    from .allocation import Allocation
 
     if importlib.util.find_spec("jupyterlab") is None:
         raise VllmNotebookError("JupyterLab is not installed in this environment: pip install jupyterlab")
@@ -81,7 +70,10 @@ def jupyter(port: int | None = None, lab_args: list[str] | None = None, dry_run:
     else:
         node = alloc.node_name or socket.gethostname()
         addr = alloc.node_addr(node)
-    port = port or _free_port(addr)
+    try:
+        port = port or procs.free_port(addr, start=8888)
+    except OSError as exc:
+        raise VllmNotebookError(str(exc)) from None
     token = secrets.token_hex(24)
     job = f", job {alloc.job_id}" if alloc.job_id else ""
     print(f"JupyterLab on {node} at {addr}:{port}{job}")
@@ -98,38 +90,6 @@ def jupyter(port: int | None = None, lab_args: list[str] | None = None, dry_run:
     env = {**os.environ, "JUPYTER_TOKEN": token}  # not on the command line, where `ps` shows it
     os.execve(sys.executable, cmd, env)
     return 0  # pragma: no cover
-
-
-def serve(argv: list[str]) -> int:
-    """``vllm-notebook serve MODEL [flags]``: a server for notebooks elsewhere (an sbatch job); runs until stopped."""
-    import signal
-
-    from . import servers
-    from .allocation import Allocation
-    from .loader import load_from_argv
-
-    if "--host" not in argv:
-        alloc = Allocation.from_env()
-        argv = [*argv, "--host", alloc.node_addr() if alloc.source == "slurm" else "127.0.0.1"]
-    eng = load_from_argv([*argv, "--server", "--name", "serve"])
-    rec = eng.record
-    print(f"serving {rec.model} at {rec.url} (pid {rec.pid}, log {rec.log})")
-    print(f"in a notebook:   %vllm_load --attach {rec.url} --api-key-file {rec.key_file}")
-    if rec.host not in ("127.0.0.1", "localhost", "::1"):
-        for line in connection_lines(rec.host, rec.port, rec.node, path="/v1/models")[:2]:
-            print(line)
-    sys.stdout.flush()
-    eng.detach()
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop and servers._is_server(rec.pid, rec.id):
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    servers.stop(rec)
-    print("server stopped")
-    return 0
 
 
 # ------------------------------------------------------------------ sbatch

@@ -15,7 +15,8 @@ import time
 
 import ipywidgets as widgets
 
-from .errors import VllmNotebookError
+from ..engine.registry import engines, get_engine
+from ..errors import VllmNotebookError
 
 _STATUS = {"idle": "#2e7d32", "generating": "#1565c0", "error": "#c62828"}
 
@@ -218,14 +219,10 @@ class PromptPanel(widgets.VBox):
                                                  "stop": stops or None})
 
     def _engine(self):
-        from .engine import get_engine
-
         self._refresh_engines()
         return get_engine(self._engine_name)
 
     def _refresh_engines(self) -> None:
-        from .engine import engines
-
         names = sorted(engines())
         self._picker.options = names
         if self._engine_name is None and names:  # none asked for: the only one, or 'default'
@@ -235,8 +232,6 @@ class PromptPanel(widgets.VBox):
         self._picker.layout.display = "" if len(names) > 1 else "none"
 
     def _set_status(self, status: str) -> None:
-        from .engine import engines
-
         self._status = status
         eng = engines().get(self._engine_name) if self._engine_name else None
         if eng is None:

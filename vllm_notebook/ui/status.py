@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from ..engine.registry import engines
+
 
 def _rss_mb(pid: int) -> float:
     import psutil
@@ -35,12 +37,9 @@ class Status:
 
         import psutil
 
-        from .engine import engines
-
         rows = []
         for name, eng in sorted(engines().items()):
-            if hasattr(eng, "refresh_usage"):
-                eng.refresh_usage()
+            eng.refresh_usage()
             f, st = eng.facts, eng.stats
             rows.append({
                 "engine": name, "model": eng.model, "state": eng.state,

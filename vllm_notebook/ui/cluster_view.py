@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from ..engine.registry import engines
+
 
 @dataclass
 class ClusterView:
@@ -12,8 +14,6 @@ class ClusterView:
 
     @classmethod
     def collect(cls, alloc, cluster) -> ClusterView:
-        from .engine import engines
-
         rows = list(alloc.rows())
         left = alloc.time_left()
         if left is not None:

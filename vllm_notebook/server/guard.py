@@ -4,7 +4,7 @@ vLLM's own check guards only ``/v1``-style paths; ``/health``, ``/metrics``,
 ``/tokenize``, ``/invocations`` and, with ``VLLM_SERVER_DEV_MODE=1`` (needed for
 sleep mode), ``/sleep``, ``/wake_up`` and ``/collective_rpc`` answer anyone who
 reaches the port: on a shared node, every other user. ``servers.start`` passes
-``--middleware vllm_notebook.server_guard.RequireKey``; the key is read from the
+``--middleware vllm_notebook.server.guard.RequireKey``; the key is read from the
 server's environment (``VLLM_API_KEY``), where it already is. Standard library only:
 this runs inside the server process.
 """

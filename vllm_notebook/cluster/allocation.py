@@ -14,10 +14,10 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .errors import VllmNotebookError
+from ..errors import VllmNotebookError
 
 
 class AllocationError(VllmNotebookError):

@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ... import paths
+
 RECIPE_VERSION = 2
 _HERE = Path(__file__).parent
 CHAT_TEMPLATE = (
@@ -30,15 +32,6 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer briefly."]
-
-
-def cache_root() -> Path:
-    """Where vllm-notebook caches what it builds (``$VLLM_NOTEBOOK_CACHE``)."""
-    env = os.environ.get("VLLM_NOTEBOOK_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "vllm-notebook"
 
 
 def _sources() -> tuple[list[str], list[tuple[str, str]]]:
@@ -64,7 +57,7 @@ def demo_model(path: str | os.PathLike | None = None, *, rebuild: bool = False) 
     ``path`` overrides the cache location. Safe to call from several processes
     at once: one builds, the others wait for it.
     """
-    target = Path(path) if path else cache_root() / f"demo-llama-{_fingerprint()}"
+    target = Path(path) if path else paths.cache_root() / f"demo-llama-{_fingerprint()}"
     if (target / "config.json").exists() and not rebuild:
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import VllmNotebookError
+from .. import procs
+from ..errors import VllmNotebookError
+from ..logs import tail
 
 PORT_SPAN = 20  # fixed ports per node
 JOINED = ("This command will now block forever", "Ray runtime started")
@@ -69,8 +70,6 @@ class RayCluster:
         """Stop what we started: every node's Ray (through its runner or srun). Never an attached cluster."""
         if not self.owned:
             return
-        from .procs import _guard
-
         for n in self.nodes:
             if n.proc.poll() is None:
                 n.proc.send_signal(signal.SIGTERM)
@@ -81,7 +80,7 @@ class RayCluster:
             except subprocess.TimeoutExpired:
                 n.proc.kill()
                 n.proc.wait(5)
-            _guard(n.proc.pid, add=False)
+            procs.guard(n.proc.pid, add=False)
         self.nodes = []
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -115,17 +114,10 @@ def _ray_exe() -> str:
 
 def _free_base(host: str) -> int:
     """A base port with PORT_SPAN free ports above it, outside Ray's worker range (10002-19999)."""
-    rng = secrets.SystemRandom()
-    for _ in range(50):
-        base = rng.randrange(20000, 28000, PORT_SPAN)
-        try:
-            for port in range(base, base + 8):
-                with socket.socket() as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return base
-    raise RayClusterError(f"no free ports for Ray on {host}")
+    try:
+        return procs.free_port(host, scan=(20000, 28000), span=8, step=PORT_SPAN)
+    except OSError as exc:
+        raise RayClusterError(f"no free ports for Ray on {host}: {exc}") from None
 
 
 def _node_flags(i: int, base: int, head: str | None, ip: str, gpus: int, cpus: int, tmp: Path) -> list[str]:
@@ -145,7 +137,6 @@ def _node_flags(i: int, base: int, head: str | None, ip: str, gpus: int, cpus: i
 
 def start(alloc, *, timeout: float = 180) -> RayCluster:
     """Start a head here and a worker on every other node of the allocation; wait for all of them."""
-    from .procs import _guard, new_group
 
     if alloc.num_nodes > 1 and not shutil.which("srun"):
         raise RayClusterError("could not find srun: is this a Slurm cluster?")
@@ -177,8 +168,8 @@ def start(alloc, *, timeout: float = 180) -> RayCluster:
             log = root / f"{node}.log"
             with open(log, "w") as f:
                 proc = subprocess.Popen(ray_cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, **new_group())
-            _guard(proc.pid)
+                                        stdin=subprocess.DEVNULL, **procs.new_group())
+            procs.guard(proc.pid)
             cluster.nodes.append(NodeProc(node, ip, proc, log))
             if i == 0:  # workers need the head's GCS
                 _wait_joined(cluster, [cluster.nodes[0]], timeout)
@@ -220,7 +211,6 @@ def _wait_resources(cluster: RayCluster, nodes: int, gpus: int, timeout: float) 
 
 
 def _tail(path: Path, n: int = 3) -> str:
-    from .logs import tail
 
     lines = [ln.strip() for ln in tail(path, 40) if ln.strip()]
     return " | ".join(lines[-n:]) or f"(empty log {path})"
@@ -265,10 +255,8 @@ def release() -> list[int]:
     cluster, _current = _current, None
     if cluster is None or not cluster.owned:
         return []
-    from .procs import _guard
-
     for n in cluster.nodes:
-        _guard(n.proc.pid, add=False)
+        procs.guard(n.proc.pid, add=False)
     return [n.proc.pid for n in cluster.nodes]
 
 

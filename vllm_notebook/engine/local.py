@@ -1,0 +1,222 @@
+"""``LocalEngine``: the engine back-end that runs vLLM's ``AsyncLLM`` inside this kernel.
+
+vLLM is imported on the first load, through ``vllm_api`` (the one module that
+touches vLLM). The engine's processes lead process groups of their own
+(``procs.own_process_group``), so Jupyter's interrupt never reaches them; Ctrl-C
+aborts requests instead (``Engine.run``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import queue
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .. import logs, procs
+from ..errors import (
+    EngineDiedError,
+    EngineStartError,
+    NoEngineError,
+    RequestError,
+    VllmNotebookError,
+)
+from ..ui import render
+from . import registry
+from .base import Engine, Run, first_line, request_error, suppress_errors
+from .sampling import build_params
+
+
+class LocalEngine(Engine):
+    """vLLM's ``AsyncLLM`` driven from a private event-loop thread of this kernel."""
+
+    def __init__(self, name: str, args: Any, key: tuple, log_path: str, plan: dict | None = None):
+        super().__init__(name, key, log_path, plan)
+        self.args = args  # vLLM's AsyncEngineArgs
+        self._llm = None
+        self._tokenizer = None
+        self._defaults: dict[str, Any] | None = None
+        self._groups: list[int] = []
+
+    def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
+        self._start_loop()
+        groups_before = set(procs.started_groups())
+        t0 = time.monotonic()
+        fut = asyncio.run_coroutine_threadsafe(self._create(), self._loop)
+        phase = "starting engine"
+        shown = 0.0
+        try:
+            while True:
+                try:
+                    fut.result(timeout=0.05)  # the load returns within 50 ms of the engine being ready
+                    break
+                except TimeoutError:
+                    pass
+                if progress and time.monotonic() - shown >= 0.25:
+                    shown = time.monotonic()
+                    phase = logs.phase_of("\n".join(logs.tail(self.log_path, 30)), phase)
+                    progress(phase, time.monotonic() - t0)
+        except KeyboardInterrupt:
+            for pgid in set(procs.started_groups()) - groups_before:
+                procs.stop_group(pgid, timeout=2.0)
+            with suppress_errors():
+                fut.result(timeout=30)
+            self._stop_loop()
+            raise VllmNotebookError("load interrupted; the half-started engine was stopped") from None
+        except BaseException as exc:
+            self._stop_loop()
+            if isinstance(exc, VllmNotebookError):
+                raise
+            lines = logs.root_cause(self.log_path, exc)
+            msg = "; ".join(lines) or f"{type(exc).__name__}: {exc}"
+            raise EngineStartError(f"engine failed to start: {msg}  (full log: {self.log_path})") from None
+        self.load_seconds = time.monotonic() - t0
+        self._groups = [g for g in procs.started_groups() if g not in groups_before]
+
+    async def _create(self) -> None:
+        with logs.capture_output(self.log_path), procs.own_process_group():
+            from . import vllm_api
+
+            logs.route_vllm_logs(self.log_path, vllm_api.vllm_loggers())
+            try:
+                self._llm = vllm_api.start_engine(self.args, self.usage)
+            finally:
+                logs.route_vllm_logs(self.log_path, vllm_api.vllm_loggers())
+            self._tokenizer = vllm_api.tokenizer(self._llm)
+            self.facts = vllm_api.engine_facts(self._llm)
+
+    # ---------------------------------------------------------------- state
+    @property
+    def alive(self) -> bool:
+        return self._llm is not None and not self._closed and not self._llm.errored
+
+    @property
+    def model(self) -> str:
+        return str(self.facts.get("model") or getattr(self.args, "model", ""))
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def _check_alive(self) -> None:
+        if self._closed or self._llm is None:
+            raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
+        if self._llm.errored:
+            raise _died(self)
+
+    def _repr_markdown_(self) -> str:
+        return render.engine_markdown(self)
+
+    def _ipython_display_(self) -> None:
+        render.show_engine(self)
+
+    def params(self, base: Any = None, overrides: dict[str, Any] | None = None):
+        """Sampling for this engine: the model's defaults, then ``base`` (dict or SamplingParams), then ``overrides``."""
+        return build_params(base, overrides, self.default_sampling())
+
+    def default_sampling(self) -> dict[str, Any]:
+        """The model's own sampling defaults (its generation_config), as vLLM applies them."""
+        if self._defaults is None:
+            from . import vllm_api
+
+            self._defaults = vllm_api.default_sampling(self._llm) if self._llm is not None else {}
+        return dict(self._defaults)
+
+    # ---------------------------------------------------------------- prompts
+    def chat_prompt(self, messages: Sequence[dict]) -> dict:
+        """Apply the model's chat template; returns an engine prompt with token ids."""
+        self._check()
+        tok = self._tokenizer
+        try:
+            text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # no template, bad roles, ...
+            raise RequestError(f"cannot apply the chat template of {self.model}: {exc}") from None
+        return {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
+
+    def _prepare(self, params: Any, stream: bool):
+        """The engine's form of ``params`` for one run (a copy; the caller's object is left alone)."""
+        from . import vllm_api
+
+        if not isinstance(params, vllm_api.SamplingParams):
+            params = self.params(params)
+        params = params.clone()
+        params.output_kind = vllm_api.CUMULATIVE if stream else vllm_api.FINAL_ONLY
+        return params
+
+    def _abort(self, run: Run, pending: list[str]) -> None:
+        if self.alive:
+            fut = asyncio.run_coroutine_threadsafe(self._llm.abort(pending), self._loop)
+            with suppress_errors():
+                fut.result(timeout=1.0)
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        from . import vllm_api
+
+        if isinstance(exc, VllmNotebookError):
+            return exc
+        if isinstance(exc, vllm_api.EngineDeadError) or (self._llm is not None and self._llm.errored):
+            return _died(self)
+        return request_error(first_line(exc))
+
+    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue) -> None:
+        async for out in self._llm.generate(prompt, params, rid):
+            q.put((i, out))
+
+    # ---------------------------------------------------------------- sleep mode
+    def _can_sleep(self) -> bool:
+        from . import vllm_api
+
+        return vllm_api.sleep_mode_enabled(self._llm)
+
+    async def _sleep(self, level: int) -> None:
+        from . import vllm_api
+
+        await vllm_api.sleep(self._llm, level)
+
+    async def _wake(self, level: int) -> None:
+        from . import vllm_api
+
+        await vllm_api.wake(self._llm, level)
+
+    # ---------------------------------------------------------------- stop
+    def unload(self) -> str:
+        """Stop the engine and its processes and release their memory."""
+        registry.unregister(self)
+        if self._closed:
+            return f"engine '{self.name}' was unloaded already"
+        self._closed = True
+        llm, self._llm, self._tokenizer = self._llm, None, None
+        if llm is not None and self._loop is not None and self._loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(_shutdown(llm), self._loop)
+            with suppress_errors():
+                fut.result(timeout=60)
+        del llm
+        self._stop_loop()
+        for pgid in self._groups:  # anything vLLM's shutdown left behind
+            procs.stop_group(pgid)
+        for callback in self.on_unload:  # e.g. stop the Ray cluster started for this engine
+            callback(self)
+        gc.collect()
+        with suppress_errors():
+            from . import vllm_api
+
+            vllm_api.free_memory()
+        return f"unloaded engine '{self.name}' ({self.model})"
+
+
+async def _shutdown(llm) -> None:
+    from . import vllm_api
+
+    vllm_api.stop_engine(llm)
+
+
+def _dead_reason(engine: Engine) -> str:
+    lines = logs.root_cause(engine.log_path)
+    return lines[-1] if lines else "its process exited"
+
+
+def _died(engine: LocalEngine) -> EngineDiedError:
+    return EngineDiedError(f"engine '{engine.name}' has died ({_dead_reason(engine)}); "
+                           f"run %vllm_load again to restart it  (log: {engine.log_path})")

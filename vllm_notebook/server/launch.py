@@ -1,0 +1,112 @@
+"""``%vllm_load MODEL --server``: a prepared load started as a ``vllm serve`` process, or found again."""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+from ..cluster import ray as ray_cluster
+from ..engine import registry as engine_registry
+from ..errors import VllmNotebookError
+from ..prepare import Prepared
+from ..ui.display import LiveLine
+from . import client, process, registry
+from .client import ServerEngine
+
+
+class Listen(NamedTuple):
+    """Where the server listens and which key it takes (``--host``, ``--port``, ``--api-key-file``)."""
+
+    host: str | None = None
+    port: int | None = None
+    api_key_file: str | None = None
+
+
+def server_flags(prep: Prepared, user_flags: list[str]) -> tuple[str, list[str]]:
+    """What the server loads and its flags: the user's, the plan's, and (for a cached Hub model) its name."""
+    flags = list(user_flags) + plan_flags(prep.plan, prep.explicit)
+    target = prep.model
+    if prep.hub_id is not None:  # the cached snapshot, served under its Hub id, offline
+        target = prep.path
+        if "served_model_name" not in prep.explicit:
+            flags += ["--served-model-name", prep.model]
+    return target, flags
+
+
+def command_for(prep: Prepared, user_flags: list[str], listen: Listen) -> list[str]:
+    """The command line ``start`` would run (``--dry-run`` shows it)."""
+    target, flags = server_flags(prep, user_flags)
+    return process.command(target, flags, listen.host or "127.0.0.1", listen.port or "FREE_PORT")
+
+
+def start(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
+          progress: bool) -> ServerEngine:
+    """Attach to a running server with the same configuration, or start one and attach."""
+    key = [list(pair) for pair in prep.key]
+    rec = registry.find(prep.model, key=key)
+    if rec is not None:  # the same configuration, spelled differently
+        return attach_record(rec, prep.name, progress)
+    old = engine_registry.engines().get(prep.name)
+    if old is not None:  # free its devices before the new server claims them
+        old.unload()
+    target, flags = server_flags(prep, user_flags)
+    env = dict(prep.env)
+    line = LiveLine(enabled=progress)
+    t0 = time.monotonic()
+    cluster = None
+    if prep.plan.needs_ray:
+        line.update(f"vllm-notebook: starting the Ray cluster on {prep.allocation.num_nodes} nodes …")
+        cluster = ray_cluster.up(prep.allocation, ray_address)
+        env.update(cluster.env())
+
+    def report(phase: str, elapsed: float) -> None:
+        line.update(f"vllm-notebook: server {phase} … {elapsed:.0f} s  ({prep.model})", key=phase)
+
+    try:
+        rec = process.start(prep.model, flags, target=target, match=registry.normalize(user_flags), key=key,
+                            host=listen.host or "127.0.0.1", port=listen.port, env=env,
+                            key_file=listen.api_key_file, plan=prep.plan.as_dict(), progress=report)
+    except KeyboardInterrupt:
+        raise VllmNotebookError("load interrupted; the half-started server was stopped") from None
+    except VllmNotebookError:
+        line.done(f"vllm-notebook: failed after {time.monotonic() - t0:.0f} s")
+        raise
+    if cluster is not None and cluster.owned:  # the cluster now lives as long as the server
+        rec.ray_groups = ray_cluster.release()
+        registry.update(rec)
+    eng = client.connect(prep.name, rec.url, rec.api_key(), record=rec)
+    line.done(f"vllm-notebook: server ready in {time.monotonic() - t0:.1f} s at {rec.url} — {eng.model} · "
+              f"max_model_len {eng.facts.get('max_model_len')} · TP {prep.plan.tensor_parallel_size} / "
+              f"PP {prep.plan.pipeline_parallel_size} · survives kernel restarts; %vllm_unload stops it")
+    return eng
+
+
+def attach_record(rec: registry.ServerRecord, name: str, progress: bool) -> ServerEngine:
+    """Use a server we started earlier (from this kernel or a previous one)."""
+    old = engine_registry.engines().get(name)
+    if isinstance(old, ServerEngine) and old.record is not None and old.record.id == rec.id and old.alive:
+        LiveLine(enabled=progress).done(f"vllm-notebook: engine '{name}' is already the server at {rec.url} (reused)")
+        return old
+    line = LiveLine(enabled=progress)
+    t0 = time.monotonic()
+    try:  # a server started by an earlier kernel may still be loading
+        process.wait_ready(rec, progress=lambda phase, s: line.update(f"vllm-notebook: server still {phase} … {s:.0f} s"))
+    except KeyboardInterrupt:
+        raise VllmNotebookError(f"stopped waiting; the server at {rec.url} goes on starting "
+                                "(%vllm_servers shows it, --stop ID stops it)") from None
+    eng = client.connect(name, rec.url, rec.api_key(), record=rec)
+    line.done(f"vllm-notebook: attached to the running server at {rec.url} in {time.monotonic() - t0:.2f} s "
+              f"(up {rec.uptime()}{', job ' + rec.job_id if rec.job_id else ''}) — {eng.model}")
+    return eng
+
+
+def plan_flags(plan, explicit: set[str]) -> list[str]:
+    """The parallel flags the plan chose (the user's own flags are already on the command line)."""
+    out: list[str] = []
+    if "tensor_parallel_size" not in explicit and plan.tensor_parallel_size != 1:
+        out += ["--tensor-parallel-size", str(plan.tensor_parallel_size)]
+    if "pipeline_parallel_size" not in explicit and plan.pipeline_parallel_size != 1:
+        out += ["--pipeline-parallel-size", str(plan.pipeline_parallel_size)]
+    if "distributed_executor_backend" not in explicit and plan.executor in ("ray", "mp"):
+        out += ["--distributed-executor-backend", plan.executor]
+    return out

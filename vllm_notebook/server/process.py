@@ -1,0 +1,109 @@
+"""Start and stop ``vllm serve`` processes that outlive the kernel.
+
+A server runs vLLM's OpenAI-compatible API server in a session of its own (so
+neither Ctrl-C nor a kernel restart reaches it; the end of the Slurm job does),
+bound to 127.0.0.1 on a free port unless the user asks for another address, with
+a random API key that it asks for on every path (``server/guard.py``). The key
+lives in a 0600 file and reaches the server through its environment, never its
+command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import logs, procs
+from ..errors import EngineStartError, ServerError
+from . import http, registry
+from .registry import MARKER, ServerRecord, new_key_file, normalize, read_key
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+GUARD = "vllm_notebook.server.guard.RequireKey"
+SLEEP_FLAGS = ("--enable-sleep-mode",)
+
+
+def stop(rec: ServerRecord, timeout: float = 30.0) -> None:
+    """Stop a server we started: SIGTERM its session, then SIGKILL what is left; forget it."""
+    if not rec.here:
+        raise ServerError(f"server {rec.id} runs on {rec.node}; stop it from there")
+    if rec.alive():
+        with contextlib.suppress(OSError):
+            os.killpg(rec.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and rec.members():
+            time.sleep(0.1)
+    registry.forget(rec)
+
+
+def command(model: str, argv: list[str], host: str, port: int | str) -> list[str]:
+    """The ``vllm serve`` command line (as ``python -m``, which works for every vLLM distribution)."""
+    head = [] if "--model" in argv else ["--model", model]
+    extra = [] if "--disable-uvicorn-access-log" in argv else ["--disable-uvicorn-access-log"]
+    extra += ["--middleware", GUARD]  # the API key on every path, not only /v1
+    return [sys.executable, "-m", SERVER_MODULE, *head, *argv, *extra, "--host", host, "--port", str(port)]
+
+
+def start(model: str, argv: list[str], *, target: str | None = None, match: list[str] | None = None, key: list | None = None, host: str = "127.0.0.1",
+          port: int | None = None, env: dict[str, str] | None = None, key_file: str | None = None,
+          plan: dict | None = None, progress: Callable[[str, float], None] | None = None) -> ServerRecord:
+    """Start a server for ``model`` with ``argv`` (``vllm serve`` flags) and wait until it answers.
+
+    ``target`` is what the server loads (a cached snapshot folder of the Hub id ``model``);
+    ``match`` is what a later ``find`` compares flags with (the user's flags, before the plan's).
+    """
+    port = port or procs.free_port(host)
+    rec_id = f"{socket.gethostname()}-{port}-{secrets.token_hex(3)}"
+    own_key = key_file is None
+    rec = ServerRecord(id=rec_id, model=model, argv=normalize(argv) if match is None else match, key=list(key or []), host=host, port=port,
+                       node=socket.gethostname(), job_id=os.environ.get("SLURM_JOB_ID"),
+                       log=str(logs.new_log_path(f"server-{port}")), started=time.time(), plan=dict(plan or {}),
+                       key_file=new_key_file(rec_id) if own_key else str(Path(key_file).expanduser()))
+    child_env = {**os.environ, **(env or {}), MARKER: rec_id, "VLLM_API_KEY": read_key(rec.key_file),
+                 "VLLM_LOGGING_COLOR": "0", "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
+    if any(t.split("=", 1)[0] in SLEEP_FLAGS for t in argv):
+        # Sleep and wake are vLLM's dev endpoints; the guard above keeps them (and the rest) keyed.
+        child_env["VLLM_SERVER_DEV_MODE"] = "1"
+    cmd = command(target or model, argv, host, port)
+    with open(rec.log, "w") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=os.getcwd())
+    rec.pid = proc.pid
+    registry.update(rec)
+    try:
+        wait_ready(rec, proc, progress)
+    except BaseException:
+        stop(rec, timeout=10)
+        raise
+    return rec
+
+
+def wait_ready(rec: ServerRecord, proc: subprocess.Popen | None = None,
+               progress: Callable[[str, float], None] | None = None, timeout: float | None = None) -> None:
+    """Wait until the server answers ``/health``; a one-line root cause if it exits first."""
+    t0 = time.monotonic()
+    phase = "starting"
+    key = rec.api_key()
+    while not http.healthy(rec.url, timeout=1.0, api_key=key):
+        exited = proc.poll() is not None if proc is not None else not rec.alive()
+        if exited:
+            lines = logs.root_cause(rec.log)
+            why = "; ".join(lines) or f"the server exited (code {proc.returncode if proc else '?'})"
+            raise EngineStartError(f"server failed to start: {why}  (full log: {rec.log})")
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise EngineStartError(f"server at {rec.url} did not answer within {timeout:.0f} s  (log: {rec.log})")
+        if progress:
+            phase = logs.phase_of("\n".join(logs.tail(rec.log, 30)), phase)
+            progress(phase, time.monotonic() - t0)
+        time.sleep(0.25)
