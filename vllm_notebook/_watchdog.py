@@ -1,22 +1,14 @@
 """Kills engine process groups when the kernel that started them is gone.
 
-Run as ``python -m vllm_notebook._watchdog``. The kernel writes ``+PGID`` or
-``-PGID`` lines to our stdin; end of file (the kernel exited, even by SIGKILL)
-means: terminate every process group still listed. Standard library only.
+Run as ``python -m vllm_notebook._watchdog`` (``procs.guard`` starts it in a session of
+its own). The kernel writes ``+PGID`` or ``-PGID`` lines to our stdin; end of file
+(the kernel exited, even by SIGKILL) means: terminate every process group still listed.
 """
 
-import os
 import signal
 import sys
-import time
 
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except OSError:
-        return False
+from vllm_notebook.procs import terminate_groups
 
 
 def main() -> None:
@@ -25,15 +17,7 @@ def main() -> None:
         line = line.strip()
         if line[:1] in "+-" and line[1:].isdigit():
             (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-        for pgid in [g for g in groups if _alive(g)]:
-            try:
-                os.killpg(pgid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_alive(g) for g in groups):
-            time.sleep(0.1)
+    terminate_groups(groups, grace=5.0)
 
 
 if __name__ == "__main__":

@@ -131,20 +131,29 @@ def started_groups() -> list[int]:
     return list(_groups)
 
 
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def terminate_groups(pgids, grace: float = 10.0) -> None:
+    """SIGTERM process groups, wait up to ``grace`` seconds for all of them, then SIGKILL what is left."""
+    pgids = list(pgids)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        for pgid in [g for g in pgids if group_alive(g)]:
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(group_alive(g) for g in pgids):
+            time.sleep(0.05)
+
+
 def terminate_group(pgid: int, grace: float = 10.0) -> None:
     """SIGTERM a process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        try:
-            os.killpg(pgid, sig)
-        except OSError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except OSError:
-                return
-            time.sleep(0.05)
+    terminate_groups([pgid], grace)
 
 
 def stop_group(pgid: int, timeout: float = 10.0) -> None:

@@ -42,12 +42,28 @@ def build_params(base: Any = None, overrides: Mapping[str, Any] | None = None, d
     from . import vllm_api as _vllm
 
     merged, structured = merge(base, overrides, defaults)
+    check_numbers(merged)
     try:
         return _vllm.sampling_params(structured or None, **merged)
     except TypeError as exc:
         raise UsageError(f"unknown sampling parameter: {exc}") from None
     except Exception as exc:  # vLLM's own validation (ValueError or VLLMValidationError)
         raise UsageError(str(exc).splitlines()[0]) from None
+
+
+NUMBERS = {"temperature": float, "top_p": float, "min_p": float, "presence_penalty": float,
+           "frequency_penalty": float, "repetition_penalty": float, "max_tokens": int, "min_tokens": int,
+           "top_k": int, "n": int, "seed": int, "logprobs": int, "prompt_logprobs": int}
+
+
+def check_numbers(fields: Mapping[str, Any]) -> None:
+    """A one-line error for a number given as something else (``temperature="hot"``)."""
+    for name, kind in NUMBERS.items():
+        value = fields.get(name)
+        if value is None or isinstance(value, bool):
+            continue
+        if not isinstance(value, int | float) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise UsageError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}")
 
 
 # Sampling fields the OpenAI-compatible server takes (vLLM's CompletionRequest extras included).
@@ -65,6 +81,7 @@ def request_fields(base: Any = None, overrides: Mapping[str, Any] | None = None)
     Values are checked by the server, which answers a bad one with a one-line 400.
     """
     merged, structured = merge(base, overrides)
+    check_numbers(merged)
     unknown = sorted(set(merged) - REQUEST_FIELDS)
     if unknown:
         import difflib

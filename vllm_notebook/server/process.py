@@ -10,11 +10,9 @@ command line.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -36,13 +34,9 @@ def stop(rec: ServerRecord, timeout: float = 30.0) -> None:
     """Stop a server we started: SIGTERM its session, then SIGKILL what is left; forget it."""
     if not rec.here:
         raise ServerError(f"server {rec.id} runs on {rec.node}; stop it from there")
-    if rec.alive():
-        with contextlib.suppress(OSError):
-            os.killpg(rec.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and rec.members():
-            time.sleep(0.1)
-    registry.forget(rec)
+    if rec.alive():  # the server leads its session, so its group is its pid
+        procs.terminate_group(rec.pid, grace=timeout)
+    registry.forget(rec)  # and whatever carries its marker outside that group
 
 
 def command(model: str, argv: list[str], host: str, port: int | str) -> list[str]:
