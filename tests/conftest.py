@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -10,6 +11,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 512}
+LOAD_FLAGS = "--enforce-eager --max-model-len 512"
 
 # The slow tier: tests that need a vLLM engine, a server, a Jupyter kernel, Slurm or a browser. Everything
 # else is the fast tier (`pytest -m "not slow and not gpu"`, well under a minute), which CI runs first.
@@ -21,22 +23,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-LOAD_FLAGS = "--enforce-eager --max-model-len 512"
+
+
+SESSION = os.environ.setdefault("VLLM_NOTEBOOK_TEST_SESSION", uuid.uuid4().hex)  # inherited by kernels, servers
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_servers_left_behind():
-    """Servers outlive kernels by design; whatever a failed test left running is stopped here."""
-    import time
+    """Servers outlive kernels by design; whatever this test run left running is stopped here.
 
-    t0 = time.time()
+    Only servers started by this run (their environment carries its marker): the registry is per user,
+    and another run, or the user's own servers, may be in it.
+    """
     yield
-    from vllm_notebook import servers
-    from vllm_notebook.server import process
+    from vllm_notebook import procs, servers
 
     for rec in servers.records():
-        if rec.started >= t0 and rec.here:
-            process.stop(rec)
+        if rec.here and procs.has_marker(rec.pid, "VLLM_NOTEBOOK_TEST_SESSION", SESSION):
+            servers.stop(rec)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import errors
+    from . import server as servers
     from .engine.base import Engine
     from .engine.generation import Generation
     from .engine.local import LocalEngine
@@ -34,7 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .loader import attach, load
     from .models.demo import demo_model
     from .prepare import LoadPlan
-    from . import server as servers
     from .server.client import ServerEngine
     from .ui.panel import PromptPanel, panel
 

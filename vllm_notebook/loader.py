@@ -17,6 +17,7 @@ from typing import Any
 from . import logs, prepare
 from .cluster import ray as ray_cluster
 from .engine import registry as engine_registry
+from .engine import vllm_import
 from .engine.local import LocalEngine
 from .errors import UsageError, VllmNotebookError
 from .models import resolve
@@ -48,7 +49,7 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
         return load_from_argv(argv, progress=progress)
     if host or port or api_key_file:
         raise UsageError("host, port and api_key_file are for server=True")
-    _vllm = logs.import_vllm()
+    _vllm = vllm_import.vllm_api()
     unknown = set(engine_args) - _vllm.engine_arg_fields()
     if unknown:
         bad = sorted(unknown)[0]
@@ -127,7 +128,7 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
         rec = servers.find(model, servers.normalize(flags)) if model else None
         if rec is not None:  # the fast path: no vLLM import at all
             return launch.attach_record(rec, ours.name, progress)
-    _vllm = logs.import_vllm()
+    _vllm = vllm_import.vllm_api()
     if ours.server:
         parser = _vllm.serve_arg_parser("%vllm_load --server")
     else:

@@ -96,22 +96,6 @@ def pydantic_detail(line: str) -> str:
     return f"invalid engine arguments: {(first.group(1) if first else text)[:300]}" if text else ""
 
 
-def import_vllm():
-    """Import our vLLM layer with its import-time chatter sent to a session log."""
-    if "vllm_notebook.engine.vllm_api" in sys.modules:
-        return sys.modules["vllm_notebook.engine.vllm_api"]
-    # Log files are read by people and by root_cause(): no colour codes. Compute nodes
-    # are usually offline: do not try to send usage statistics.
-    os.environ.setdefault("VLLM_LOGGING_COLOR", "0")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    path = paths.log_dir() / f"session-{os.getpid()}.log"
-    with capture_output(path):
-        from .engine import vllm_api as _vllm
-
-        route_vllm_logs(path, _vllm.vllm_loggers())
-    return _vllm
-
-
 def _describe(exc: BaseException) -> str:
     """One line for an exception; pydantic validation errors list their fields' messages."""
     errors = getattr(exc, "errors", None)

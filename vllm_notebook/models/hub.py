@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import logs
+from ..engine import vllm_import
 from ..errors import ModelNotFoundError, VllmNotebookError
 from ..ui.tables import Table
 
@@ -188,7 +188,7 @@ def _architectures(folder: Path) -> list[str]:
 
 def _supported_architectures() -> set[str] | None:
     try:
-        return logs.import_vllm().supported_architectures()
+        return vllm_import.vllm_api().supported_architectures()
     except ImportError:
         return None
 
