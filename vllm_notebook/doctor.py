@@ -21,6 +21,7 @@ from .cluster.allocation import Allocation
 from .models import hub
 from .models.hub import human_size
 from .server import registry as servers
+from .ui.tables import html_pairs
 
 NETWORK_FS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "fuse.sshfs", "cephfs", "fuse.glusterfs",
               "panfs", "wekafs"}
@@ -67,11 +68,7 @@ class Report:
     def _repr_html_(self) -> str:
         import html
 
-        parts = []
-        for name, rows in self.sections:
-            body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-                           f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in rows)
-            parts.append(f"<b>{html.escape(name)}</b><table>{body}</table>")
+        parts = [f"<b>{html.escape(name)}</b>{html_pairs(rows)}" for name, rows in self.sections]
         if self.problems:
             items = "".join(f"<li>{html.escape(p.what)}<br><b>fix:</b> {html.escape(p.fix)}</li>" for p in self.problems)
             parts.append(f"<b style='color:#b00'>pitfalls found: {len(self.problems)}</b><ol>{items}</ol>")

@@ -21,6 +21,7 @@ from typing import Any
 from .cluster.allocation import Allocation
 from .cluster.plan import Plan, make_plan
 from .models import resolve
+from .ui.tables import html_pairs, text_pairs
 
 HUB_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -134,14 +135,12 @@ class LoadPlan:
         return rows
 
     def __str__(self) -> str:
-        width = max(len(k) for k, _ in self.rows())
         return f"would start engine '{self.name}' (dry run: nothing started)\n" + "\n".join(
-            f"  {k:<{width}}  {v}" for k, v in self.rows())
+            text_pairs(self.rows(), indent="  "))
 
     def _repr_pretty_(self, p, cycle) -> None:
         p.text(str(self))
 
     def _repr_html_(self) -> str:
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-                       f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in self.rows())
-        return f"<p>would start engine <b>{html.escape(self.name)}</b> (dry run: nothing started)</p><table>{body}</table>"
+        return (f"<p>would start engine <b>{html.escape(self.name)}</b> (dry run: nothing started)</p>"
+                + html_pairs(self.rows()))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 
 from ..engine.registry import engines
+from .tables import html_pairs, text_pairs
 
 
 @dataclass
@@ -26,13 +26,10 @@ class ClusterView:
         return cls(rows)
 
     def __str__(self) -> str:
-        width = max(len(k) for k, _ in self.rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.rows)
+        return "\n".join(text_pairs(self.rows))
 
     def _repr_pretty_(self, p, cycle) -> None:
         p.text(str(self))
 
     def _repr_html_(self) -> str:
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-                       f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in self.rows)
-        return f"<table>{body}</table>"
+        return html_pairs(self.rows)

@@ -6,13 +6,9 @@ import html
 import json
 from typing import Any
 
+from .tables import html_table
+
 _MAX_CELL = 400
-
-
-def _esc(text: str, limit: int = _MAX_CELL) -> str:
-    if len(text) > limit:
-        text = text[:limit] + "…"
-    return html.escape(text).replace("\n", "<br>")
 
 
 def plain(gen) -> str:
@@ -30,14 +26,9 @@ def markdown(gen) -> str:
 
 
 def table_html(gen) -> str:
-    head = "<tr><th>#</th><th>prompt</th><th>output</th><th>tokens</th><th>finish</th></tr>"
-    body = "".join(
-        f"<tr><td>{i}</td><td style='text-align:left'>{_esc(r['prompt'])}</td>"
-        f"<td style='text-align:left'>{_esc(r['text'])}</td><td>{r['tokens']}</td>"
-        f"<td>{html.escape(str(r['finish_reason']))}</td></tr>"
-        for i, r in enumerate(gen.to_records())
-    )
-    return (f"<table>{head}{body}</table><p><sub>{html.escape(gen.footer())}</sub></p>")
+    rows = [(i, r["prompt"], r["text"], r["tokens"], r["finish_reason"]) for i, r in enumerate(gen.to_records())]
+    return (html_table(rows, ("#", "prompt", "output", "tokens", "finish"), limit=_MAX_CELL)
+            + f"<p><sub>{html.escape(gen.footer())}</sub></p>")
 
 
 def bundle(gen) -> dict[str, Any]:

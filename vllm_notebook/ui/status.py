@@ -6,6 +6,7 @@ import html
 from dataclasses import dataclass
 
 from ..engine.registry import engines
+from .tables import html_table
 
 
 def _rss_mb(pid: int) -> float:
@@ -71,11 +72,8 @@ class Status:
         if not self.rows:
             return f"<p>{html.escape(str(self))}</p>"
         keys = list(self.rows[0])
-        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-        body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(r[k]))}</td>" for k in keys)
-                       + "</tr>" for r in self.rows)
-        return (f"<table><tr>{head}</tr>{body}</table>"
-                f"<p><sub>{html.escape(self._memory())}</sub></p>")
+        return (html_table([[r[k] for k in keys] for r in self.rows], keys)
+                + f"<p><sub>{html.escape(self._memory())}</sub></p>")
 
     def _memory(self) -> str:
         return (f"memory: kernel {self.kernel_rss_mb:.0f} MB, "

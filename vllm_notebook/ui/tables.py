@@ -1,8 +1,40 @@
-"""``Table``: results shown as a table, as text in a terminal and as HTML in a notebook."""
+"""Tables, as text in a terminal and as HTML in a notebook: every table vllm-notebook shows is made here.
+
+Every cell is escaped: values can hold model output or names others chose.
+"""
 
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable, Sequence
+
+
+def cell(value, limit: int | None = None) -> str:
+    """One escaped HTML cell (newlines kept as line breaks, long text cut at ``limit``)."""
+    text = str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "…"
+    return html.escape(text).replace("\n", "<br>")
+
+
+def html_table(rows: Iterable[Sequence], header: Sequence[str] = (), limit: int | None = None) -> str:
+    head = "<tr>" + "".join(f"<th>{cell(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{cell(v, limit)}</td>" for v in r) + "</tr>"
+                   for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def html_pairs(pairs: Iterable[tuple]) -> str:
+    """A two-column table of ``(name, value)`` rows, names as row headers."""
+    body = "".join(f"<tr><th style='text-align:left'>{cell(k)}</th><td style='text-align:left'>{cell(v)}</td></tr>"
+                   for k, v in pairs)
+    return f"<table>{body}</table>"
+
+
+def text_pairs(pairs: Sequence[tuple], indent: str = "") -> list[str]:
+    """``(name, value)`` rows as aligned text lines."""
+    width = max((len(str(k)) for k, _ in pairs), default=0)
+    return [f"{indent}{str(k):<{width}}  {v}" for k, v in pairs]
 
 
 class Table:
@@ -38,8 +70,5 @@ class Table:
         rows = self.rows()
         if not rows:
             return f"<p>{html.escape(self.empty())}</p>"
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(v))}</td>" for v in r)
-                       + "</tr>" for r in rows)
         title = f"<p>{html.escape(self.title())}</p>" if self.title() else ""
-        return f"{title}<table><tr>{head}</tr>{body}</table>"
+        return title + html_table(rows, self.COLUMNS)
