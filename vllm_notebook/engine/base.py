@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import RequestError, UsageError, VllmNotebookError
+from ..errors import NoEngineError, RequestError, UsageError, VllmNotebookError
 from . import gpus
 from . import sleep as sleep_mode
 from .generation import Generation
@@ -108,7 +108,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def _check_alive(self) -> None:
-        """Raise a one-line error if the engine is unloaded or dead."""
+        """Raise a one-line ``EngineDiedError`` if the engine (or its server) has died."""
 
     @abc.abstractmethod
     def params(self, base: Any = None, overrides: dict[str, Any] | None = None) -> Any:
@@ -164,9 +164,15 @@ class Engine(abc.ABC):
         """Update ``usage`` (KV-cache use, queue lengths) where the back-end must ask for it."""
 
     # ---------------------------------------------------------------- state
+    def _check_usable(self) -> None:
+        """Raise a one-line error if the engine was unloaded or has died."""
+        if self._closed:
+            raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
+        self._check_alive()
+
     def _check(self) -> None:
         """Raise a one-line error unless the engine can take requests now."""
-        self._check_alive()
+        self._check_usable()
         if self._asleep:
             raise UsageError(f"engine '{self.name}' is asleep (level {self._asleep}): "
                              "wake it with %vllm_wake (or .wake()) first")
@@ -357,7 +363,7 @@ class Engine(abc.ABC):
         refused until ``wake``.
         """
         sleep_mode.check_level(level)
-        self._check_alive()
+        self._check_usable()
         if self._asleep:
             raise UsageError(f"engine '{self.name}' is already asleep (level {self._asleep})")
         if not self._can_sleep():
@@ -372,7 +378,7 @@ class Engine(abc.ABC):
 
     def wake(self) -> SleepReport:
         """Bring a sleeping engine back: its GPU memory, then (level 2) its weights from disk."""
-        self._check_alive()
+        self._check_usable()
         if not self._asleep:
             raise UsageError(f"engine '{self.name}' is awake already")
         level, before, t0 = self._asleep, gpus.used_mib(), time.monotonic()

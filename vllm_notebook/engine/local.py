@@ -19,7 +19,6 @@ from .. import logs, procs
 from ..errors import (
     EngineDiedError,
     EngineStartError,
-    NoEngineError,
     RequestError,
     VllmNotebookError,
 )
@@ -101,9 +100,7 @@ class LocalEngine(Engine):
         return self._tokenizer
 
     def _check_alive(self) -> None:
-        if self._closed or self._llm is None:
-            raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
-        if self._llm.errored:
+        if self._llm is None or self._llm.errored:
             raise _died(self)
 
     def _repr_markdown_(self) -> str:

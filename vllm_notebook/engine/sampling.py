@@ -97,7 +97,7 @@ def _as_dict(base: Any) -> dict[str, Any]:
     if isinstance(base, Mapping):
         return dict(base)
     if type(base).__name__ != "SamplingParams":
-        raise UsageError(f"sampling parameters must be a dict or SamplingParams, not {type(base).__name__}")
+        raise _not_params(base)
     from . import vllm_api as _vllm
 
     if isinstance(base, _vllm.SamplingParams):
@@ -114,7 +114,11 @@ def _as_dict(base: Any) -> dict[str, Any]:
             keys = (*STRUCTURED, "disable_any_whitespace", "whitespace_pattern")
             out["structured_outputs"] = {k: getattr(so, k) for k in keys if getattr(so, k, None) is not None}
         return out
-    raise UsageError(f"sampling parameters must be a dict or SamplingParams, not {type(base).__name__}")
+    raise _not_params(base)
+
+
+def _not_params(base: Any) -> UsageError:
+    return UsageError(f"sampling parameters must be a dict or SamplingParams, not {type(base).__name__}")
 
 
 def parse_schema(value: Any, namespace: Mapping[str, Any] | None = None) -> dict:

@@ -22,7 +22,6 @@ from ..engine.sampling import request_fields
 from ..errors import (
     AuthRefusedError,
     EngineDiedError,
-    NoEngineError,
     RequestError,
     VllmNotebookError,
 )
@@ -135,8 +134,6 @@ class ServerEngine(Engine):
         return self.record.alive()
 
     def _check_alive(self) -> None:
-        if self._closed or self._client is None:
-            raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
         if self._gone is None and not self._process_alive():
             self._gone = "its process exited"
         if self._gone is not None:
