@@ -126,6 +126,14 @@ def test_bad_input_is_one_line(cell, ip, code, error, match):
     assert after.result.text == " Paris."
 
 
+def test_regex_on_the_line_reaches_the_engine_as_typed(cell):
+    """IPython's line expansion once turned \\d{2,4} into \\d(2, 4): the output then did not match."""
+    import re
+
+    result, _ = cell("%%generate --regex '[0-9]{3}-[0-9]{2,4}' --max-tokens 12 --temperature 0\nA number:")
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{2,4}", result.result.text), result.result.text
+
+
 def test_prompt_too_long_is_one_line(cell, ip):
     ip.user_ns["long"] = "word " * 600
     result, out = cell("%%generate\n{long}", expect_error=RequestError)

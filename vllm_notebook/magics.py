@@ -16,6 +16,7 @@ from IPython.core.magic import (
     line_cell_magic,
     line_magic,
     magics_class,
+    no_var_expand,
 )
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
@@ -88,6 +89,7 @@ class VllmMagics(Magics):
         self.conversation: list[dict] = []
 
     # ------------------------------------------------------------ engines
+    @no_var_expand
     @line_magic
     def vllm_load(self, line: str):
         """Start a vLLM engine: %vllm_load [MODEL] [engine flags] [--name NAME] [--dry-run] [--server | --attach URL]
@@ -104,10 +106,7 @@ class VllmMagics(Magics):
         the same line in a restarted kernel attaches to it in well under a second.
         --attach URL [--api-key-file FILE] uses any OpenAI-compatible vLLM server.
         """
-        try:
-            argv = shlex.split(line)
-        except ValueError as exc:
-            raise UsageError(f"%vllm_load: {exc}") from None
+        argv = _argv("vllm_load", line, self.shell.user_ns)
         default = self.default_model or os.environ.get("VLLM_NOTEBOOK_MODEL", "")
         result = load_from_argv(argv, default_model=default)
         if isinstance(result, Engine):
@@ -117,10 +116,11 @@ class VllmMagics(Magics):
     @magic_arguments()
     @argument("--name", help="engine to unload (default: the only one, or 'default')")
     @argument("--all", action="store_true", help="unload every engine")
+    @no_var_expand
     @line_magic
     def vllm_unload(self, line: str):
         """Stop an engine and free its memory and processes."""
-        args = _parse(self.vllm_unload, line)
+        args = _parse(self.vllm_unload, line, self.shell.user_ns)
         if args.all:
             names = sorted(engines())
             unload_all()
@@ -134,26 +134,29 @@ class VllmMagics(Magics):
     @argument("--level", type=int, default=1, choices=[1, 2],
               help="1: weights to CPU memory, KV cache dropped (default); 2: weights dropped too, reloaded on wake")
     @argument("--name", help="engine (default: the only one, or 'default')")
+    @no_var_expand
     @line_magic
     def vllm_sleep(self, line: str):
         """Free the GPU and keep the engine (loaded with --enable-sleep-mode); %vllm_wake brings it back."""
-        args = _parse(self.vllm_sleep, line)
+        args = _parse(self.vllm_sleep, line, self.shell.user_ns)
         print(self._engine(args.name).sleep(args.level))
 
     @magic_arguments()
     @argument("--name", help="engine (default: the only one, or 'default')")
+    @no_var_expand
     @line_magic
     def vllm_wake(self, line: str):
         """Wake an engine put to sleep with %vllm_sleep."""
-        args = _parse(self.vllm_wake, line)
+        args = _parse(self.vllm_wake, line, self.shell.user_ns)
         print(self._engine(args.name).wake())
 
     @magic_arguments()
     @argument("--stop", metavar="ID", help="stop this registered server (id, port, URL or model)")
+    @no_var_expand
     @line_magic
     def vllm_servers(self, line: str):
         """vLLM servers started with %vllm_load --server (by any kernel of yours): model, URL, uptime, job."""
-        args = _parse(self.vllm_servers, line)
+        args = _parse(self.vllm_servers, line, self.shell.user_ns)
         if args.stop:
             rec = servers.lookup(args.stop)
             for eng in list(engines().values()):
@@ -164,6 +167,7 @@ class VllmMagics(Magics):
             return None
         return servers.listing()
 
+    @no_var_expand
     @line_magic
     def vllm_status(self, line: str):
         """Loaded engines: model, parallel sizes, devices, KV cache, requests, tokens, memory."""
@@ -173,30 +177,33 @@ class VllmMagics(Magics):
 
     @magic_arguments()
     @argument("--name", help="engine (default: the only one, or 'default')")
+    @no_var_expand
     @line_magic
     def vllm_panel(self, line: str):
         """A prompt panel (ipywidgets) over a loaded engine; generation runs in the background."""
         from .ui.panel import PromptPanel
 
-        args = _parse(self.vllm_panel, line)
+        args = _parse(self.vllm_panel, line, self.shell.user_ns)
         if args.name:
             self._engine(args.name)  # a one-line error now if there is no such engine
         return PromptPanel(args.name, max_updates_per_second=self.max_updates_per_second)
 
     @magic_arguments()
     @argument("--download-dir", help="cache folder (default: $HF_HUB_CACHE, $HF_HOME/hub)")
+    @no_var_expand
     @line_magic
     def vllm_models(self, line: str):
         """Models in the Hugging Face cache: size, revision, and whether this vLLM supports them."""
-        args = _parse(self.vllm_models, line)
+        args = _parse(self.vllm_models, line, self.shell.user_ns)
         return models_table(args.download_dir)
 
     @magic_arguments()
     @argument("--no-hub", action="store_true", help="do not check whether the Hub is reachable")
+    @no_var_expand
     @line_magic
     def vllm_doctor(self, line: str):
         """This environment on one screen (vLLM, GPUs, Slurm, Ray, HF cache, offline), with pitfalls and fixes."""
-        args = _parse(self.vllm_doctor, line)
+        args = _parse(self.vllm_doctor, line, self.shell.user_ns)
         return diagnose(in_kernel=True, check_hub=not args.no_hub)
 
     @magic_arguments()
@@ -204,10 +211,11 @@ class VllmMagics(Magics):
     @argument("--down", action="store_true", help="stop the Ray cluster we started; detach from one we did not")
     @argument("--ray-address", help="attach to this Ray cluster instead of starting one")
     @argument("--timeout", type=float, default=180, help="seconds to wait for every node to join")
+    @no_var_expand
     @line_magic
     def vllm_cluster(self, line: str):
         """The Slurm allocation, the plans of loaded engines and the Ray cluster; --up / --down manage Ray."""
-        args = _parse(self.vllm_cluster, line)
+        args = _parse(self.vllm_cluster, line, self.shell.user_ns)
         if args.up and args.down:
             raise UsageError("%vllm_cluster: --up or --down, not both")
         if args.down:
@@ -221,10 +229,11 @@ class VllmMagics(Magics):
     @magic_arguments()
     @argument("-n", type=int, default=40, help="lines to show (default 40)")
     @argument("--name", help="engine (default: the only one, or 'default')")
+    @no_var_expand
     @line_magic
     def vllm_logs(self, line: str):
         """Show the end of an engine's log file (vLLM's own output goes there)."""
-        args = _parse(self.vllm_logs, line)
+        args = _parse(self.vllm_logs, line, self.shell.user_ns)
         if args.n <= 0:
             raise UsageError("-n must be a positive number of lines")
         eng = get_engine(args.name)
@@ -238,10 +247,11 @@ class VllmMagics(Magics):
     @argument("--chat", action="store_true", help="apply the model's chat template")
     @argument("--split", choices=["lines", "blank"], help="one prompt per line, or per blank-line block")
     @_sampling_flags
+    @no_var_expand
     @line_cell_magic
     def generate(self, line: str, cell: str | None = None):
         """Generate from the cell body (or -i VAR): streamed for one prompt, batched for many."""
-        args = _parse(self.generate, line)
+        args = _parse(self.generate, line, self.shell.user_ns)
         ns = self.shell.user_ns
         if cell is None:
             if not args.input:
@@ -264,10 +274,11 @@ class VllmMagics(Magics):
 
     @magic_arguments()
     @_sampling_flags
+    @no_var_expand
     @cell_magic
     def chat(self, line: str, cell: str):
         """A conversation: each %%chat cell is a user turn; earlier turns are remembered (%chat_reset forgets)."""
-        args = _parse(self.chat, line)
+        args = _parse(self.chat, line, self.shell.user_ns)
         text = (cell if args.no_interpolate else interpolate(cell, self.shell.user_ns)).strip()
         if not text:
             raise UsageError("the message is empty: write it in the cell body")
@@ -282,11 +293,13 @@ class VllmMagics(Magics):
             self.conversation = messages + [{"role": "assistant", "content": gen.text}]
         return gen
 
+    @no_var_expand
     @line_magic
     def chat_history(self, line: str):
         """The %%chat conversation so far: a list of role/content messages (a copy)."""
         return [dict(m) for m in self.conversation]
 
+    @no_var_expand
     @line_magic
     def chat_reset(self, line: str):
         """Forget the %%chat conversation."""
@@ -358,12 +371,30 @@ class VllmMagics(Magics):
         return gen
 
 
-def _parse(magic, line: str):
-    """Parse a magic's line with shell quoting, and a "did you mean" for mistyped flags."""
+def _argv(name: str, line: str, namespace) -> list[str]:
+    """A magic's line as typed, split with shell quoting; then ``{name}`` in each word is replaced.
+
+    IPython's own expansion (``{...}`` and ``$name`` on the whole line) is off for our magics
+    (``@no_var_expand``): it rewrote regexes such as ``\\d{2,4}`` and let a value add flags. Here a
+    value fills one word only, and a value that would read as a flag is refused.
+    """
     try:
-        argv = shlex.split(line)
+        words = shlex.split(line)
     except ValueError as exc:
-        raise UsageError(f"%{magic.__name__}: {exc}") from None
+        raise UsageError(f"%{name}: {exc}") from None
+    argv = []
+    for word in words:
+        value = interpolate(word, namespace)
+        if value != word and value.startswith("-") and not word.startswith("-"):
+            raise UsageError(f"%{name}: {word} gives {value!r}, which would read as a flag; "
+                             "write the flag itself on the line")
+        argv.append(value)
+    return argv
+
+
+def _parse(magic, line: str, namespace):
+    """Parse a magic's line (see ``_argv``), with a "did you mean" for mistyped flags."""
+    argv = _argv(magic.__name__, line, namespace)
     try:
         return magic.parser.parse_args(argv)
     except IPythonUsageError as exc:
