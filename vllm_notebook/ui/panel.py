@@ -17,6 +17,7 @@ import ipywidgets as widgets
 
 from ..engine.registry import engines, get_engine
 from ..errors import VllmNotebookError
+from . import render
 
 _STATUS = {"idle": "#2e7d32", "generating": "#1565c0", "error": "#c62828"}
 
@@ -198,7 +199,7 @@ class PromptPanel(widgets.VBox):
         else:
             text = gen.text
         self._rendered.outputs = ({"output_type": "display_data", "metadata": {},
-                                   "data": {"text/markdown": text, "text/plain": text}},)
+                                   "data": {"text/markdown": render.safe_markdown(text), "text/plain": text}},)
 
     # ------------------------------------------------------------ helpers
     def _messages(self, prompt: str) -> list[dict] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Any
 
 from .tables import html_table
@@ -21,8 +22,29 @@ def plain(gen) -> str:
     return "\n".join(rows + [f"[{gen.footer()}]"])
 
 
+# Code spans and blocks: Markdown shows them literally, so they are left as written.
+_CODE = re.compile(r"(```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|`[^`\n]*`)", re.S)
+_UNSAFE_LINK = re.compile(r"\]\(\s*<?\s*(?:javascript|vbscript|data|file):", re.I)
+
+
+def safe_markdown(text: str) -> str:
+    """Model output (untrusted) as Markdown that renders no HTML, loads nothing and runs nothing.
+
+    JupyterLab trusts live outputs, so raw HTML in a completion (``<img src=x onerror=...>``, easy to get
+    through prompt injection) would run as the user. Outside code spans and fenced blocks, ``&`` and ``<``
+    are escaped (shown as typed), images become plain links (no request leaves the browser on display)
+    and ``javascript:``-style link targets are defused. Headings, lists, emphasis, links and code render.
+    """
+    parts = _CODE.split(text)
+    for i in range(0, len(parts), 2):  # the even parts are prose; the odd ones code
+        prose = parts[i].replace("&", "&amp;").replace("<", "&lt;")
+        prose = prose.replace("![", "\\![")
+        parts[i] = _UNSAFE_LINK.sub("](#unsafe-link:", prose)
+    return "".join(parts)
+
+
 def markdown(gen) -> str:
-    return f"{gen.text}\n\n<sub>{html.escape(gen.footer())}</sub>"
+    return f"{safe_markdown(gen.text)}\n\n<sub>{html.escape(gen.footer())}</sub>"
 
 
 def table_html(gen) -> str:
