@@ -286,3 +286,43 @@ def test_unterminated_fence_while_streaming_stays_code():
     from vllm_notebook.ui.render import safe_markdown
 
     assert safe_markdown("x <b>\n```\n<div>") == "x &lt;b>\n```\n<div>"
+
+
+@pytest.mark.parametrize("content,why", [
+    ("{not json", "Expecting property name"),
+    ('{"servers": []}', "not a list of server records"),
+    ('[1, 2]', "not a list of server records"),
+    ('[{"id": "x"}]', "missing"),
+])
+def test_unreadable_registry_is_an_error_and_is_left_alone(tmp_path, monkeypatch, content, why):
+    """Issue 13, item 5: a read error once meant an empty registry, and the next write lost every server."""
+    from vllm_notebook import servers
+    from vllm_notebook.errors import ServerError
+
+    monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))
+    path = servers.home() / "registry.json"
+    path.write_text(content)
+    for call in (servers.records, lambda: servers.update(servers.ServerRecord(id="new", model="m", argv=[]))):
+        with pytest.raises(ServerError, match=why) as err:
+            call()
+        assert "\n" not in str(err.value) and "mv " in str(err.value)
+    assert path.read_text() == content
+
+
+def test_registry_writes_are_private_and_atomic(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from vllm_notebook import servers
+
+    monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))
+    old = os.umask(0o000)  # the most permissive umask a user could have
+    try:
+        servers.update(servers.ServerRecord(id="a", model="m", argv=[], node="elsewhere"))
+    finally:
+        os.umask(old)
+    path = servers.home() / "registry.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(servers.home().stat().st_mode) == 0o700
+    assert [r.id for r in servers.records(prune=False)] == ["a"]
+    assert not path.with_suffix(".tmp").exists()

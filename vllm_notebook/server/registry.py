@@ -97,28 +97,51 @@ def home() -> Path:
 def _locked():
     import fcntl
 
+    path = home() / "registry.json"
     with open(home() / "registry.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield home() / "registry.json"
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. ENOLCK on a network filesystem without locks
+            raise ServerError(f"cannot lock the server registry in {home()} ({exc.strerror}): point "
+                              "VLLM_NOTEBOOK_CACHE at a local filesystem, e.g. export "
+                              "VLLM_NOTEBOOK_CACHE=$TMPDIR/vllm-notebook") from None
+        try:
+            yield path
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _read(path: Path) -> list[ServerRecord]:
+    """The records in ``path``; none if it does not exist. An unreadable registry is an error, never
+    "no servers": writing over it would forget servers that still hold GPUs."""
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+            raise ValueError("not a list of server records")
+        fields = set(ServerRecord.__dataclass_fields__)
+        return [ServerRecord(**{k: v for k, v in r.items() if k in fields}) for r in raw]
+    except FileNotFoundError:
         return []
-    fields = set(ServerRecord.__dataclass_fields__)
-    return [ServerRecord(**{k: v for k, v in r.items() if k in fields}) for r in raw if isinstance(r, dict)]
+    except (OSError, ValueError, TypeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
+        raise ServerError(f"the server registry {path} cannot be read ({reason}); move it aside "
+                          f"(mv {path} {path}.bad) and check %vllm_servers again") from None
 
 
 def _write(path: Path, records: list[ServerRecord]) -> None:
+    """Replace the registry atomically: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([asdict(r) for r in records], indent=1))
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps([asdict(r) for r in records], indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def records(prune: bool = True) -> list[ServerRecord]:
