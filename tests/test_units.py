@@ -326,3 +326,26 @@ def test_registry_writes_are_private_and_atomic(tmp_path, monkeypatch):
     assert stat.S_IMODE(servers.home().stat().st_mode) == 0o700
     assert [r.id for r in servers.records(prune=False)] == ["a"]
     assert not path.with_suffix(".tmp").exists()
+
+
+@pytest.mark.parametrize("line", ["M --hf-token hf_secret", "M --hf-token=hf_secret --server", "M --api-key k",
+                                  "M --server --api_key=k"])
+def test_secret_flags_are_refused_before_anything_runs(line):
+    """Issue 13, item 7: a token on the line reached ps, the server log, dry runs and the registry."""
+    from vllm_notebook.loader import load_from_argv
+
+    with pytest.raises(UsageError) as err:
+        load_from_argv(line.split())
+    assert "secret" not in str(err.value) and ("HF_TOKEN" in str(err.value) or "--api-key-file" in str(err.value))
+
+
+def test_a_shared_kernelspec_carries_no_personal_paths(monkeypatch):
+    from vllm_notebook.cluster.jobs import kernel_env
+
+    monkeypatch.setenv("HF_HOME", "/home/alice/hf")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/home/alice/lib")
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/slurm.conf")
+    personal, shared = kernel_env(), kernel_env(shared=True)
+    assert personal["HF_HOME"] == "/home/alice/hf" and personal["LD_LIBRARY_PATH"] == "/home/alice/lib"
+    assert "HF_HOME" not in shared and "LD_LIBRARY_PATH" not in shared and "/home/alice" not in str(shared)
+    assert shared["PATH"].endswith(":${PATH}") and shared["SLURM_CONF"] == "/etc/slurm/slurm.conf"

@@ -67,7 +67,8 @@ def _kernel_install(args) -> int:
         if not sep or not key:
             raise UsageError(f"--env takes KEY=VALUE, not {item!r}")
         env[key] = value
-    path = install_kernel(args.name, args.display_name, user=not args.sys_prefix, prefix=args.prefix, env=env,
+    path = install_kernel(args.name, args.display_name, user=not args.sys_prefix,
+                          prefix=args.prefix or (sys.prefix if args.sys_prefix else None), env=env,
                           offline=args.offline)
     print(f"installed kernelspec {args.name!r} in {path}")
     return 0

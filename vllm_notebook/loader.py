@@ -49,6 +49,7 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
         return load_from_argv(argv, progress=progress)
     if host or port or api_key_file:
         raise UsageError("host, port and api_key_file are for server=True")
+    _refuse_secrets(argparse.Namespace(**engine_args))
     _vllm = vllm_import.vllm_api()
     unknown = set(engine_args) - _vllm.engine_arg_fields()
     if unknown:
@@ -120,9 +121,7 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
                       model=rest[0] if rest else None, progress=progress)
     if not ours.server and not ours.help and (ours.host or ours.port or ours.api_key_file):
         raise UsageError("%vllm_load: --host, --port and --api-key-file go with --server (or --attach URL)")
-    if "--api-key" in rest or any(t.startswith("--api-key=") for t in rest):
-        raise UsageError("%vllm_load: put the key in a file and pass --api-key-file FILE "
-                         "(a key on the command line shows in `ps` and in the notebook)")
+    _refuse_secret_words(rest)
     if ours.server and not ours.dry_run and not ours.help:
         model, flags = _split_model(rest, default_model)
         rec = servers.find(model, servers.normalize(flags)) if model else None
@@ -143,6 +142,7 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
         raise UsageError(_explain(str(exc), argv, parser, own)) from None
     except SystemExit:
         raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
+    _refuse_secrets(ns)
     explicit = {k for k, v in vars(ns).items() if v != parser.get_default(k)} - {"model_tag"}
     model = ns.model_tag or (ns.model if "model" in explicit else None) or default_model
     if not model:
@@ -166,6 +166,31 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
             return prep.dry_run(launch.command_for(prep, user_flags, listen))
         return launch.start(prep, user_flags, listen, ours.ray_address, progress)
     return prep.dry_run() if ours.dry_run else start_local(prep, progress, ours.ray_address)
+
+
+_NO_TOKEN = ("%vllm_load: no token on the line; set HF_TOKEN in the environment or run "
+             "`hf auth login` once (then --hf-token alone uses the stored token)")
+_NO_KEY = ("%vllm_load: put the key in a file and pass --api-key-file FILE "
+           "(a key on the command line shows in `ps` and in the notebook)")
+
+
+def _refuse_secret_words(words: list[str]) -> None:
+    """Secrets never travel as flags: they would show in ``ps``, logs, dry runs and the server registry."""
+    for i, word in enumerate(words):
+        name = word.split("=", 1)[0].replace("_", "-")
+        has_value = "=" in word or (i + 1 < len(words) and not words[i + 1].startswith("-"))
+        if name == "--api-key":
+            raise UsageError(_NO_KEY)
+        if name == "--hf-token" and has_value:
+            raise UsageError(_NO_TOKEN)
+
+
+def _refuse_secrets(ns: argparse.Namespace) -> None:
+    """The same for what a ``--config`` file (or keyword arguments) set."""
+    if isinstance(getattr(ns, "hf_token", None), str):
+        raise UsageError(_NO_TOKEN)
+    if getattr(ns, "api_key", None):
+        raise UsageError(_NO_KEY)
 
 
 def _split_model(rest: list[str], default_model: str) -> tuple[str | None, list[str]]:

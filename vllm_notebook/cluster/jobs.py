@@ -16,12 +16,19 @@ from .allocation import Allocation
 # What a kernel on a cluster needs from the environment it was installed from.
 CARRIED = ("PATH", "LD_LIBRARY_PATH", "CUDA_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT",
            "VLLM_NOTEBOOK_CACHE", "VLLM_NOTEBOOK_MODEL", "SLURM_CONF", "VLLM_CPU_KVCACHE_SPACE")
+# A kernel others run (--sys-prefix, --prefix) gets only site-wide settings: never the installer's PATH,
+# libraries or cache folders, which would run the installer's programs or write into their folders.
+SHARED = ("CUDA_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "SLURM_CONF")
 SECRET = ("HF_TOKEN", "VLLM_API_KEY", "JUPYTER_TOKEN")
 
 
-def kernel_env(extra: dict[str, str] | None = None, offline: bool = False) -> dict[str, str]:
-    env = {k: os.environ[k] for k in CARRIED if os.environ.get(k)}
-    env.update({k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "VLLM_")) and k not in SECRET})
+def kernel_env(extra: dict[str, str] | None = None, offline: bool = False, shared: bool = False) -> dict[str, str]:
+    if shared:
+        env = {k: os.environ[k] for k in SHARED if os.environ.get(k)}
+        env["PATH"] = f"{sys.prefix}/bin:${{PATH}}"  # this environment first, then the user's own PATH
+    else:
+        env = {k: os.environ[k] for k in CARRIED if os.environ.get(k)}
+        env.update({k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "VLLM_")) and k not in SECRET})
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     env.update(extra or {})
@@ -38,8 +45,9 @@ def install_kernel(name: str = "vllm-notebook", display_name: str | None = None,
 
     venv = os.path.basename(sys.prefix.rstrip("/"))
     display = display_name or f"Python {sys.version_info.major}.{sys.version_info.minor} (vllm-notebook, {venv})"
-    return install(user=user and prefix is None, prefix=prefix, kernel_name=name, display_name=display,
-                   env=kernel_env(env, offline))
+    personal = user and prefix is None
+    return install(user=personal, prefix=prefix, kernel_name=name, display_name=display,
+                   env=kernel_env(env, offline, shared=not personal))
 
 
 # ------------------------------------------------------------------ jupyter on a compute node
