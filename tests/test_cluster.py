@@ -220,8 +220,13 @@ def _check_jupyter(text: str) -> None:
 
     ssh = [ln for ln in text.splitlines() if "ssh -N -L" in ln][0]
     port, addr, _ = ssh.split("-L ")[1].split()[0].split(":")
-    url = [ln for ln in text.splitlines() if "then open:" in ln][0].split()[-1]
+    shown = [ln for ln in text.splitlines() if "then open:" in ln][0].split()[-1]
+    url_file = Path([ln for ln in text.splitlines() if "the URL with its token is in" in ln][0].split()[-1])
+    url = url_file.read_text().strip()
     token = url.split("token=")[1]
+    # issue 13, item 2: the job's output file is made with the user's umask; the token stays out of it
+    assert token not in text and shown == f"http://localhost:{port}/lab"
+    assert stat.S_IMODE(url_file.stat().st_mode) == 0o600 and stat.S_IMODE(url_file.parent.stat().st_mode) == 0o700
     assert addr == "127.0.0.2" and url.startswith(f"http://localhost:{port}/lab?token=")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + 90

