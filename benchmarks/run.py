@@ -126,7 +126,7 @@ def _sampling(max_tokens: int, stream: bool):
 # ------------------------------------------------------------------ measurements
 def measure_stream(sh: Shell, engine, max_tokens: int, trials: int) -> dict:
     """One streamed prompt: %%generate (timed from the cell's start) vs the panel vs raw AsyncLLM."""
-    from vllm_notebook import display
+    from vllm_notebook.ui import display
     from vllm_notebook.ui.panel import PromptPanel
 
     prompt = "Once upon a time"
