@@ -211,6 +211,22 @@ def test_kernel_install_carries_the_environment(tmp_path):
             k.shutdown()
     finally:
         del os.environ["JUPYTER_PATH"]
+    # Issue 13, item 7: a kernel other users run gets none of the installer's personal paths.
+    out = cli("kernel", "install", "--name", "vnb-shared", "--prefix", str(tmp_path), "--shared",
+              env={"HF_HOME": "/home/alice/hf", "LD_LIBRARY_PATH": "/home/alice/lib"})
+    assert out.returncode == 0, out.stderr
+    spec = json.loads((tmp_path / "share/jupyter/kernels/vnb-shared/kernel.json").read_text())
+    assert "/home/alice" not in json.dumps(spec) and spec["env"]["PATH"] == f"{sys.prefix}/bin:${{PATH}}"
+    os.environ["JUPYTER_PATH"] = str(tmp_path / "share/jupyter")
+    try:
+        k = Kernel("vnb-shared")
+        try:  # jupyter_client fills ${PATH} from the environment of whoever starts the kernel
+            path = k.run("import os; print(os.environ['PATH'])").strip().split(":")
+            assert path[0] == f"{sys.prefix}/bin" and path[1:] == os.environ["PATH"].split(":")
+        finally:
+            k.shutdown()
+    finally:
+        del os.environ["JUPYTER_PATH"]
     bad = cli("kernel", "install", "--name", "x", "--prefix", str(tmp_path), "--env", "HF_TOKEN=hf_abc")
     assert bad.returncode == 2 and "secret" in bad.stderr and "hf_abc" not in bad.stderr
 

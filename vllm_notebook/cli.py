@@ -69,7 +69,7 @@ def _kernel_install(args) -> int:
         env[key] = value
     path = install_kernel(args.name, args.display_name, user=not args.sys_prefix,
                           prefix=args.prefix or (sys.prefix if args.sys_prefix else None), env=env,
-                          offline=args.offline)
+                          offline=args.offline, shared=args.sys_prefix or args.shared)
     print(f"installed kernelspec {args.name!r} in {path}")
     return 0
 
@@ -203,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra environment variable (repeatable)")
     p.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE=1 in the kernel")
     p.add_argument("--prefix", help="install under this prefix (PREFIX/share/jupyter/kernels)")
-    p.add_argument("--sys-prefix", action="store_true", help="install into this environment, not your user folder")
+    p.add_argument("--sys-prefix", action="store_true",
+                   help="install into this environment, for everyone who uses it (implies --shared)")
+    p.add_argument("--shared", action="store_true",
+                   help="a kernel other users run: carry no personal PATH, libraries or cache folders")
     p.set_defaults(func=_kernel_install)
     p = sub.add_parser("jupyter", help="inside an allocation: JupyterLab on this node, and the ssh command to reach it")
     p.add_argument("--port", type=int, help="default: the first free one from 8888")

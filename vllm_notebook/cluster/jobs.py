@@ -40,15 +40,15 @@ def kernel_env(extra: dict[str, str] | None = None, offline: bool = False, share
 
 
 def install_kernel(name: str = "vllm-notebook", display_name: str | None = None, *, user: bool = True,
-                   prefix: str | None = None, env: dict[str, str] | None = None, offline: bool = False) -> str:
+                   prefix: str | None = None, env: dict[str, str] | None = None, offline: bool = False,
+                   shared: bool = False) -> str:
     """A Jupyter kernelspec running this Python, with the environment a cluster kernel needs."""
     from ipykernel.kernelspec import install
 
     venv = os.path.basename(sys.prefix.rstrip("/"))
     display = display_name or f"Python {sys.version_info.major}.{sys.version_info.minor} (vllm-notebook, {venv})"
-    personal = user and prefix is None
-    return install(user=personal, prefix=prefix, kernel_name=name, display_name=display,
-                   env=kernel_env(env, offline, shared=not personal))
+    return install(user=user and prefix is None, prefix=prefix, kernel_name=name, display_name=display,
+                   env=kernel_env(env, offline, shared=shared))
 
 
 # ------------------------------------------------------------------ jupyter on a compute node
