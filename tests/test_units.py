@@ -379,3 +379,39 @@ def test_ray_node_refuses_a_token_folder_someone_else_made(tmp_path):
                          input="secret-token\n", capture_output=True, text=True, timeout=30)
     assert run.returncode == 0 and run.stdout.strip() == "600", run.stderr
     assert not mine.exists(), "the token folder is removed when Ray exits"
+
+
+def test_the_key_is_never_sent_to_a_process_that_took_the_port(tmp_path, monkeypatch):
+    """Issue 13, item 5: readiness was "any 200 on /health", so whoever held the port first got the key."""
+    import http.server
+    import threading
+
+    from vllm_notebook import servers
+    from vllm_notebook.errors import EngineStartError
+    from vllm_notebook.server import process
+
+    monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))
+    seen = []
+
+    class Impostor(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    impostor = http.server.HTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                               env={**os.environ, servers.registry.MARKER: "ours"})
+    try:
+        rec = servers.ServerRecord(id="ours", model="m", argv=[], port=impostor.server_port, pid=sleeper.pid,
+                                   node=__import__("socket").gethostname(), key_file=servers.registry.new_key_file("ours"))
+        with pytest.raises(EngineStartError, match="held by another process"):
+            process.wait_ready(rec, sleeper, timeout=10)
+        assert seen == []
+    finally:
+        sleeper.kill()
+        impostor.shutdown()

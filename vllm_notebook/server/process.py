@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from .. import logs, procs
 from ..errors import EngineStartError, ServerError
 from . import http, registry
@@ -74,7 +76,11 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
         proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=os.getcwd())
     rec.pid = proc.pid
-    registry.update(rec)
+    try:
+        registry.update(rec)  # nothing runs unregistered: if this fails (or Ctrl-C comes), the server goes
+    except BaseException:
+        procs.terminate_group(proc.pid, grace=5)
+        raise
     try:
         wait_ready(rec, proc, progress)
     except BaseException:
@@ -85,11 +91,15 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
 
 def wait_ready(rec: ServerRecord, proc: subprocess.Popen | None = None,
                progress: Callable[[str, float], None] | None = None, timeout: float | None = None) -> None:
-    """Wait until the server answers ``/health``; a one-line root cause if it exits first."""
+    """Wait until the server answers ``/health``; a one-line root cause if it exits first.
+
+    The key is sent only once the port is held by the server's own process (found by its marker), so
+    a process of someone else's that took the port first never receives it.
+    """
     t0 = time.monotonic()
     phase = "starting"
     key = rec.api_key()
-    while not http.healthy(rec.url, timeout=1.0, api_key=key):
+    while not (_ours_listening(rec) and http.healthy(rec.url, timeout=1.0, api_key=key)):
         exited = proc.poll() is not None if proc is not None else not rec.alive()
         if exited:
             lines = logs.root_cause(rec.log)
@@ -101,3 +111,18 @@ def wait_ready(rec: ServerRecord, proc: subprocess.Popen | None = None,
             phase = logs.phase_of("\n".join(logs.tail(rec.log, 30)), phase)
             progress(phase, time.monotonic() - t0)
         time.sleep(0.25)
+
+
+def _ours_listening(rec: ServerRecord) -> bool:
+    """The record's port is listened on by one of its server's processes (always true for another node)."""
+    if not rec.here:
+        return True
+    holders = {c.pid for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr
+               and c.laddr.port == rec.port}
+    if holders and not holders & set(rec.members()):
+        who = next((f"pid {p}" for p in holders if p), "another user's")
+        raise EngineStartError(f"port {rec.port} is held by another process ({who}), not the server "
+                               f"we started: its key was not sent; start again (a free port is picked)  "
+                               f"(log: {rec.log})")
+    return bool(holders)
+
