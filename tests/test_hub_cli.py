@@ -267,3 +267,10 @@ def test_serve_command_runs_until_stopped(demo_path):
         rest = proc.communicate(timeout=60)[0]
     assert "server stopped" in rest, "".join(lines) + rest
     assert not rec.alive()
+
+
+@pytest.mark.slow  # imports vLLM for its parser
+def test_serve_help_prints_usage():
+    out = cli("serve", "--help")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--server" in out.stdout and "--max-model-len" in out.stdout and "Traceback" not in out.stderr

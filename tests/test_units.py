@@ -415,3 +415,58 @@ def test_the_key_is_never_sent_to_a_process_that_took_the_port(tmp_path, monkeyp
     finally:
         sleeper.kill()
         impostor.shutdown()
+
+
+def test_key_files_that_are_not_one_line_in_a_file_are_one_line_errors(tmp_path):
+    """A FIFO used to block the kernel, /dev/zero to fill its memory; two lines sent both as the key."""
+    from vllm_notebook import servers
+    from vllm_notebook.errors import ServerError
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    two = tmp_path / "two"
+    two.write_text("key-one\nkey-two\n")
+    good = tmp_path / "good"
+    good.write_text("  the-key \n")
+    good.chmod(0o600)
+    for path, why in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (two, "on one line"), (tmp_path / "missing", "No such file")):
+        with pytest.raises(ServerError, match=why) as err:
+            servers.read_key(path)
+        assert "\n" not in str(err.value)
+    assert servers.read_key(good) == "the-key"
+
+
+def test_bad_server_addresses_and_ports_are_one_line(tmp_path, monkeypatch):
+    import socket
+
+    from vllm_notebook.errors import ServerUnreachableError, UsageError
+    from vllm_notebook.server import http, process
+
+    with pytest.raises(UsageError, match="--host no-such-host.invalid: cannot listen there"):
+        process._port("no-such-host.invalid", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"--port {port} on 127.0.0.1 is in use"):
+            process._port("127.0.0.1", port)
+        # --attach to a port that speaks no HTTP: one line, not a traceback
+        import threading
+
+        def garbage():
+            conn, _ = taken.accept()
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            conn.close()
+
+        threading.Thread(target=garbage, daemon=True).start()
+        with pytest.raises(ServerUnreachableError, match="cannot reach a vLLM server"):
+            http.get_json(f"http://127.0.0.1:{port}", "/v1/models", None, timeout=5)
+
+
+def test_absurd_n_is_refused():
+    from vllm_notebook.engine.sampling import check_numbers
+
+    with pytest.raises(UsageError, match="at most 1024, not 1,000,000,000"):
+        check_numbers({"n": 1_000_000_000})
+    check_numbers({"n": 8, "temperature": 0.5, "max_tokens": 16})

@@ -85,6 +85,8 @@ def _serve(args) -> int:
         alloc = Allocation.from_env()
         argv = [*argv, "--host", alloc.node_addr() if alloc.source == "slurm" else "127.0.0.1"]
     eng = load_from_argv([*argv, "--server", "--name", "serve"])
+    if eng is None:  # --help
+        return 0
     rec = eng.record
     print(f"serving {rec.model} at {rec.url} (pid {rec.pid}, log {rec.log})")
     print(f"in a notebook:   %vllm_load --attach {rec.url} --api-key-file {rec.key_file}")

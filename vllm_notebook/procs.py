@@ -179,11 +179,11 @@ def marked(key: str, value: str) -> list[int]:
 
 # ---------------------------------------------------------------- ports
 def free_port(host: str = "127.0.0.1", *, start: int | None = None, span: int = 1,
-              scan: tuple[int, int] | None = None, step: int = 1) -> int:
+              scan: tuple[int, int] | None = None, step: int = 1, tries: int = 200) -> int:
     """A port on ``host`` with ``span`` free ports from it.
 
-    By default any port the kernel picks; ``start``: the first free one from ``start`` up (easy to type in
-    an ``ssh -L`` line); ``scan=(low, high)``: a random one in that range, at multiples of ``step`` (a block
+    By default any port the kernel picks; ``start``: the first free one of ``tries`` from ``start`` up (easy
+    to type in an ``ssh -L`` line; ``tries=1``: exactly ``start``); ``scan=(low, high)``: a random one in that range, at multiples of ``step`` (a block
     for a service that needs several ports, e.g. Ray's).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -192,7 +192,7 @@ def free_port(host: str = "127.0.0.1", *, start: int | None = None, span: int = 
             s.bind((host, 0))
             return s.getsockname()[1]
     if start is not None:
-        candidates = list(range(start, start + 200))
+        candidates = list(range(start, start + tries))
     else:
         candidates = random.SystemRandom().sample(range(scan[0], scan[1], step), k=min(50, (scan[1] - scan[0]) // step))
     for base in candidates:
@@ -203,6 +203,6 @@ def free_port(host: str = "127.0.0.1", *, start: int | None = None, span: int = 
         except OSError:
             continue
         return base
-    where = f"from {start}" if start is not None else f"in {scan[0]}-{scan[1]}"
+    where = f"from {start} ({tries} tried)" if start is not None else f"in {scan[0]}-{scan[1]}"
     raise OSError(f"no {span} free port(s) on {host} {where}")
 

@@ -56,14 +56,19 @@ NUMBERS = {"temperature": float, "top_p": float, "min_p": float, "presence_penal
            "top_k": int, "n": int, "seed": int, "logprobs": int, "prompt_logprobs": int}
 
 
+MAX_N = 1024  # completions per prompt: beyond this a typo (-n 1000000000) would exhaust the engine's memory
+
+
 def check_numbers(fields: Mapping[str, Any]) -> None:
-    """A one-line error for a number given as something else (``temperature="hot"``)."""
+    """A one-line error for a number given as something else (``temperature="hot"``), or an absurd ``n``."""
     for name, kind in NUMBERS.items():
         value = fields.get(name)
         if value is None or isinstance(value, bool):
             continue
         if not isinstance(value, int | float) or (kind is int and isinstance(value, float) and not value.is_integer()):
             raise UsageError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}")
+    if isinstance(fields.get("n"), int) and fields["n"] > MAX_N:
+        raise UsageError(f"n (completions per prompt) must be at most {MAX_N}, not {fields['n']:,}")
 
 
 # Sampling fields the OpenAI-compatible server takes (vLLM's CompletionRequest extras included).

@@ -7,6 +7,7 @@ every path, so every helper takes it.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import urllib.error
@@ -27,7 +28,7 @@ def healthy(url: str, timeout: float = 2.0, api_key: str | None = None) -> bool:
     try:
         with _NO_PROXY.open(urllib.request.Request(f"{url}/health", headers=auth_header(api_key)), timeout=timeout) as r:
             return r.status == 200
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):
         return False
 
 
@@ -40,7 +41,7 @@ def get_json(url: str, path: str, api_key: str | None, timeout: float = 10.0) ->
         if exc.code == 401:
             raise AuthRefusedError(url) from None
         raise RequestError(f"the server at {url} answered {exc.code} to {path}: {error_message(exc.read())}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: the port speaks no HTTP
         raise ServerUnreachableError(url, getattr(exc, "reason", exc)) from None
 
 

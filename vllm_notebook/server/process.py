@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from .. import logs, procs
-from ..errors import EngineStartError, ServerError
+from ..errors import EngineStartError, ServerError, UsageError
 from . import http, registry
 from .registry import MARKER, ServerRecord, new_key_file, normalize, read_key
 
@@ -57,7 +57,7 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
     ``target`` is what the server loads (a cached snapshot folder of the Hub id ``model``);
     ``match`` is what a later ``find`` compares flags with (the user's flags, before the plan's).
     """
-    port = port or procs.free_port(host)
+    port = _port(host, port)
     rec_id = f"{socket.gethostname()}-{port}-{secrets.token_hex(3)}"
     own_key = key_file is None
     rec = ServerRecord(id=rec_id, model=model, argv=normalize(argv) if match is None else match, key=list(key or []), host=host, port=port,
@@ -111,6 +111,17 @@ def wait_ready(rec: ServerRecord, proc: subprocess.Popen | None = None,
             phase = logs.phase_of("\n".join(logs.tail(rec.log, 30)), phase)
             progress(phase, time.monotonic() - t0)
         time.sleep(0.25)
+
+
+def _port(host: str, port: int | None) -> int:
+    """The port to listen on: a free one, or ``port`` if it can be had; one line when the address is wrong."""
+    try:
+        return procs.free_port(host, start=port, tries=1) if port else procs.free_port(host)
+    except OSError as exc:
+        if port and not isinstance(exc, socket.gaierror):
+            raise UsageError(f"--port {port} on {host} is in use: pick another, or leave --port out") from None
+        raise UsageError(f"--host {host}: cannot listen there ({exc.strerror or exc}); use an address of "
+                         "this node, or leave --host out for 127.0.0.1") from None
 
 
 def _ours_listening(rec: ServerRecord) -> bool:

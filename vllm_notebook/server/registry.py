@@ -16,6 +16,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,18 +243,28 @@ def new_key_file(rec_id: str) -> str:
 
 
 def read_key(path: str | os.PathLike) -> str:
+    """The one-line key in ``path``: a small regular file (not a FIFO or a device, which could block or never end)."""
     path = Path(path).expanduser()
+    where = repr(str(path))
     try:
-        key = path.read_text().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ServerError(f"the API key file {where} is not a regular file")
+            raw = f.read(4097)
     except OSError as exc:
-        raise ServerError(f"cannot read the API key file {str(path)!r}: {exc.strerror}") from None
-    if not key:
-        raise ServerError(f"the API key file {str(path)!r} is empty")
-    if path.stat().st_mode & 0o077:
+        raise ServerError(f"cannot read the API key file {where}: {exc.strerror}") from None
+    lines = [ln.strip() for ln in raw.decode(errors="replace").splitlines() if ln.strip()]
+    if len(raw) > 4096 or len(lines) > 1:
+        raise ServerError(f"the API key file {where} must hold the key alone, on one line")
+    if not lines:
+        raise ServerError(f"the API key file {where} is empty")
+    if st.st_mode & 0o077:
         import warnings
 
         warnings.warn(f"{path} can be read by other users: chmod 600 {path}", stacklevel=2)
-    return key
+    return lines[0]
 
 
 # ------------------------------------------------------------------ listing
