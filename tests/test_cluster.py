@@ -105,8 +105,8 @@ def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
         assert "nodes" in out and "n1, n2" in out
         out = k.run(f"p = %vllm_load {demo_path} --server --dry-run\nprint(' '.join(p.server_command))")
         assert ("--tensor-parallel-size 2 --pipeline-parallel-size 2 --distributed-executor-backend ray "
-                "--disable-uvicorn-access-log --middleware vllm_notebook.server.guard.RequireKey --host 127.0.0.1 "
-                "--port FREE_PORT") in out, out
+                "--disable-uvicorn-access-log --middleware vllm_notebook.server.guard.RequireKey "
+                "--disable-fastapi-docs --host 127.0.0.1 --port FREE_PORT") in out, out
         _, error = k.collect(k.submit(f"%vllm_load {demo_path} --dry-run --pipeline-parallel-size 4"))
         assert error["ename"] == "PlanError" and len(error["traceback"]) == 1, error
         assert "more than the model's 2 layers" in error["evalue"] or "GPUs" in error["evalue"]

@@ -46,6 +46,7 @@ def command(model: str, argv: list[str], host: str, port: int | str) -> list[str
     head = [] if "--model" in argv else ["--model", model]
     extra = [] if "--disable-uvicorn-access-log" in argv else ["--disable-uvicorn-access-log"]
     extra += ["--middleware", GUARD]  # the API key on every path, not only /v1
+    extra += [] if "--disable-fastapi-docs" in argv else ["--disable-fastapi-docs"]  # no API browser for others
     return [sys.executable, "-m", SERVER_MODULE, *head, *argv, *extra, "--host", host, "--port", str(port)]
 
 
