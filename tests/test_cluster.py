@@ -130,6 +130,10 @@ def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
             assert stat.S_IMODE(node_token.parent.stat().st_mode) == 0o700
             assert stat.S_IMODE((root / f"n{i}").stat().st_mode) == 0o700
         assert token not in " ".join(" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+        # ... and the kernel itself reaches the cluster with plain ray.init(): address and token are in its env
+        out = k.run("import ray\nray.init(logging_level='ERROR')\n"
+                    "print('KERNEL', ray.cluster_resources().get('GPU'))\nray.shutdown()", timeout=120)
+        assert "KERNEL 4.0" in out, out
 
         probe = ("import ray\ntry:\n    ray.init(address='{a}', logging_level='ERROR')\n"
                  "    r = ray.cluster_resources(); print('OK', r.get('GPU'), len([n for n in ray.nodes() if n['Alive']]))\n"
