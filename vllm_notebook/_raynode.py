@@ -4,8 +4,9 @@ Usage: ``python -m vllm_notebook._raynode [--token-dir DIR] RAY_START_COMMAND...
 
 With ``--token-dir`` the cluster's token is read from stdin (never argv, never a file on another node)
 and written on this node into DIR/token (0600), DIR a folder only we can enter (0700, checked: a folder
-someone else made is refused); Ray's ``--temp-dir`` is made private the same way. Both are removed
-when Ray exits.
+someone else made is refused). Ray's ``--temp-dir`` is created in the same private parent (Ray itself
+makes it world-writable, but nobody else can enter the parent). The token folder is removed when Ray
+exits.
 
 ``ray start --block`` stops slowly and partly on SIGTERM (measured: gcs_server outlived it); this runner
 puts Ray in a process group of its own and, on SIGTERM/SIGINT/SIGHUP or when Ray exits, sends the group
