@@ -250,8 +250,28 @@ def up(alloc, address: str | None = None, timeout: float = 180) -> RayCluster:
     else:
         cluster = start(alloc, timeout=timeout)
     os.environ.update(cluster.env())
+    _refresh_ray_in_this_process()
     _current = cluster
     return cluster
+
+
+def _refresh_ray_in_this_process() -> None:
+    """Make an already imported Ray (vLLM imports it) see the token settings just put in the environment.
+
+    Ray reads ``RAY_AUTH_MODE`` and the token once, into caches; without a refresh the kernel's own
+    ``ray.init()`` is refused by the cluster it just started. This is what Ray's own tests do
+    (``ray._private.authentication_test_utils.reset_auth_token_state``). Nothing happens if Ray is not
+    imported: it then reads the environment when it is.
+    """
+    if "ray._raylet" not in sys.modules:
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):  # another Ray release: its own way, or no cache
+        pass
 
 
 def release() -> list[int]:
@@ -278,6 +298,7 @@ def down() -> str:
     for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
         if os.environ.get(key) == cluster.env().get(key):
             os.environ.pop(key, None)
+    _refresh_ray_in_this_process()
     if not cluster.owned:
         return f"detached from the Ray cluster at {cluster.address} (not stopped: we did not start it)"
     cluster.stop()
