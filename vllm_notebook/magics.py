@@ -70,6 +70,8 @@ def _sampling_flags(func):
     return func
 
 
+_engine_name = argument("--name", help="engine (default: the only one, or 'default')")
+
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop",
                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "regex", "choice")
 
@@ -133,7 +135,7 @@ class VllmMagics(Magics):
     @magic_arguments()
     @argument("--level", type=int, default=1, choices=[1, 2],
               help="1: weights to CPU memory, KV cache dropped (default); 2: weights dropped too, reloaded on wake")
-    @argument("--name", help="engine (default: the only one, or 'default')")
+    @_engine_name
     @no_var_expand
     @line_magic
     def vllm_sleep(self, line: str):
@@ -142,7 +144,7 @@ class VllmMagics(Magics):
         print(self._engine(args.name).sleep(args.level))
 
     @magic_arguments()
-    @argument("--name", help="engine (default: the only one, or 'default')")
+    @_engine_name
     @no_var_expand
     @line_magic
     def vllm_wake(self, line: str):
@@ -176,7 +178,7 @@ class VllmMagics(Magics):
         return Status.collect()
 
     @magic_arguments()
-    @argument("--name", help="engine (default: the only one, or 'default')")
+    @_engine_name
     @no_var_expand
     @line_magic
     def vllm_panel(self, line: str):
@@ -228,7 +230,7 @@ class VllmMagics(Magics):
 
     @magic_arguments()
     @argument("-n", type=int, default=40, help="lines to show (default 40)")
-    @argument("--name", help="engine (default: the only one, or 'default')")
+    @_engine_name
     @no_var_expand
     @line_magic
     def vllm_logs(self, line: str):
