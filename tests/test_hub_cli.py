@@ -270,7 +270,9 @@ def test_serve_command_runs_until_stopped(demo_path):
 
 
 @pytest.mark.slow  # imports vLLM for its parser
-def test_serve_help_prints_usage():
+def test_serve_help_prints_usage(demo_path):
     out = cli("serve", "--help")
+    assert out.returncode == 0 and "usage: vllm-notebook serve" in out.stdout, out.stderr[-2000:]
+    out = cli("serve", demo_path, "--help")  # after the model: every flag of vllm serve, and ours
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "--server" in out.stdout and "--max-model-len" in out.stdout and "Traceback" not in out.stderr
+    assert "--api-key-file" in out.stdout and "--max-model-len" in out.stdout and "Traceback" not in out.stderr
