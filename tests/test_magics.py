@@ -196,3 +196,9 @@ def test_named_engines_coexist_and_changed_flags_replace(cell, ip, engine, demo_
     import vllm_notebook
 
     assert set(vllm_notebook.engines()) == {"default"} and engine.alive
+
+
+def test_load_help_lists_every_flag(cell):
+    """It used to fail inside argparse: the usage line's "%vllm_load" read as a format directive."""
+    _, out = cell("%vllm_load --help")
+    assert "usage: %vllm_load [MODEL]" in out and "--max-model-len" in out and "--api-key-file" in out

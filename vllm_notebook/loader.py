@@ -88,7 +88,7 @@ def attach(url: str, *, name: str = "default", api_key_file: str | None = None, 
 
 def _own_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="%vllm_load", add_help=False, allow_abbrev=False, exit_on_error=False,
-                                usage="%vllm_load [MODEL] [engine flags] [--name N] [--dry-run] "
+                                usage="%%vllm_load [MODEL] [engine flags] [--name N] [--dry-run] "
                                       "[--server [--host H] [--port P] | --attach URL] [--api-key-file F]")
     ours = p.add_argument_group("vllm-notebook")
     ours.add_argument("--name", default="default", help="engine name (several can coexist)")
