@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +44,17 @@ def _no_servers_left_behind():
     for rec in servers.records():
         if rec.here and procs.has_marker(rec.pid, "VLLM_NOTEBOOK_TEST_SESSION", SESSION):
             servers.stop(rec)
+
+
+@pytest.fixture
+def shared_path():
+    """A folder every node of the dev cluster sees, as $HOME or a project folder on a real cluster.
+
+    Not ``tmp_path``: that is under /tmp, and each dev-cluster node has a /tmp of its own.
+    """
+    path = Path(tempfile.mkdtemp(prefix="vnb-test-", dir=os.environ.get("VLLM_NOTEBOOK_SHARED_TMP", "/var/tmp")))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

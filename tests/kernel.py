@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import queue
 import time
+import uuid
 
 import psutil
 from jupyter_client.manager import KernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 
 
 def engine_processes(pid: int) -> list[psutil.Process]:
@@ -27,9 +29,20 @@ def engine_processes(pid: int) -> list[psutil.Process]:
     return keep
 
 
+def kernel_manager(kernel_name: str = "python3") -> KernelManager:
+    """A manager whose connection file is where Jupyter's server puts it (the runtime folder, in $HOME).
+
+    jupyter_client alone would write it under /tmp, which a kernel started on another node through srun
+    (each dev-cluster node has a /tmp of its own) cannot see.
+    """
+    os.makedirs(jupyter_runtime_dir(), mode=0o700, exist_ok=True)
+    return KernelManager(kernel_name=kernel_name,
+                         connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.uuid4()}.json"))
+
+
 class Kernel:
     def __init__(self, kernel_name: str = "python3", env: dict | None = None):
-        self.km = KernelManager(kernel_name=kernel_name)
+        self.km = kernel_manager(kernel_name)
         self.km.start_kernel(**({"env": {**os.environ, **env}} if env else {}))
         self.kc = self.km.client()
         self.kc.start_channels()

@@ -18,11 +18,11 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from kernel import Kernel
+from kernel import Kernel, kernel_manager
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).parent.parent
-SLURM_CONF = os.environ.get("SLURM_CONF") or "/tmp/vnb-cluster/etc/slurm.conf"
+SLURM_CONF = os.environ.get("SLURM_CONF") or "/var/tmp/vnb-cluster/etc/slurm.conf"
 OURS = ("raylet", "gcs_server", "vllm_notebook._raynode")
 
 
@@ -47,8 +47,24 @@ def job():
     subprocess.run(["scancel", job_id])
 
 
-def _in_step(job_id: str) -> list[str]:
-    return ["srun", f"--jobid={job_id}", "--overlap", "-N1", "-n1", "-w", "n1", "--gres=gpu:2"]
+def _in_step(job_id: str, node: str = "n1") -> list[str]:
+    return ["srun", f"--jobid={job_id}", "--overlap", "-N1", "-n1", "-w", node, "--gres=gpu:2"]
+
+
+def _on_node(job_id: str, node: str, cmd: list[str]) -> str:
+    """``cmd``'s output, run on ``node`` inside the allocation (a job step)."""
+    out = subprocess.run(_in_step(job_id, node) + cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"{cmd} on {node}: {out.stderr}"
+    return out.stdout.strip()
+
+
+def test_each_node_has_a_tmp_of_its_own(job):
+    """The dev cluster is as strict as a real one: a path in one node's /tmp is not on another node."""
+    name = f"/tmp/vnb-probe-{os.getpid()}"
+    _on_node(job, "n1", ["touch", name])
+    assert _on_node(job, "n1", ["ls", name]) == name
+    assert _on_node(job, "n2", ["sh", "-c", f"test -e {name} && echo seen || echo absent"]) == "absent"
+    assert not os.path.exists(name)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +112,7 @@ def test_allocation_reads_what_slurm_set(job):
     assert 0 < info["left"] <= 1800 and len(info["cpus"]) == 2
 
 
-def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
+def test_kernel_in_allocation_plans_and_runs_ray(job, slurm_kernel, demo_path):
     k = Kernel(slurm_kernel)
     try:
         k.run("%load_ext vllm_notebook")
@@ -106,7 +122,7 @@ def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
         out = k.run(f"p = %vllm_load {demo_path} --server --dry-run\nprint(' '.join(p.server_command))")
         assert ("--tensor-parallel-size 2 --pipeline-parallel-size 2 --distributed-executor-backend ray "
                 "--disable-uvicorn-access-log --middleware vllm_notebook.server.guard.RequireKey "
-                "--disable-fastapi-docs --host 127.0.0.1 --port FREE_PORT") in out, out
+                "--disable-fastapi-docs --allowed-origins [] --host 127.0.0.1 --port FREE_PORT") in out, out
         _, error = k.collect(k.submit(f"%vllm_load {demo_path} --dry-run --pipeline-parallel-size 4"))
         assert error["ename"] == "PlanError" and len(error["traceback"]) == 1, error
         assert "more than the model's 2 layers" in error["evalue"] or "GPUs" in error["evalue"]
@@ -118,18 +134,19 @@ def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
         env = json.loads(k.run("import os, json; print(json.dumps({k: os.environ[k] for k in "
                                "('RAY_ADDRESS', 'RAY_AUTH_TOKEN_PATH', 'RAY_AUTH_MODE')}))").strip())
         assert env["RAY_AUTH_MODE"] == "token"
-        assert stat.S_IMODE(os.stat(env["RAY_AUTH_TOKEN_PATH"]).st_mode) == 0o600
+        assert _on_node(job, "n1", ["stat", "-c", "%a", env["RAY_AUTH_TOKEN_PATH"]]) == "600"
         # Issue 13, item 3: each node writes the token it got on stdin into a private folder of its own
-        # (a worker's /tmp is not the head's on a real cluster).
+        # (a worker's /tmp is not the head's: each dev-cluster node has a /tmp of its own, as on a real cluster).
         root = Path(env["RAY_AUTH_TOKEN_PATH"]).parent
-        token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()
-        for i in (0, 1):
+        assert not root.exists(), "the head's /tmp is the head node's own"
+        token = _on_node(job, "n1", ["cat", env["RAY_AUTH_TOKEN_PATH"]])
+        for i, node in enumerate(("n1", "n2")):
             node_token = root / f"auth-n{i}" / "token"
-            assert node_token.read_text() == token
-            assert stat.S_IMODE(node_token.stat().st_mode) == 0o600
-            assert stat.S_IMODE(node_token.parent.stat().st_mode) == 0o700
+            assert _on_node(job, node, ["cat", str(node_token)]) == token
+            modes = _on_node(job, node, ["stat", "-c", "%a", str(node_token), str(node_token.parent), str(root)])
             # Ray makes its temp folder world-writable; it sits in our 0700 folder, which nobody else can enter
-            assert (root / f"n{i}").is_dir() and stat.S_IMODE(root.stat().st_mode) == 0o700
+            assert modes.split() == ["600", "700", "700"], (node, modes)
+            assert _on_node(job, node, ["test", "-d", str(root / f"n{i}")]) == ""
         assert token not in " ".join(" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
         # ... and the kernel itself reaches the cluster with plain ray.init(): address and token are in its env
         out = k.run("import ray\nray.init(logging_level='ERROR')\n"
@@ -139,16 +156,18 @@ def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
         probe = ("import ray\ntry:\n    ray.init(address='{a}', logging_level='ERROR')\n"
                  "    r = ray.cluster_resources(); print('OK', r.get('GPU'), len([n for n in ray.nodes() if n['Alive']]))\n"
                  "except Exception as e:\n    print('REFUSED', type(e).__name__)\n").format(a=env["RAY_ADDRESS"])
-        with_token = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                                    env={**os.environ, **env})
+        with_token = subprocess.run(_in_step(job) + [sys.executable, "-c", probe], capture_output=True, text=True,
+                                    timeout=120, env={**os.environ, **env})
         assert "OK 4.0 2" in with_token.stdout, with_token.stdout + with_token.stderr[-2000:]
         no_token = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-        refused = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=90,
-                                 env=no_token)
+        refused = subprocess.run(_in_step(job) + [sys.executable, "-c", probe], capture_output=True, text=True,
+                                 timeout=90, env=no_token)
         assert "REFUSED" in refused.stdout and "OK" not in refused.stdout
 
         out = k.run("%vllm_cluster --down", timeout=60)
         assert "stopped the Ray cluster" in out
+        cleared = k.run("import os; print(*[k in os.environ for k in ('RAY_ADDRESS', 'RAY_AUTH_TOKEN_PATH')])")
+        assert cleared.split() == ["False", "False"], "--down takes the cluster's settings out of the kernel"
         assert not _wait_gone(), _our_processes()
 
         k.run("%vllm_cluster --up", timeout=240)
@@ -164,9 +183,10 @@ def test_kernel_in_allocation_plans_and_runs_ray(slurm_kernel, demo_path):
     print(f"Ray head + worker up in {up_seconds:.1f} s")
 
 
-def test_multi_node_notebook_runs_in_the_allocation(slurm_kernel, demo_path, tmp_path):
+def test_multi_node_notebook_runs_in_the_allocation(slurm_kernel, demo_path, shared_path):
     nb = nbformat.read(ROOT / "notebooks" / "multi_node.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name=slurm_kernel, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(nb, timeout=600, km=kernel_manager(slurm_kernel),
+                   resources={"metadata": {"path": str(shared_path)}}).execute()
     text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "n1, n2" in text and "ray" in text and "2 / 4" in text and "stopped the Ray cluster" in text
@@ -260,10 +280,10 @@ def _check_jupyter(text: str) -> None:
     assert denied.value.code == 403
 
 
-def test_jupyter_on_the_compute_node(job, tmp_path):
-    log = tmp_path / "jupyter.out"
+def test_jupyter_on_the_compute_node(job, shared_path):
+    log = shared_path / "jupyter.out"
     with open(log, "w") as f:
-        proc = subprocess.Popen(_in_step(job) + [*CLI, "jupyter", "--", f"--ServerApp.root_dir={tmp_path}"],
+        proc = subprocess.Popen(_in_step(job) + [*CLI, "jupyter", "--", f"--ServerApp.root_dir={shared_path}"],
                                 stdout=f, stderr=subprocess.STDOUT)
     try:
         _check_jupyter(_wait_for(log, "then open:"))

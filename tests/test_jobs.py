@@ -13,7 +13,8 @@ import pytest
 from test_cluster import CLI, SLURM_CONF, _check_jupyter, _cluster_up, _wait_for
 
 
-def test_sbatch_template_is_valid_and_runs(tmp_path):
+def test_sbatch_template_is_valid_and_runs(shared_path):
+    tmp_path = shared_path  # the job runs on a node: not under /tmp, which is the node's own
     if not _cluster_up():
         if os.environ.get("CI"):
             pytest.fail("the dev Slurm cluster did not start (scripts/dev-cluster up)")

@@ -179,6 +179,17 @@ def test_api_key_required_and_kept_secret(server):
         with pytest.raises(urllib.error.HTTPError) as refused:
             opener.open(f"{url}{path}", timeout=10)
         assert refused.value.code == 401, path
+    # CORS closed: a web page (reaching the port through an ssh tunnel) can neither preflight nor read answers
+    evil = {"Origin": "http://evil.example"}
+    preflight = urllib.request.Request(f"{url}/v1/completions", method="OPTIONS",
+                                       headers={**evil, "Access-Control-Request-Method": "POST",
+                                                "Access-Control-Request-Headers": "authorization,content-type"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(preflight, timeout=10)
+    assert "access-control-allow-origin" not in {k.lower() for k in refused.value.headers}
+    with opener.open(urllib.request.Request(f"{url}/v1/models", headers={**evil, "Authorization": f"Bearer {key}"}),
+                     timeout=10) as r:
+        assert r.status == 200 and "access-control-allow-origin" not in {k.lower() for k in r.headers}
     key_file = server.record.key_file
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(servers.home()).st_mode) == 0o700
@@ -291,5 +302,32 @@ def test_server_survives_kernel_restart_and_recovers_from_sigkill(demo_path):
         out = k.run("%vllm_unload")
         assert "stopped the server" in out
         assert not _members(new_id)
+    finally:
+        k.shutdown()
+
+
+def test_interrupted_start_leaves_nothing_running(demo_path):
+    """Issue 13, item 5: Ctrl-C between starting a server and its being ready once left a GPU-holding server."""
+    from kernel import Kernel
+
+    from vllm_notebook import servers
+
+    flags = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "3"]
+    k = Kernel()
+    try:
+        k.run("%load_ext vllm_notebook")
+        msg_id = k.submit(f"%vllm_load {demo_path} --server --name halfway {' '.join(flags)}")
+        deadline, rec = time.monotonic() + 120, None
+        while rec is None and time.monotonic() < deadline:  # registered at once, long before it is ready
+            rec = next((r for r in servers.records(prune=False) if r.argv == servers.normalize(flags)), None)
+            time.sleep(0.1)
+        assert rec is not None and _members(rec.id)
+        k.km.interrupt_kernel()
+        out, error = k.collect(msg_id, timeout=60)
+        assert error is not None and len(error["traceback"]) == 1, error
+        assert "load interrupted; the half-started server was stopped" in error["evalue"]
+        assert not _members(rec.id) and not psutil.pid_exists(rec.pid)
+        assert rec.id not in {r.id for r in servers.records(prune=False)}
+        assert k.run("print('still here')").strip() == "still here"
     finally:
         k.shutdown()

@@ -317,16 +317,54 @@ def test_registry_writes_are_private_and_atomic(tmp_path, monkeypatch):
     from vllm_notebook import servers
 
     monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))
+    from vllm_notebook import logs, paths
+
     old = os.umask(0o000)  # the most permissive umask a user could have
     try:
         servers.update(servers.ServerRecord(id="a", model="m", argv=[], node="elsewhere"))
+        log = logs.new_log_path("server-1")
+        key = servers.registry.new_key_file("a")
     finally:
         os.umask(old)
+    assert stat.S_IMODE(paths.log_dir().stat().st_mode) == 0o700 and log.parent == paths.log_dir()
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     path = servers.home() / "registry.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(servers.home().stat().st_mode) == 0o700
     assert [r.id for r in servers.records(prune=False)] == ["a"]
     assert not path.with_suffix(".tmp").exists()
+
+
+def test_a_filesystem_without_locks_is_one_line_and_a_failed_write_keeps_the_registry(tmp_path, monkeypatch):
+    """Lustre and some NFS mounts refuse flock (ENOLCK); a write that fails halfway must not lose servers."""
+    import errno
+    import fcntl
+
+    from vllm_notebook import servers
+    from vllm_notebook.errors import ServerError
+
+    monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))
+    servers.update(servers.ServerRecord(id="kept", model="m", argv=[], node="elsewhere"))
+    before = (servers.home() / "registry.json").read_text()
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_locks)
+        with pytest.raises(ServerError, match="cannot lock the server registry.*VLLM_NOTEBOOK_CACHE=") as err:
+            servers.records()
+        assert "\n" not in str(err.value)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", disk_full)
+        with pytest.raises(OSError):
+            servers.update(servers.ServerRecord(id="new", model="m", argv=[], node="elsewhere"))
+    assert (servers.home() / "registry.json").read_text() == before
+    assert [r.id for r in servers.records(prune=False)] == ["kept"]
 
 
 @pytest.mark.parametrize("line", ["M --hf-token hf_secret", "M --hf-token=hf_secret --server", "M --api-key k",
@@ -338,6 +376,19 @@ def test_secret_flags_are_refused_before_anything_runs(line):
     with pytest.raises(UsageError) as err:
         load_from_argv(line.split())
     assert "secret" not in str(err.value) and ("HF_TOKEN" in str(err.value) or "--api-key-file" in str(err.value))
+
+
+@pytest.mark.slow  # imports vLLM for its parser, which reads the --config file
+@pytest.mark.parametrize("yaml", ["api-key: s3cret\n", "hf-token: hf_s3cret\n", "hf_token: hf_s3cret\n"])
+def test_secrets_in_a_config_file_are_refused(tmp_path, yaml):
+    """Issue 13, item 7: a --config YAML (vllm serve's) can carry what the command line may not."""
+    from vllm_notebook.loader import load_from_argv
+
+    config = tmp_path / "engine.yaml"
+    config.write_text(yaml)
+    with pytest.raises(UsageError) as err:
+        load_from_argv(["no-such/model", "--server", "--config", str(config)])
+    assert "s3cret" not in str(err.value) and ("HF_TOKEN" in str(err.value) or "--api-key-file" in str(err.value))
 
 
 def test_a_shared_kernelspec_carries_no_personal_paths(monkeypatch):

@@ -10,6 +10,7 @@ command line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shlex
@@ -47,6 +48,8 @@ def command(model: str, argv: list[str], host: str, port: int | str) -> list[str
     extra = [] if "--disable-uvicorn-access-log" in argv else ["--disable-uvicorn-access-log"]
     extra += ["--middleware", GUARD]  # the API key on every path, not only /v1
     extra += [] if "--disable-fastapi-docs" in argv else ["--disable-fastapi-docs"]  # no API browser for others
+    if not any(t.split("=", 1)[0] == "--allowed-origins" for t in argv):
+        extra += ["--allowed-origins", "[]"]  # CORS closed: no web page may read answers (vLLM 0.26 allowed "*")
     return [sys.executable, "-m", SERVER_MODULE, *head, *argv, *extra, "--host", host, "--port", str(port)]
 
 
@@ -81,13 +84,21 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
         registry.update(rec)  # nothing runs unregistered: if this fails (or Ctrl-C comes), the server goes
     except BaseException:
         procs.terminate_group(proc.pid, grace=5)
+        _reap(proc)
         raise
     try:
         wait_ready(rec, proc, progress)
     except BaseException:
         stop(rec, timeout=10)
+        _reap(proc)
         raise
     return rec
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Collect the exit status of a server we stopped, so no zombie of it stays in the process table."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 def wait_ready(rec: ServerRecord, proc: subprocess.Popen | None = None,
