@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from nbclient import NotebookClient
 
 IN_ALLOCATION = {"multi_node"}  # run inside the test Slurm allocation by test_cluster.py
+NEEDS_SLURM = {"slurm_job"}  # submits a job to the dev Slurm cluster (scripts/dev-cluster)
 NOTEBOOKS = [p for p in sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
              if p.stem not in IN_ALLOCATION]
 LOG_LINE = re.compile(r"\b(INFO|WARNING|DEBUG)\b \d\d-\d\d ")
@@ -27,6 +29,18 @@ def _texts(cell) -> str:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, demo_path, tmp_path):
+    if path.stem in NEEDS_SLURM:
+        import shutil
+        import subprocess
+
+        from test_cluster import SLURM_CONF, _cluster_up
+
+        if not (shutil.which("sbatch") and _cluster_up()):
+            if os.environ.get("CI"):
+                pytest.fail("the dev Slurm cluster did not start (scripts/dev-cluster up)")
+            pytest.skip("no Slurm here: run scripts/dev-cluster up")
+        os.environ["SLURM_CONF"] = SLURM_CONF
+        subprocess.run(["scancel", "--user", str(os.getuid())], capture_output=True)
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [_texts(c) for c in nb.cells if c.cell_type == "code"]
@@ -46,6 +60,9 @@ def test_notebook_runs(path, demo_path, tmp_path):
         assert "server ready in" in everything or "attached to the running server" in everything
         assert " Paris." in everything and "' Berlin.', ' meow.'" in everything
         assert "detached from the server" in everything and "stopped the server" in everything
+    if path.stem == "slurm_job":
+        assert "submitted job" in everything and ("PENDING" in everything or "RUNNING" in everything)
+        assert " Paris." in everything and "cancelled job" in everything and "READY" in everything
     if path.stem == "batch":
         assert "' Paris.'" in everything and "' Berlin.'" in everything and "meow" in everything and "woof" in everything
     if path.stem == "chat":

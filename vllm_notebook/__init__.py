@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {  # public name -> the module that defines it (imported on first use)
-    "load": "loader", "LoadPlan": "prepare", "attach": "loader",
+    "load": "loader", "LoadPlan": "prepare", "attach": "loader", "submit": "loader",
+    "SlurmEngine": "server.slurm_job", "jobs": "server.slurm_job",
     "Engine": "engine.base", "LocalEngine": "engine.local", "ServerEngine": "server.client",
     "engines": "engine.registry", "get_engine": "engine.registry", "unload_all": "engine.registry",
     "servers": "server", "errors": "errors",
@@ -32,16 +33,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine.registry import engines, get_engine, unload_all
     from .engine.sleep import SleepReport
     from .errors import VllmNotebookError
-    from .loader import attach, load
+    from .loader import attach, load, submit
     from .models.demo import demo_model
     from .prepare import LoadPlan
     from .server.client import ServerEngine
+    from .server.slurm_job import SlurmEngine
+    from .server.slurm_job import listing as jobs
     from .ui.panel import PromptPanel, panel
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         module = import_module(f".{_LAZY[name]}", __name__)
+        if name == "jobs":
+            return module.listing
         return module if name in ("servers", "errors") else getattr(module, name)
     raise AttributeError(f"module 'vllm_notebook' has no attribute {name!r}")
 

@@ -18,6 +18,7 @@ from .loader import load_from_argv
 from .models.demo import demo_model
 from .models.hub import download, install_folder, models_table
 from .server import process as server_process
+from .server import slurm_job
 
 
 def _version(args) -> int:
@@ -104,6 +105,14 @@ def _serve(args) -> int:
         pass
     server_process.stop(rec)
     print("server stopped")
+    return 0
+
+
+def _jobs(args) -> int:
+    if args.cancel:
+        print(slurm_job.cancel(slurm_job.lookup(args.cancel)))
+    else:
+        print(slurm_job.listing())
     return 0
 
 
@@ -218,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run a vLLM server until stopped (for sbatch jobs); notebooks --attach to it")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="MODEL and vllm serve flags")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("jobs", help="engines submitted as Slurm jobs (%%vllm_load --slurm): state, node, time left")
+    p.add_argument("--cancel", metavar="WHAT", help="cancel this submission (engine name, job id, record or model)")
+    p.set_defaults(func=_jobs)
     p = sub.add_parser("sbatch-template", help="write an sbatch script running JupyterLab (or a server)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=1)
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except VllmNotebookError as exc:  # a user's mistake: one line, no traceback
-        print(f"vllm-notebook: {exc}", file=sys.stderr)
+        print(f"vllm-notebook: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

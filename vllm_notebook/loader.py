@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import shlex
 import time
 from typing import Any
 
@@ -22,11 +23,11 @@ from .engine.local import LocalEngine
 from .errors import UsageError, VllmNotebookError
 from .models import resolve
 from .prepare import LoadPlan, Prepared, engine_flags, scoped_env
-from .server import client, launch
+from .server import client, launch, slurm_job
 from .server import registry as servers
 from .ui.display import LiveLine
 
-__all__ = ["LoadPlan", "attach", "load", "load_from_argv"]
+__all__ = ["LoadPlan", "attach", "load", "load_from_argv", "submit"]
 
 
 def load(model: str | None = None, *, name: str = "default", dry_run: bool = False,
@@ -86,10 +87,24 @@ def attach(url: str, *, name: str = "default", api_key_file: str | None = None, 
     return eng
 
 
+def _glue(argv: list[str], flag: str) -> list[str]:
+    """``FLAG VALUE`` as ``FLAG=VALUE``, for a value that looks like a flag itself (``--slurm "-t 5"``)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            out.append(f"{flag}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def _own_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="%vllm_load", add_help=False, allow_abbrev=False, exit_on_error=False,
                                 usage="%%vllm_load [MODEL] [engine flags] [--name N] [--dry-run] "
-                                      "[--server [--host H] [--port P] | --attach URL] [--api-key-file F]")
+                                      "[--server [--host H] [--port P] | --attach URL | --slurm 'OPTIONS' "
+                                      "[--chain N] [--no-wait]] [--api-key-file F]")
     ours = p.add_argument_group("vllm-notebook")
     ours.add_argument("--name", default="default", help="engine name (several can coexist)")
     ours.add_argument("--dry-run", action="store_true", help="show what would start; start nothing")
@@ -100,6 +115,13 @@ def _own_parser() -> argparse.ArgumentParser:
     ours.add_argument("--port", type=int, help="with --server: listen on this port (default: a free one)")
     ours.add_argument("--attach", metavar="URL", help="use a running OpenAI-compatible vLLM server")
     ours.add_argument("--api-key-file", metavar="FILE", help="the server's API key, in a file only you can read")
+    ours.add_argument("--slurm", metavar="'SBATCH OPTIONS'",
+                      help="run the engine as a server in a Slurm batch job (from a notebook with no GPU); "
+                           "returns at once, requests wait for the job")
+    ours.add_argument("--chain", type=int, default=0, metavar="N",
+                      help="with --slurm: N successor jobs, each starting before the previous one's walltime ends")
+    ours.add_argument("--no-wait", action="store_true",
+                      help="with --slurm: requests before the job is ready fail at once instead of waiting")
     ours.add_argument("-h", "--help", action="store_true", help="show this help")
     return p
 
@@ -107,6 +129,7 @@ def _own_parser() -> argparse.ArgumentParser:
 def load_from_argv(argv: list[str], default_model: str = "", progress: bool = True):
     """``%vllm_load``'s parser: vLLM's own flags (of the engine, or of ``vllm serve``) plus ours."""
     own = _own_parser()
+    argv = _glue(argv, "--slurm")  # its value starts with "-": argparse would read it as a flag
     try:
         ours, rest = own.parse_known_args(argv)
     except argparse.ArgumentError as exc:
@@ -119,6 +142,10 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
                              "(engine flags belong on the server's command line)")
         return attach(ours.attach, name=ours.name, api_key_file=ours.api_key_file,
                       model=rest[0] if rest else None, progress=progress)
+    if ours.slurm is not None and not ours.help:
+        return _submit_from_argv(ours, rest, default_model, progress)
+    if (ours.chain or ours.no_wait) and not ours.help:
+        raise UsageError("%vllm_load: --chain and --no-wait go with --slurm 'SBATCH OPTIONS'")
     if not ours.server and not ours.help and (ours.host or ours.port or ours.api_key_file):
         raise UsageError("%vllm_load: --host, --port and --api-key-file go with --server (or --attach URL)")
     _refuse_secret_words(rest)
@@ -166,6 +193,57 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
             return prep.dry_run(launch.command_for(prep, user_flags, listen))
         return launch.start(prep, user_flags, listen, ours.ray_address, progress)
     return prep.dry_run() if ours.dry_run else start_local(prep, progress, ours.ray_address)
+
+
+def _submit_from_argv(ours: argparse.Namespace, rest: list[str], default_model: str, progress: bool):
+    """``%vllm_load MODEL --slurm 'OPTIONS'``: check the flags here, then submit (or find the job again)."""
+    if ours.server or ours.host or ours.port or ours.api_key_file:
+        raise UsageError("%vllm_load --slurm runs the server in a batch job, bound to the job's node and keyed: "
+                         "drop --server, --host, --port and --api-key-file")
+    _refuse_secret_words(rest)
+    try:
+        options = shlex.split(ours.slurm)
+    except ValueError as exc:
+        raise UsageError(f"%vllm_load --slurm: {exc} in {ours.slurm!r}") from None
+    model, flags = _split_model(rest, default_model)
+    if not model:
+        raise UsageError("no model given: %vllm_load MODEL --slurm 'SBATCH OPTIONS'")
+    flags = servers.normalize(flags)
+    if not ours.dry_run and slurm_job.find(model, flags, options) is not None:  # no vLLM import to find it
+        return slurm_job.start(ours.name, model, flags, options, chain=ours.chain, wait=not ours.no_wait,
+                               progress=progress)
+    parser = vllm_import.vllm_api().serve_arg_parser("%vllm_load --slurm")
+    try:  # a typo fails now, not after the job waited in the queue
+        ns = parser.parse_args([model, *flags])
+    except argparse.ArgumentError as exc:
+        raise UsageError(_explain(str(exc), [model, *flags], parser, _own_parser())) from None
+    except SystemExit:
+        raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
+    _refuse_secrets(ns)
+    resolve.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
+    if ours.dry_run:
+        rec = slurm_job.JobRecord(id="DRY-RUN", name=ours.name, model=model, flags=flags, options=options)
+        print(f"would submit: sbatch {shlex.join(options)} {rec.script}"
+              + (f" (and {ours.chain} chained successors)" if ours.chain else "") + "\n")
+        print(slurm_job.script_text(rec, job_name=f"vnb-{ours.name}"))
+        return None
+    return slurm_job.start(ours.name, model, flags, options, chain=ours.chain, wait=not ours.no_wait,
+                           progress=progress)
+
+
+def submit(model: str, slurm: str = "", *, name: str = "default", chain: int = 0, wait: bool = True,
+           dry_run: bool = False, progress: bool = True, **engine_args: Any):
+    """Run ``model`` as a vLLM server in a Slurm batch job (``slurm``: sbatch options); the handle, at once.
+
+    The handle shows the job's state as it goes (PENDING, RUNNING, READY, FAILED); requests wait until the
+    server is ready (or, with ``wait=False``, fail at once). ``chain`` successor jobs keep the model up past
+    the walltime. The same call in a restarted kernel finds the job instead of submitting another.
+    """
+    if not model:
+        raise UsageError("submit() needs a model: a Hugging Face id or a model folder")
+    argv = [str(model), "--slurm", slurm, "--name", name, "--chain", str(chain), *(["--no-wait"] if not wait else []),
+            *(["--dry-run"] if dry_run else []), *engine_flags(engine_args)]
+    return load_from_argv(argv, progress=progress)
 
 
 _NO_TOKEN = ("%vllm_load: no token on the line; set HF_TOKEN in the environment or run "

@@ -34,6 +34,7 @@ from .loader import load_from_argv
 from .models.hub import models_table
 from .server import process as server_process
 from .server import registry as servers
+from .server import slurm_job
 from .ui.cluster_view import ClusterView
 from .ui.display import TextStream
 from .ui.status import Status
@@ -79,7 +80,7 @@ _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"
 @magics_class
 class VllmMagics(Magics):
     """Magics for vLLM: %vllm_load, %%generate, %%chat, %vllm_status, %vllm_unload, %vllm_logs, %vllm_servers,
-    %vllm_models, %vllm_doctor, %vllm_cluster, %vllm_panel, %vllm_sleep, %vllm_wake."""
+    %vllm_jobs, %vllm_models, %vllm_doctor, %vllm_cluster, %vllm_panel, %vllm_sleep, %vllm_wake."""
 
     default_model = Unicode("", help="Model used by %vllm_load without one ($VLLM_NOTEBOOK_MODEL).").tag(config=True)
     max_tokens = Int(256, help="Default --max-tokens of %%generate and %%chat.").tag(config=True)
@@ -168,6 +169,22 @@ class VllmMagics(Magics):
             print(f"stopped the server {rec.id} at {rec.url} ({rec.model})")
             return None
         return servers.listing()
+
+    @magic_arguments()
+    @argument("--cancel", metavar="WHAT", help="cancel this submission (engine name, job id, record or model)")
+    @no_var_expand
+    @line_magic
+    def vllm_jobs(self, line: str):
+        """Engines submitted as Slurm jobs (%vllm_load --slurm), by any kernel of yours: state, node, time left."""
+        args = _parse(self.vllm_jobs, line, self.shell.user_ns)
+        if args.cancel:
+            rec = slurm_job.lookup(args.cancel)
+            for eng in list(engines().values()):
+                if isinstance(eng, slurm_job.SlurmEngine) and eng.job.id == rec.id:
+                    eng.detach()
+            print(slurm_job.cancel(rec))
+            return None
+        return slurm_job.listing()
 
     @no_var_expand
     @line_magic

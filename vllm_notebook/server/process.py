@@ -88,6 +88,8 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
         raise
     try:
         wait_ready(rec, proc, progress)
+        rec.ready = time.time()  # for kernels elsewhere (a batch job's server): it is ours, and it answers
+        registry.update(rec)
     except BaseException:
         stop(rec, timeout=10)
         _reap(proc)

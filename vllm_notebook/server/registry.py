@@ -49,6 +49,7 @@ class ServerRecord:
     plan: dict = field(default_factory=dict)
     ray_groups: list[int] = field(default_factory=list)  # a Ray cluster started for this server
     asleep: int = 0  # the sleep level (sleep mode), 0 when awake
+    ready: float = 0.0  # when it answered, with its own process holding the port (0: not yet)
 
     @property
     def url(self) -> str:
@@ -197,9 +198,13 @@ def lookup(what: str) -> ServerRecord:
 
 
 def find(model: str, argv: list[str] | None = None, key: list | None = None) -> ServerRecord | None:
-    """A running server on this node for ``model`` with the same flags (or the same configuration)."""
+    """A running server on this node for ``model`` with the same flags (or the same configuration).
+
+    Inside a Slurm job, only a server of the same job counts: another job's server ends with that job.
+    """
+    job = os.environ.get("SLURM_JOB_ID") or None
     for r in records():
-        if r.model != model or not r.here or not r.alive():
+        if r.model != model or not r.here or not r.alive() or (job is not None and r.job_id != job):
             continue
         if (argv is not None and r.argv == argv) or (key is not None and r.key and r.key == key):
             return r

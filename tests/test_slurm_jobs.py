@@ -1,0 +1,164 @@
+"""The engine as a Slurm batch job (issue 14), against the real dev Slurm cluster and the CPU vLLM server.
+
+The kernel runs outside any allocation, as on a login node; the job's server runs on a dev node
+(n1/n2, each with a /tmp of its own) and is reached at the node's address with its key.
+In a module of its own: test_cluster.py's allocation holds every GPU of the dev cluster until it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+from kernel import Kernel
+from test_cluster import SLURM_CONF, _cluster_up
+
+PARIS = " Paris."
+FLAGS = "--enforce-eager --max-model-len 512"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if not _cluster_up():
+        if os.environ.get("CI"):
+            pytest.fail("the dev Slurm cluster did not start (scripts/dev-cluster up)")
+        pytest.skip("no Slurm here: run scripts/dev-cluster up (needs root and Debian's slurm packages)")
+    os.environ["SLURM_CONF"] = SLURM_CONF
+    _forget_all_jobs()
+    yield
+    _forget_all_jobs()
+
+
+def _forget_all_jobs() -> None:
+    from vllm_notebook.server import slurm_job
+
+    subprocess.run(["scancel", "--user", str(os.getuid())], capture_output=True)
+    for rec in slurm_job.records():
+        slurm_job.cancel(rec)
+
+
+def _squeue() -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True, check=True)
+    return [ln for ln in out.stdout.splitlines() if " vnb-" in ln]
+
+
+def _wait(what, timeout: float = 120, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def _marked_servers() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["environ"]) if "VLLM_NOTEBOOK_SERVER" in (p.info["environ"] or {})]
+
+
+def test_a_notebook_outside_any_allocation_gets_exact_completions_from_a_job(demo_path):
+    """Queue (nodes filled first), RUNNING, READY, exact text, kernel restart, %vllm_jobs, %vllm_unload."""
+    blocker = subprocess.run(["sbatch", "--parsable", "-N2", "--gres=gpu:2", "-o", "/dev/null", "--wrap", "sleep 600"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    _wait(lambda: "RUNNING" in subprocess.run(["squeue", "-h", "-j", blocker, "-o", "%T"], capture_output=True,
+                                              text=True).stdout)
+    load = f'%vllm_load {demo_path} {FLAGS} --slurm "-N1 --gres=gpu:1 -t 5"'
+    gen = "%%generate --max-tokens 8 --temperature 0\nThe capital of France is"
+    k = Kernel()  # outside any allocation, as on a login node
+    try:
+        t0 = time.monotonic()
+        out = k.run(f"%load_ext vllm_notebook\neng = {load}\nprint(eng.state)", timeout=120)
+        assert time.monotonic() - t0 < 60, "the load returns at once, while the job waits in the queue"
+        assert "submitted job" in out and "PENDING" in _wait(lambda: k.run("print(eng.poll().text)"), 30), out
+        jobs = _wait(lambda: (lambda t: "PENDING (Resources)" in t and t)(k.run("%vllm_jobs")), 60, every=2)
+        assert demo_path in jobs, jobs
+        _, error = k.collect(k.submit("eng.wait = False\neng.generate('The capital of France is')"))
+        assert error is not None and error["ename"] == "EngineStartError" and "not ready yet" in error["evalue"]
+        assert len(error["traceback"]) == 1
+        k.run("eng.wait = True")
+
+        subprocess.run(["scancel", blocker], check=True)  # the node frees up: the job runs, its server loads
+        out, error = k.collect(k.submit(gen), timeout=300)
+        assert error is None, error
+        assert PARIS in out and "warning: job" in out and "(walltime)" in out, out  # -t 5: under 10 minutes left
+        assert "READY" in k.run("%vllm_jobs")
+        [job] = _squeue()
+        job_id = job.split()[0]
+        node_addr = k.run("print(eng.url)").strip()
+        assert node_addr.startswith(("http://127.0.0.2:", "http://127.0.0.3:")), node_addr  # the job's node
+
+        k.km.restart_kernel(now=False)
+        k.kc.wait_for_ready(timeout=60)
+        out = k.run(f"%load_ext vllm_notebook\neng = {load}", timeout=120)
+        assert "found job" in out and _squeue() == [job], out  # no second submission
+        out = k.run(gen, timeout=120)
+        assert PARIS in out
+        status = k.run("%vllm_status")
+        assert f"job {job_id}" in status and "left" in status, status
+
+        out = k.run("%vllm_unload")
+        assert f"cancelled job {job_id}" in out
+        _wait(lambda: not _squeue(), 60)
+        _wait(lambda: not _marked_servers(), 60)
+        assert "no submitted jobs" in k.run("%vllm_jobs")
+    finally:
+        k.shutdown()
+        subprocess.run(["scancel", blocker])
+
+
+def test_a_job_that_fails_at_start_shows_its_root_cause(demo_path):
+    import vllm_notebook
+    from vllm_notebook.errors import EngineStartError
+
+    eng = vllm_notebook.submit(demo_path, "-N1 -t 5", name="broken", enforce_eager=True, max_model_len=100000,
+                               progress=False)
+    try:
+        with pytest.raises(EngineStartError) as err:
+            eng.generate("The capital of France is", max_tokens=4)
+        text = str(err.value)
+        assert "FAILED" in text and ("max_model_len" in text or "max-model-len" in text), text
+        assert "\n" not in text and str(eng.job.folder) in text
+        assert "FAILED" in str(vllm_notebook.jobs())
+    finally:
+        eng.unload()
+    assert not _squeue()
+
+
+def test_a_chained_successor_takes_over_and_a_cut_request_is_retried(demo_path):
+    """-t 2 with --chain 2: each successor waits on `after:PREVIOUS+1`. The handle moves to the second job by
+    itself; when that one ends mid-request (scancel here, as the walltime would), the request is sent again
+    to the third job's server and its text is complete."""
+    import vllm_notebook
+
+    eng = vllm_notebook.submit(demo_path, "-N1 --gres=gpu:1 -t 2", name="chained", chain=2, enforce_eager=True,
+                               max_model_len=2048, progress=False)
+    try:
+        first, second, third = eng.job.jobs
+        _wait(lambda: vllm_notebook.jobs().states[third].reason == "Dependency", 60, every=2)
+        # 2000 tokens: long enough to be cut by the end of its job (Slurm's KillWait is 5 s on the dev cluster)
+        prompt, sampling = "Once upon a time", {"max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+        reference = eng.generate(prompt, **sampling).text
+        assert eng.progress.successor_live
+
+        _wait(lambda: eng.poll() and eng._job_id == second, 300, every=2)  # no request needed to move
+        assert eng.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
+        _wait(lambda: not vllm_notebook.jobs().states[first].live, 120)  # the first job is gone
+
+        cut: list[float] = []
+
+        def end_second_job(i, out):
+            if not cut and out.outputs[0].text:
+                cut.append(time.monotonic())
+                threading.Thread(target=subprocess.run, args=(["scancel", second],), daemon=True).start()
+
+        gen = eng.run([prompt], eng.params(None, sampling), stream=True, on_output=end_second_job)
+        assert cut and gen.text == reference and not gen.interrupted
+        assert eng._job_id == third and "READY" in eng.progress.text
+        assert eng.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
+    finally:
+        eng.unload()
+    _wait(lambda: not _squeue(), 60)
