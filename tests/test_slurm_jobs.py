@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -86,6 +87,9 @@ def test_a_notebook_outside_any_allocation_gets_exact_completions_from_a_job(dem
         assert error is None, error
         assert PARIS in out and "warning: job" in out and "(walltime)" in out, out  # -t 5: under 10 minutes left
         assert "READY" in k.run("%vllm_jobs")
+        cli = subprocess.run([sys.executable, "-m", "vllm_notebook.cli", "jobs"], capture_output=True, text=True,
+                             timeout=60)
+        assert cli.returncode == 0 and "READY" in cli.stdout and demo_path in cli.stdout, cli.stdout + cli.stderr
         [job] = _squeue()
         job_id = job.split()[0]
         node_addr = k.run("print(eng.url)").strip()

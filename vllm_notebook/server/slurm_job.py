@@ -345,9 +345,10 @@ class SlurmEngine(ServerEngine):
                 self.poll()
             except VllmNotebookError as exc:  # squeue hiccup: say so, try again
                 self._line.update(f"vllm-notebook: engine '{self.name}': {exc}")
-            if self.progress.phase in ("failed", "ended") or (self.ready and not self.progress.successor_live):
+            if self.progress.phase in ("failed", "ended"):
                 return
-            self._stop_watch.wait(POLL_S if not self.ready else 4 * POLL_S)
+            # queued or loading: every few seconds; serving: twice a minute, for the time left and a successor
+            self._stop_watch.wait(POLL_S if not self.ready else (4 * POLL_S if self.progress.successor_live else 30))
 
     def poll(self) -> Progress:
         """Ask Slurm once; connect (or move to a successor) when a server is ready. Thread-safe."""
@@ -366,7 +367,9 @@ class SlurmEngine(ServerEngine):
     def _show(self) -> None:
         p = self.progress
         if p.phase == "ready" and self.ready:
-            self._line.update(f"vllm-notebook: engine '{self.name}' ready — {self.model} · {p.text}")
+            ending = p.time_left_s is not None and p.time_left_s <= WARN_BEFORE_S and not p.successor_live
+            self._line.update(f"vllm-notebook: engine '{self.name}' ready — {self.model} · {p.text}"
+                              + (" — ends soon: --chain N keeps the model up across jobs" if ending else ""))
         elif p.phase in ("failed", "ended"):
             self._line.update(f"vllm-notebook: engine '{self.name}': {p.text}")
         else:
