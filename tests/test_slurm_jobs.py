@@ -127,6 +127,10 @@ def test_a_job_that_fails_at_start_shows_its_root_cause(demo_path):
         assert "FAILED" in text and ("max_model_len" in text or "max-model-len" in text), text
         assert "\n" not in text and str(eng.job.folder) in text
         assert "FAILED" in str(vllm_notebook.jobs())
+        cli = subprocess.run([sys.executable, "-m", "vllm_notebook.cli", "jobs", "--cancel", "broken"],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0 and f"cancelled job {eng.job.jobs[0]}" in cli.stdout, cli.stdout + cli.stderr
+        assert "no submitted jobs" in str(vllm_notebook.jobs()) and not eng.job.folder.exists()
     finally:
         eng.unload()
     assert not _squeue()
