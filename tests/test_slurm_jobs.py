@@ -138,7 +138,7 @@ def test_a_job_that_fails_at_start_shows_its_root_cause(demo_path):
 
 def test_a_chained_successor_takes_over_and_a_cut_request_is_retried(demo_path):
     """-t 2 with --chain 2: each successor waits on `after:PREVIOUS+1`. The handle moves to the second job by
-    itself; when that one ends mid-request (scancel here, as the walltime would), the request is sent again
+    itself; when that one ends mid-request (killed here, as at the walltime or a node crash), the request is sent again
     to the third job's server and its text is complete."""
     import vllm_notebook
 
@@ -161,7 +161,10 @@ def test_a_chained_successor_takes_over_and_a_cut_request_is_retried(demo_path):
         def end_second_job(i, out):
             if not cut and out.outputs[0].text:
                 cut.append(time.monotonic())
-                threading.Thread(target=subprocess.run, args=(["scancel", second],), daemon=True).start()
+                # SIGKILL to every step: the job ends at once however fast the stream runs (a walltime's
+                # SIGTERM can let a short request finish first; the retry must be exercised on any machine)
+                threading.Thread(target=subprocess.run, args=(["scancel", "--full", "--signal=KILL", second],),
+                                 daemon=True).start()
 
         gen = eng.run([prompt], eng.params(None, sampling), stream=True, on_output=end_second_job)
         assert cut and gen.text == reference and not gen.interrupted
