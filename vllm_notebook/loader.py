@@ -209,9 +209,10 @@ def _submit_from_argv(ours: argparse.Namespace, rest: list[str], default_model: 
     if not model:
         raise UsageError("no model given: %vllm_load MODEL --slurm 'SBATCH OPTIONS'")
     flags = servers.normalize(flags)
-    if not ours.dry_run and slurm_job.find(model, flags, options) is not None:  # no vLLM import to find it
+    found = None if ours.dry_run else slurm_job.find(model, flags, options)
+    if found is not None:  # no vLLM import to find it again
         return slurm_job.start(ours.name, model, flags, options, chain=ours.chain, wait=not ours.no_wait,
-                               progress=progress)
+                               progress=progress, found=found)
     parser = vllm_import.vllm_api().serve_arg_parser("%vllm_load --slurm")
     try:  # a typo fails now, not after the job waited in the queue
         ns = parser.parse_args([model, *flags])

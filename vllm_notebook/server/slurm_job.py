@@ -504,12 +504,15 @@ class SlurmEngine(ServerEngine):
 
 
 def start(name: str, model: str, flags: list[str], options: list[str], *, chain: int = 0, wait: bool = True,
-          progress: bool = True) -> SlurmEngine:
-    """Submit (or find again) the job and return its handle at once; the handle follows the job."""
-    rec = find(model, flags, options)
-    found = rec is not None
+          progress: bool = True, found: JobRecord | None = None) -> SlurmEngine:
+    """Submit (or find again) the job and return its handle at once; the handle follows the job.
+
+    ``found``: the live submission the caller already found with ``find`` (so Slurm is asked once).
+    """
+    rec = found if found is not None else find(model, flags, options)
+    earlier = rec is not None
     current = engine_registry.engines().get(name)
-    if found and isinstance(current, SlurmEngine) and current.job.id == rec.id and not current._closed:
+    if earlier and isinstance(current, SlurmEngine) and current.job.id == rec.id and not current._closed:
         LiveLine(enabled=progress).done(f"vllm-notebook: engine '{name}' already follows job {', '.join(rec.jobs)} "
                                         f"(reused): {current.state}")
         return current
@@ -519,8 +522,8 @@ def start(name: str, model: str, flags: list[str], options: list[str], *, chain:
             old.unload()
         rec = submit(name, model, flags, options, chain)
     eng = SlurmEngine(name, rec, wait=wait, progress=progress)
-    eng.progress = Progress("pending", rec.jobs[0], f"{'found' if found else 'submitted'} job "
-                            f"{', '.join(rec.jobs)}{' (submitted earlier)' if found else ''}")
+    eng.progress = Progress("pending", rec.jobs[0], f"{'found' if earlier else 'submitted'} job "
+                            f"{', '.join(rec.jobs)}{' (submitted earlier)' if earlier else ''}")
     old = engine_registry.register(eng)
     if old is not None and old is not eng:
         with contextlib.suppress(VllmNotebookError):
