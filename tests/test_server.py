@@ -27,7 +27,9 @@ PARIS = " Paris."
 def server(demo_path):
     import vllm_notebook
 
-    eng = vllm_notebook.load(demo_path, server=True, name="srv", progress=False, **ENGINE_ARGS)
+    # 2048: room for a stream long enough to be stopped mid-way on any machine
+    eng = vllm_notebook.load(demo_path, server=True, name="srv", progress=False,
+                             **{**ENGINE_ARGS, "max_model_len": 2048})
     yield eng
     if not eng._closed:
         eng.unload()
@@ -88,9 +90,10 @@ def test_stop_aborts_on_the_server(server):
             first.append(time.monotonic())
             stop.set()
 
-    gen = server.run(["Once upon a time"], server.params(None, {"max_tokens": 400, "ignore_eos": True}),
+    # 2000 tokens: the stop must land mid-stream even where the engine runs 500+ tokens/s
+    gen = server.run(["Once upon a time"], server.params(None, {"max_tokens": 2000, "ignore_eos": True}),
                      stream=True, on_output=on_output, stop_event=stop)
-    assert gen.interrupted and 0 < len(gen.outputs[0].outputs[0].token_ids) < 400
+    assert gen.interrupted and 0 < len(gen.outputs[0].outputs[0].token_ids) < 2000
     assert time.monotonic() - first[0] < 2.0
     deadline = time.monotonic() + 5  # the server saw the disconnect and aborted the request
     while time.monotonic() < deadline:
@@ -108,7 +111,7 @@ def test_bad_request_is_one_line(server):
     with pytest.raises(RequestError, match="temperature"):
         server.generate("x", temperature=-1)
     with pytest.raises(RequestError, match="max-model-len"):
-        server.generate("word " * 600, max_tokens=4)
+        server.generate("word " * 2100, max_tokens=4)
     with pytest.raises(UsageError, match="did you mean 'temperature'"):
         server.generate("x", temperatur=0.5)
     assert server.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS

@@ -167,8 +167,13 @@ def test_a_chained_successor_takes_over_and_a_cut_request_is_retried(demo_path):
                                  daemon=True).start()
 
         gen = eng.run([prompt], eng.params(None, sampling), stream=True, on_output=end_second_job)
-        assert cut and gen.text == reference and not gen.interrupted
-        assert eng._job_id == third and "READY" in eng.progress.text
+        assert cut and not gen.interrupted and eng._job_id == third and "READY" in eng.progress.text
+        # the request was sent again whole, not stitched to the cut part: all 2000 tokens, and the very text a
+        # fresh request gets from the third job's server (greedy text over 2000 tokens may drift between two
+        # engines whose CPU threads differ, so the first job's text is only compared at the start)
+        done = gen.outputs[0].outputs[0]
+        assert len(done.token_ids) == 2000 and done.finish_reason == "length"
+        assert gen.text == eng.generate(prompt, **sampling).text and gen.text[:200] == reference[:200]
         assert eng.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
     finally:
         eng.unload()

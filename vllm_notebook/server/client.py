@@ -178,7 +178,8 @@ class ServerEngine(Engine):
             body["prompt"] = prompt
         return "/v1/completions", body, False
 
-    async def _request(self, i: int, prompt, fields: dict, rid: str, q) -> None:
+    async def _request(self, i: int, prompt, fields: dict, rid: str, q) -> RequestOutput:
+        """Send one request; its outputs go to ``q`` as they come. Returns the final output."""
         path, body, chat = self._body(prompt, fields)
         text = prompt if isinstance(prompt, str) else None
         out = RequestOutput(rid, text, outputs=[Completion(index=k) for k in range(int(fields.get("n") or 1))])
@@ -189,7 +190,7 @@ class ServerEngine(Engine):
             out.apply(r.json(), chat)
             out.finished = True
             q.put((i, out))
-            return
+            return out
         async with self._client.stream("POST", path, json=body, headers={"X-Request-Id": rid}) as r:
             if r.status_code != 200:
                 raise self._http_error(r.status_code, await r.aread())
@@ -206,6 +207,7 @@ class ServerEngine(Engine):
                 q.put((i, out))
         if not out.finished:  # the stream ended without finish reasons (server shutting down)
             raise RequestError(f"the server at {self.url} closed the stream early")
+        return out
 
     def _http_error(self, status: int, content: bytes) -> VllmNotebookError:
         if status == 401:
