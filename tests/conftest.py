@@ -12,6 +12,7 @@ import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NOTEBOOK_JOURNAL", "off")  # the journal tests turn it on, each with a file of its own
 
 ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 512}
 LOAD_FLAGS = "--enforce-eager --max-model-len 512"

@@ -175,7 +175,7 @@ def test_server_error_messages_are_one_line():
 
 
 def test_request_output_accumulates_stream_chunks():
-    from vllm_notebook.server.client import Completion, RequestOutput
+    from vllm_notebook.engine.outputs import Completion, RequestOutput
 
     out = RequestOutput("r", "p", outputs=[Completion()])
     out.apply({"choices": [{"index": 0, "text": " Par", "token_ids": [1], "prompt_token_ids": [7, 8]}]}, chat=False)

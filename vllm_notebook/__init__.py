@@ -18,7 +18,7 @@ _LAZY = {  # public name -> the module that defines it (imported on first use)
     "engines": "engine.registry", "get_engine": "engine.registry", "unload_all": "engine.registry",
     "servers": "server", "errors": "errors",
     "Generation": "engine.generation", "SleepReport": "engine.sleep",
-    "demo_model": "models.demo",
+    "demo_model": "models.demo", "history": "engine.journal",
     "panel": "ui.panel", "PromptPanel": "ui.panel",
     "VllmNotebookError": "errors",
 }
@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import server as servers
     from .engine.base import Engine
     from .engine.generation import Generation
+    from .engine.journal import history
     from .engine.local import LocalEngine
     from .engine.registry import engines, get_engine, unload_all
     from .engine.sleep import SleepReport

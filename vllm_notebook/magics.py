@@ -19,14 +19,15 @@ from IPython.core.magic import (
     no_var_expand,
 )
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
-from traitlets import Bool, Float, Int, Unicode
+from traitlets import Bool, Float, Int, Unicode, observe
 
 from . import logs
 from .cluster import ray as ray_cluster
 from .cluster.allocation import Allocation
 from .doctor import diagnose
+from .engine import journal
 from .engine.base import Engine
-from .engine.prompts import interpolate, prompts_from_value, split
+from .engine.prompts import interpolate, prompts_from_rows, prompts_from_value, split
 from .engine.registry import engines, get_engine, shutdown, unload_all
 from .engine.sampling import parse_schema
 from .errors import UsageError
@@ -65,6 +66,9 @@ def _sampling_flags(func):
         argument("--format", choices=["auto", "markdown", "text", "json"], default="auto"),
         argument("--no-stream", action="store_true", help="show the result only at the end"),
         argument("--out", metavar="VAR", help="also store the Generation in this variable"),
+        argument_group("journal"),
+        argument("--fresh", action="store_true", help="generate every prompt again, even those the journal holds"),
+        argument("--no-journal", action="store_true", help="neither read nor write the results journal"),
     ]
     for deco in reversed(decorators):
         func = deco(func)
@@ -79,17 +83,35 @@ _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"
 
 @magics_class
 class VllmMagics(Magics):
-    """Magics for vLLM: %vllm_load, %%generate, %%chat, %vllm_status, %vllm_unload, %vllm_logs, %vllm_servers,
+    """Magics for vLLM: %vllm_load, %%generate, %%chat, %vllm_history, %vllm_status, %vllm_unload, %vllm_logs, %vllm_servers,
     %vllm_jobs, %vllm_models, %vllm_doctor, %vllm_cluster, %vllm_panel, %vllm_sleep, %vllm_wake."""
 
     default_model = Unicode("", help="Model used by %vllm_load without one ($VLLM_NOTEBOOK_MODEL).").tag(config=True)
     max_tokens = Int(256, help="Default --max-tokens of %%generate and %%chat.").tag(config=True)
     max_updates_per_second = Float(20.0, help="Most display updates a second while streaming.").tag(config=True)
     stream = Bool(True, help="Stream single prompts into the cell as tokens arrive.").tag(config=True)
+    journal = Bool(True, help="Append every result to the results journal; re-run batches resume from it "
+                   "($VLLM_NOTEBOOK_JOURNAL=off turns it off by default).").tag(config=True)
+    journal_path = Unicode("", help="The journal's file (default: beside the notebook, "
+                           "NAME.vllm-journal.jsonl).").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self.conversation: list[dict] = []
+        session = (shell.user_ns.get("__session__") if shell is not None else None) or ""
+        journal.configure(notebook=str(session))
+        if os.environ.get("VLLM_NOTEBOOK_JOURNAL", "").strip().lower() in ("off", "0", "false", "no"):
+            self.journal = False
+        self._journal_changed({"new": self.journal})
+        self._journal_path_changed({"new": self.journal_path})
+
+    @observe("journal")
+    def _journal_changed(self, change):
+        journal.configure(enabled=change["new"])
+
+    @observe("journal_path")
+    def _journal_path_changed(self, change):
+        journal.configure(path=change["new"])
 
     # ------------------------------------------------------------ engines
     @no_var_expand
@@ -186,6 +208,17 @@ class VllmMagics(Magics):
             return None
         return slurm_job.listing()
 
+    @magic_arguments()
+    @argument("-n", type=int, metavar="N", help="only the last N results")
+    @argument("--path", metavar="FILE", help="another journal file")
+    @no_var_expand
+    @line_magic
+    def vllm_history(self, line: str):
+        """The results journal as a DataFrame: every result, with its run's model, revision and sampling."""
+        args = _parse(self.vllm_history, line, self.shell.user_ns)
+        df = journal.history(args.path)
+        return df.tail(args.n) if args.n else df
+
     @no_var_expand
     @line_magic
     def vllm_status(self, line: str):
@@ -265,6 +298,9 @@ class VllmMagics(Magics):
               "expression such as df.prompt")
     @argument("--chat", action="store_true", help="apply the model's chat template")
     @argument("--split", choices=["lines", "blank"], help="one prompt per line, or per blank-line block")
+    @argument("--template", metavar="TEXT", help="with -i DATAFRAME: one prompt per row, TEXT with {column} "
+              "filled from the row, e.g. \"Q: {question}\\nA:\"")
+    @argument("--out-col", metavar="COLUMN", help="with -i DATAFRAME: put each row's text in this column")
     @_sampling_flags
     @no_var_expand
     @line_cell_magic
@@ -275,10 +311,18 @@ class VllmMagics(Magics):
         if cell is None:
             if not args.input:
                 raise UsageError("%generate needs -i VAR (a str or list of str); use %%generate for a cell prompt")
-            prompts = prompts_from_value(self._value(args.input), args.input)
+            value = self._value(args.input)
+            if args.template is not None:
+                template = args.template.replace("\\n", "\n").replace("\\t", "\t")  # as typed on the line
+                prompts = prompts_from_rows(value, template, args.input)
+            else:
+                prompts = prompts_from_value(value, args.input)
+            if args.out_col and not (hasattr(value, "columns") and hasattr(value, "__setitem__")):
+                raise UsageError(f"--out-col needs -i to name a DataFrame; {args.input} is a {type(value).__name__}")
         else:
-            if args.input:
-                raise UsageError("-i is for the line magic %generate; %%generate takes the cell as the prompt")
+            if args.input or args.template or args.out_col:
+                raise UsageError("-i, --template and --out-col are for the line magic %generate; "
+                                 "%%generate takes the cell as the prompt")
             text = cell if args.no_interpolate else interpolate(cell, ns)
             prompts = split(text.strip("\n"), args.split)
         if not prompts or not any(p.strip() for p in prompts):
@@ -289,7 +333,12 @@ class VllmMagics(Magics):
         params = self._params(args, engine)
         if args.chat or args.system:
             prompts = [engine.chat_prompt(_messages(args.system, [], p)) for p in prompts]
-        return self._run(engine, prompts, params, args)
+        if cell is None and args.out_col and params_n(params) > 1:
+            raise UsageError(f"--out-col takes one text per row, not -n {params_n(params)}")
+        gen = self._run(engine, prompts, params, args)
+        if cell is None and args.out_col:
+            value[args.out_col] = [None if o is None or not o.outputs else o.outputs[0].text for o in gen.outputs]
+        return gen
 
     @magic_arguments()
     @_sampling_flags
@@ -376,13 +425,17 @@ class VllmMagics(Magics):
                        leave=False, delay=0.5, disable=len(prompts) == 1)
             on_output = lambda i, out: bar.update(1)  # noqa: E731
         try:
-            gen = engine.run(prompts, params, stream=streaming, on_output=on_output)
+            gen = engine.run(prompts, params, stream=streaming, on_output=on_output,
+                             resume=False if args.fresh else None, journal_results=not args.no_journal)
         finally:
             if bar is not None:
                 bar.close()
         gen.format = args.format
         if view is not None:
             view.attach(gen)
+        if gen.reused:
+            print(f"{gen.reused:,} of {len(prompts):,} from the journal ({journal.default_path().name}); "
+                  "--fresh generates them again")
         if gen.interrupted:
             print(f"interrupted: aborted {gen.aborted} request(s); the partial text is in the result (_)")
         if args.out:
@@ -428,6 +481,10 @@ def _parse(magic, line: str, namespace):
                     tip = f" (did you mean {near[0]}?)" if near else ""
                     raise UsageError(f"%{name}: unknown flag {flag}{tip}; see %{name}? for every flag") from None
         raise UsageError(f"%{name}: {msg}; see %{name}? for every flag") from None
+
+
+def params_n(params) -> int:
+    return int((params.get("n") if isinstance(params, dict) else getattr(params, "n", 1)) or 1)
 
 
 def _messages(system: str | None, history: list[dict], user: str) -> list[dict]:

@@ -21,17 +21,21 @@ from __future__ import annotations
 import abc
 import asyncio
 import itertools
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import __version__
 from ..errors import NoEngineError, RequestError, UsageError, VllmNotebookError
-from . import gpus
+from . import gpus, journal
 from . import sleep as sleep_mode
 from .generation import Generation
+from .outputs import from_record
 from .sleep import SleepReport
 
 _DONE = object()
@@ -61,6 +65,10 @@ class Run:
     started: float = 0.0
     first_token_at: float | None = None
     done: bool = False
+    book: Any = None  # the journal finished outputs go to (None: not journaled)
+    keys: list[str] = field(default_factory=list)  # each request's journal key
+    texts: list[str] = field(default_factory=list)  # each request's prompt as text
+    run_id: str = ""
 
 
 class Engine(abc.ABC):
@@ -84,6 +92,7 @@ class Engine(abc.ABC):
         self._closed = False
         self._announced_in: int | None = None  # the cell that loaded it (its summary is shown there)
         self._asleep = 0  # the sleep level, 0 when awake
+        self._vllm_version: str | None = None
         self.on_unload: list[Callable[[Engine], None]] = []  # run after the engine has stopped
 
     # ---------------------------------------------------------------- what a back-end provides
@@ -205,6 +214,8 @@ class Engine(abc.ABC):
         stream: bool = False,
         on_output: Callable[[int, Any], None] | None = None,
         stop_event: threading.Event | None = None,
+        resume: bool | None = None,
+        journal_results: bool = True,
     ) -> Generation:
         """Submit all prompts at once and wait for them.
 
@@ -213,21 +224,90 @@ class Engine(abc.ABC):
         Ctrl-C (KeyboardInterrupt), or setting ``stop_event`` from another thread,
         aborts the requests within a second and returns the partial result with
         ``interrupted=True``.
+
+        Each finished result is appended to the journal (unless ``journal_results``
+        is False or the journal is off). ``resume`` takes results of the same model,
+        flags, sampling and prompt from the journal instead of generating them again
+        (greedy ones, or sampled with a seed); None means "for batches".
         """
-        run = self._submit(prompts, params, stream=stream)
+        record = self.run_record(params)
+        book = journal.current() if journal_results else None
+        keys: list[str] = []
+        restored: dict[int, Any] = {}
+        if book is not None:
+            identity = {k: record.get(k) for k in ("model", "revision", "flags")}
+            keys = [journal.result_key(identity, record["sampling"], engine_prompt(p)) for p in prompts]
+            if (len(prompts) > 1 if resume is None else resume) and journal.reusable(record["sampling"]):
+                found = book.lookup(keys)
+                restored = {i: from_record(f"{self.name}-journal-{i}", prompt_text(p), found[k])
+                            for i, (p, k) in enumerate(zip(prompts, keys)) if k in found}
+        record["reused"] = len(restored)
+        todo = [i for i in range(len(prompts)) if i not in restored]
+        if on_output is not None:
+            for i in sorted(restored):
+                on_output(i, restored[i])
+        if not todo:
+            return self._merged(None, prompts, todo, restored, record, interrupted=False)
+        run = self._submit([prompts[i] for i in todo], params, stream=stream)
+        if book is not None:
+            book.append({"kind": "run", **record})
+            run.book, run.run_id = book, record["run"]
+            run.keys, run.texts = [keys[i] for i in todo], [prompt_text(prompts[i]) for i in todo]
         interrupted = False
         try:
-            for i, out in self._events(run, stop_event=stop_event):
+            for j, out in self._events(run, stop_event=stop_event):
                 if on_output is not None:
-                    on_output(i, out)
+                    on_output(todo[j], out)
         except (KeyboardInterrupt, _Stopped):
             interrupted = True
             self._stop_run(run)
         except BaseException:
             self._stop_run(run)
-            self._result(run, prompts, interrupted=True)
+            self._result(run, [prompts[i] for i in todo], interrupted=True)
             raise
-        return self._result(run, prompts, interrupted)
+        return self._merged(run, prompts, todo, restored, record, interrupted)
+
+    def _merged(self, run: Run | None, prompts, todo: list[int], restored: dict[int, Any], record: dict,
+                interrupted: bool) -> Generation:
+        """The whole result in the prompts' order: what ran now and what the journal gave back."""
+        if run is not None and not restored:
+            gen = self._result(run, prompts, interrupted)
+        else:
+            sent = self._result(run, [prompts[i] for i in todo], interrupted) if run is not None else None
+            outputs = [restored.get(i) for i in range(len(prompts))]
+            for j, i in enumerate(todo):
+                outputs[i] = sent.outputs[j]
+            gen = Generation(prompts=[prompt_text(p) for p in prompts], outputs=outputs, params=params_of(run, record),
+                             engine=self.name, elapsed=sent.metrics["elapsed_s"] if sent else 0.0,
+                             ttft=sent.metrics["ttft_s"] if sent else None, interrupted=interrupted,
+                             aborted=sent.aborted if sent else 0, reused=list(restored))
+        gen.provenance = record
+        return gen
+
+    # ---------------------------------------------------------------- provenance
+    def _identity(self) -> dict[str, Any]:
+        """What makes this engine's results what they are (a back-end adds its path, revision and flags)."""
+        return {"model": self.model, "revision": None, "flags": {}}
+
+    def _sampling_record(self, params: Any) -> dict[str, Any]:
+        """``params`` as JSON-able settings (for the journal's keys and the run record)."""
+        return dict(params) if isinstance(params, dict) else {}
+
+    def _where(self) -> dict[str, Any]:
+        """The node and Slurm job the engine runs in."""
+        return {"node": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID")}
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What produces this engine's results: model, revision, versions, engine flags, node and job."""
+        return {"engine": self.name, "backend": type(self).__name__, **self._identity(),
+                "vllm": self._vllm_version, "vllm_notebook": __version__, **self._where()}
+
+    def run_record(self, params: Any) -> dict[str, Any]:
+        """The provenance of one run with ``params``: the engine's, the sampling settings and seed, the time."""
+        sampling = self._sampling_record(params)
+        return {"run": journal.new_run_id(), "time": time.time(), **self.provenance, "sampling": sampling,
+                "seed": sampling.get("seed")}
 
     def stream(self, prompt: Prompt, params: Any = None, **sampling) -> Iterator[str]:
         """Yield text deltas of one completion as they are generated.
@@ -293,7 +373,20 @@ class Engine(abc.ABC):
             if run.first_token_at is None:
                 run.first_token_at = time.monotonic()
             run.outputs[i] = out
+            if run.book is not None and out.finished and not aborted(out):
+                self._journal(run, i, out)
             yield i, out
+
+    def _journal(self, run: Run, i: int, out: Any) -> None:
+        """Append one finished result to the journal (a journal that cannot be written is told once)."""
+        try:
+            run.book.append({"kind": "result", "run": run.run_id, "key": run.keys[i], "time": time.time(),
+                             "prompt": run.texts[i], "prompt_token_ids": list(out.prompt_token_ids or ()),
+                             "outputs": journal.output_record(out),
+                             "elapsed_s": round(time.monotonic() - run.started, 4)})
+        except (OSError, VllmNotebookError) as exc:
+            run.book = None
+            print(f"vllm-notebook: results are not journaled: {first_line(exc)}")
 
     def _stop_run(self, run: Run) -> None:
         """Abort what is still running and collect the final (partial) outputs, within ~1 s."""
@@ -440,6 +533,10 @@ def engine_prompt(p: Prompt):
     if isinstance(p, dict) and "prompt_token_ids" in p:
         return {"prompt_token_ids": list(p["prompt_token_ids"])}
     return p
+
+
+def params_of(run: Run | None, record: dict) -> Any:
+    return run.params if run is not None else record.get("sampling")
 
 
 def prompt_text(p: Prompt) -> str:

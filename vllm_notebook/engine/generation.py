@@ -17,23 +17,30 @@ class Generation:
     ``SamplingParams`` used and ``metrics`` tokens, timings and finish reasons.
     """
 
-    def __init__(self, prompts, outputs, params, engine, elapsed, ttft=None, interrupted=False, aborted=0):
+    def __init__(self, prompts, outputs, params, engine, elapsed, ttft=None, interrupted=False, aborted=0,
+                 reused=()):
         self.prompts: list[str] = list(prompts)
         self.outputs: list[Any] = list(outputs)
         self.params = params
         self.engine = engine
         self.interrupted = interrupted
         self.aborted = aborted
+        self.reused = len(reused)  # results taken from the journal instead of generated again
+        self.provenance: dict[str, Any] = {}  # what made it: model, revision, versions, flags, sampling, node, job
         self.format = "auto"
         self._live = None  # a display handle showing this result while it streamed
         self._printed = False  # already written to a terminal while streaming
         n_tokens = sum(len(c.token_ids) for o in self.outputs if o for c in o.outputs)
+        reused = set(reused)
+        new_tokens = sum(len(c.token_ids) for i, o in enumerate(self.outputs) if o and i not in reused
+                         for c in o.outputs)
         self.metrics = {
             "prompts": len(self.prompts),
             "output_tokens": n_tokens,
             "elapsed_s": elapsed,
             "ttft_s": ttft,
-            "tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
+            "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0,
+            "from_journal": len(reused),
             "finish_reasons": dict(Counter(self.finish_reasons)),
         }
 
@@ -88,7 +95,9 @@ class Generation:
             import pandas as pd
         except ImportError:
             raise VllmNotebookError("to_pandas() needs pandas: pip install pandas") from None
-        return pd.DataFrame.from_records(self.to_records())
+        df = pd.DataFrame.from_records(self.to_records())
+        df.attrs["provenance"] = dict(self.provenance)
+        return df
 
     # ------------------------------------------------------------ display
     def footer(self) -> str:
@@ -100,6 +109,8 @@ class Generation:
         parts.append(f"{m['elapsed_s']:.2f} s")
         reasons = ", ".join(f"{k}" if v == 1 else f"{k}×{v}" for k, v in m["finish_reasons"].items())
         parts.append(f"finish: {reasons}")
+        if self.reused:
+            parts.append(f"{self.reused:,} of {m['prompts']:,} from the journal")
         if self.interrupted:
             parts.append(f"interrupted: {self.aborted} request(s) aborted")
         return " · ".join(parts)
@@ -107,8 +118,8 @@ class Generation:
     def _single(self) -> bool:
         return len(self.prompts) == 1 and len(self.texts) <= 1
 
-    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        return render.bundle(self)
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return render.bundle(self), render.metadata(self)
 
     def _repr_pretty_(self, p, cycle) -> None:
         p.text(render.plain(self))
@@ -116,3 +127,4 @@ class Generation:
     def _ipython_display_(self) -> None:
         """Show the result where it streamed (once), otherwise as a new output."""
         render.show(self)
+

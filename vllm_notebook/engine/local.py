@@ -13,6 +13,7 @@ import gc
 import queue
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .. import logs, procs
@@ -25,7 +26,7 @@ from ..errors import (
 from ..ui import render
 from . import registry
 from .base import Engine, Run, first_line, request_error, suppress_errors
-from .sampling import build_params
+from .sampling import as_dict, build_params
 
 
 class LocalEngine(Engine):
@@ -85,6 +86,17 @@ class LocalEngine(Engine):
                 logs.route_vllm_logs(self.log_path, vllm_api.vllm_loggers())
             self._tokenizer = vllm_api.tokenizer(self._llm)
             self.facts = vllm_api.engine_facts(self._llm)
+            self._vllm_version = self.facts.get("vllm_version")
+
+    # ---------------------------------------------------------------- provenance
+    def _identity(self) -> dict[str, Any]:
+        path = str(self.facts.get("path") or getattr(self.args, "model", ""))
+        # a Hugging Face cache snapshot: .../models--org--name/snapshots/<commit hash>
+        revision = Path(path).name if Path(path).parent.name == "snapshots" else None
+        return {"model": self.model, "path": path, "revision": revision, "flags": dict(self.key)}
+
+    def _sampling_record(self, params: Any) -> dict[str, Any]:
+        return as_dict(params)
 
     # ---------------------------------------------------------------- state
     @property

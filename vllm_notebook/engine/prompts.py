@@ -61,3 +61,27 @@ def prompts_from_value(value: Any, name: str) -> list[str]:
     if isinstance(value, list | tuple) and not value:
         raise UsageError(f"{name} is empty: nothing to generate")
     raise UsageError(f"{name} must be a str or a list of str, not {type(value).__name__}")
+
+
+def prompts_from_rows(value: Any, template: str, name: str) -> list[str]:
+    """One prompt per row of a DataFrame (or a list of dicts): ``template`` filled with the row's columns."""
+    if hasattr(value, "to_dict") and hasattr(value, "columns"):
+        rows, columns = value.to_dict("records"), [str(c) for c in value.columns]
+    elif isinstance(value, list | tuple) and all(isinstance(r, dict) for r in value):
+        rows, columns = list(value), sorted({str(k) for r in value for k in r})
+    else:
+        raise UsageError(f"--template needs -i to name a DataFrame (or a list of dicts); {name} is a "
+                         f"{type(value).__name__}")
+    if not rows:
+        raise UsageError(f"{name} is empty: nothing to generate")
+    out = []
+    for row in rows:
+        try:
+            out.append(template.format_map({str(k): v for k, v in row.items()}))
+        except KeyError as exc:
+            raise UsageError(f"--template uses {{{exc.args[0]}}}, which is not a column of {name} "
+                             f"(columns: {', '.join(columns)})") from None
+        except (ValueError, IndexError) as exc:
+            raise UsageError(f"--template: {exc} (write {{{{ and }}}} for literal braces)") from None
+    return out
+

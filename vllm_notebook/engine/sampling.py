@@ -24,7 +24,7 @@ def merge(base: Any = None, overrides: Mapping[str, Any] | None = None,
     merged: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS}
     merged.update(defaults or {})
     if base is not None:
-        merged.update(_as_dict(base))
+        merged.update(as_dict(base))
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     structured = dict(merged.pop("structured_outputs", None) or {})
     if "json_schema" in merged:
@@ -98,7 +98,8 @@ def request_fields(base: Any = None, overrides: Mapping[str, Any] | None = None)
     return merged
 
 
-def _as_dict(base: Any) -> dict[str, Any]:
+def as_dict(base: Any) -> dict[str, Any]:
+    """Sampling settings as a dict: a dict as it is; a ``SamplingParams``' fields that differ from vLLM's defaults."""
     if isinstance(base, Mapping):
         return dict(base)
     if type(base).__name__ != "SamplingParams":

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import registry as engine_registry
 from ..engine.base import Engine, Run, first_line, request_error, suppress_errors
+from ..engine.outputs import Completion, RequestOutput
 from ..engine.sampling import request_fields
 from ..errors import (
     AuthRefusedError,
@@ -27,49 +27,6 @@ from ..errors import (
 )
 from . import process, registry
 from .http import auth_header, error_message, get_json, healthy, metrics
-
-
-# ------------------------------------------------------------------ results shaped like vLLM's
-@dataclass
-class Completion:
-    """One completion of a request, with the fields of vLLM's ``CompletionOutput`` that we use."""
-
-    index: int = 0
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class RequestOutput:
-    """A request's (cumulative) output, shaped like vLLM's ``RequestOutput``."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int] = field(default_factory=list)
-    outputs: list[Completion] = field(default_factory=list)
-    finished: bool = False
-
-    def apply(self, data: dict, chat: bool) -> None:
-        """Add one response (or one streamed chunk) of the completions or chat API."""
-        if data.get("prompt_token_ids"):
-            self.prompt_token_ids = list(data["prompt_token_ids"])
-        for ch in data.get("choices") or ():
-            i = int(ch.get("index", 0))
-            while len(self.outputs) <= i:
-                self.outputs.append(Completion(index=len(self.outputs)))
-            c = self.outputs[i]
-            if chat:
-                c.text += (ch.get("delta") or ch.get("message") or {}).get("content") or ""
-            else:
-                c.text += ch.get("text") or ""
-            c.token_ids.extend(ch.get("token_ids") or ())
-            if ch.get("prompt_token_ids"):
-                self.prompt_token_ids = list(ch["prompt_token_ids"])
-            if ch.get("finish_reason"):
-                c.finish_reason, c.stop_reason = ch["finish_reason"], ch.get("stop_reason")
-        self.finished = bool(self.outputs) and all(c.finish_reason for c in self.outputs)
 
 
 # ------------------------------------------------------------------ the engine
@@ -122,6 +79,28 @@ class ServerEngine(Engine):
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self.load_seconds = time.monotonic() - t0
         self._asleep = self._sleep_level_now()
+        try:
+            self._vllm_version = get_json(self.url, "/version", self._api_key, timeout=5.0).get("version")
+        except VllmNotebookError:
+            self._vllm_version = None
+
+    # ---------------------------------------------------------------- provenance
+    def _identity(self) -> dict[str, Any]:
+        root = str(self.facts.get("root") or "")
+        revision = root.rsplit("/", 1)[-1] if "/snapshots/" in root else None
+        if self.record is not None:
+            flags = {str(k): v for k, v in self.record.key} if self.record.key else {"argv": list(self.record.argv)}
+        else:
+            flags = {"server": self.url}
+        return {"model": self.model, "path": root, "revision": revision, "flags": flags}
+
+    def _sampling_record(self, params: Any) -> dict[str, Any]:
+        return {k: v for k, v in dict(params).items() if k != "stream"}
+
+    def _where(self) -> dict[str, Any]:
+        if self.record is None:
+            return {"node": None, "job": None, "url": self.url}
+        return {"node": self.record.node, "job": self.record.job_id, "url": self.url}
 
     # ---------------------------------------------------------------- state
     @property

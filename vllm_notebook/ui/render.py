@@ -67,6 +67,12 @@ def bundle(gen) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
+def metadata(gen) -> dict[str, Any]:
+    """The run record in the output's metadata: a saved notebook says what made each result."""
+    return {"vllm_notebook": {"provenance": json.loads(json.dumps(gen.provenance, default=repr))}} \
+        if gen.provenance else {}
+
+
 def show(gen) -> None:
     from IPython.display import display
 
@@ -77,9 +83,9 @@ def show(gen) -> None:
         return
     data = bundle(gen)
     if live is not None:
-        live.update(data, raw=True)
+        live.update(data, raw=True, metadata=metadata(gen))
     else:
-        display(data, raw=True)
+        display(data, raw=True, metadata=metadata(gen))
 
 
 def engine_markdown(engine) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from ..engine import journal
 from ..engine.registry import engines
 from .tables import html_table
 
@@ -31,6 +32,7 @@ class Status:
     rows: list[dict]
     kernel_rss_mb: float
     children_rss_mb: float = 0.0
+    journal: str = ""
 
     @classmethod
     def collect(cls) -> Status:
@@ -53,16 +55,16 @@ class Status:
                 "plan": ", ".join(f"{k}={v}" for k, v in eng.plan.items()), "log": eng.log_path,
             })
         rss = psutil.Process(os.getpid()).memory_info().rss / 2**20
-        return cls(rows, rss, _rss_mb(os.getpid()) - rss)
+        return cls(rows, rss, _rss_mb(os.getpid()) - rss, journal_line())
 
     def __str__(self) -> str:
         if not self.rows:
-            return "no engine loaded — start one with %vllm_load MODEL"
+            return f"no engine loaded — start one with %vllm_load MODEL\n{self.journal}"
         out = []
         for row in self.rows:
             out.append(f"engine '{row['engine']}'")
             out += [f"  {k:<26} {v}" for k, v in row.items() if k != "engine"]
-        out.append(self._memory())
+        out += [self._memory(), self.journal]
         return "\n".join(out)
 
     def _repr_pretty_(self, p, cycle) -> None:
@@ -70,11 +72,19 @@ class Status:
 
     def _repr_html_(self) -> str:
         if not self.rows:
-            return f"<p>{html.escape(str(self))}</p>"
+            return "".join(f"<p>{html.escape(line)}</p>" for line in str(self).splitlines())
         keys = list(self.rows[0])
         return (html_table([[r[k] for k in keys] for r in self.rows], keys)
-                + f"<p><sub>{html.escape(self._memory())}</sub></p>")
+                + f"<p><sub>{html.escape(self._memory())}<br>{html.escape(self.journal)}</sub></p>")
 
     def _memory(self) -> str:
         return (f"memory: kernel {self.kernel_rss_mb:.0f} MB, "
                 f"engine processes {self.children_rss_mb:.0f} MB (resident)")
+
+
+def journal_line() -> str:
+    book = journal.current()
+    if book is None:
+        return "journal: off (%config VllmMagics.journal = True turns it on)"
+    book.lookup([])  # index what is there, for the count
+    return f"journal: {book.path} ({book.size_text()})"

@@ -1,0 +1,61 @@
+"""Results shaped like vLLM's ``RequestOutput``: what a server streams back, and what the journal restores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Completion:
+    """One completion of a request, with the fields of vLLM's ``CompletionOutput`` that we use."""
+
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: token id -> log-probability
+
+
+@dataclass
+class RequestOutput:
+    """A request's (cumulative) output, shaped like vLLM's ``RequestOutput``."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    outputs: list[Completion] = field(default_factory=list)
+    finished: bool = False
+
+    def apply(self, data: dict, chat: bool) -> None:
+        """Add one response (or one streamed chunk) of the completions or chat API."""
+        if data.get("prompt_token_ids"):
+            self.prompt_token_ids = list(data["prompt_token_ids"])
+        for ch in data.get("choices") or ():
+            i = int(ch.get("index", 0))
+            while len(self.outputs) <= i:
+                self.outputs.append(Completion(index=len(self.outputs)))
+            c = self.outputs[i]
+            if chat:
+                c.text += (ch.get("delta") or ch.get("message") or {}).get("content") or ""
+            else:
+                c.text += ch.get("text") or ""
+            c.token_ids.extend(ch.get("token_ids") or ())
+            if ch.get("prompt_token_ids"):
+                self.prompt_token_ids = list(ch["prompt_token_ids"])
+            if ch.get("finish_reason"):
+                c.finish_reason, c.stop_reason = ch["finish_reason"], ch.get("stop_reason")
+        self.finished = bool(self.outputs) and all(c.finish_reason for c in self.outputs)
+
+
+
+
+def from_record(request_id: str, prompt: str | None, record: dict) -> RequestOutput:
+    """A finished output again, from a journal result."""
+    outs = []
+    for k, c in enumerate(record.get("outputs") or ()):
+        logprobs = [{int(t): lp for t, lp in step.items()} for step in c["logprobs"]] if c.get("logprobs") else None
+        outs.append(Completion(index=k, text=c.get("text", ""), token_ids=list(c.get("token_ids") or ()),
+                               finish_reason=c.get("finish_reason"), stop_reason=c.get("stop_reason"),
+                               logprobs=logprobs))
+    return RequestOutput(request_id, prompt, list(record.get("prompt_token_ids") or ()), outs, finished=True)
