@@ -70,6 +70,7 @@ class Shell:
 
         self.ip = start_ipython()
         self("%load_ext vllm_notebook")
+        self("%config VllmMagics.journal = False")  # every row sends its prompts; row 8 measures the journal
 
     def __call__(self, code: str):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -248,6 +249,29 @@ def measure_batch(sh: Shell, llm, prompts: list[str], max_tokens: int, trials: i
             "ratio": statistics.median(ours) / statistics.median(raw)}
 
 
+def measure_journal(sh: Shell, prompts: list[str], max_tokens: int, trials: int) -> dict:
+    """The same batch with the journal writing every result (``--fresh``: all sent) and with it off, interleaved."""
+    import tempfile
+
+    flags = f"--temperature 0 --max-tokens {max_tokens} --ignore-eos"
+    with tempfile.TemporaryDirectory() as tmp:
+        sh(f"%config VllmMagics.journal_path = {str(Path(tmp) / 'bench.vllm-journal.jsonl')!r}")
+        sh("%config VllmMagics.journal = True")
+        on, off = [], []
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            sh(f"%generate -i bench_prompts {flags} --fresh")
+            on.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            sh(f"%generate -i bench_prompts {flags} --no-journal")
+            off.append(time.perf_counter() - t0)
+        size = (Path(tmp) / "bench.vllm-journal.jsonl").stat().st_size
+        sh("%config VllmMagics.journal = False")
+        sh("%config VllmMagics.journal_path = ''")
+    return {"prompts": len(prompts), "max_tokens": max_tokens, "on_s": on, "off_s": off, "journal_bytes": size,
+            "overhead": statistics.median(on) / statistics.median(off) - 1}
+
+
 # ------------------------------------------------------------------ the command
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,6 +323,7 @@ def main() -> None:
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(size["prompts"])]
     batch = measure_batch(sh, llm, prompts, size["max_tokens"], size["trials"])
     _stop_raw(llm)
+    journal = measure_journal(sh, prompts, size["max_tokens"], size["trials"])
     stream = measure_stream(sh, engine, size["stream_tokens"], max(1, size["trials"] // 2))
     conc = measure_concurrency(sh, engine, size["conc"], size["conc_tokens"], size["conc_trials"])
     sh("%vllm_unload --all")
@@ -314,7 +339,7 @@ def main() -> None:
             "ratio": statistics.median(our_loads) / statistics.median(raw_loads)}
     result = {"model": model, "flags": flags, "smoke": a.smoke, "batch": batch, "stream": stream, "load": load,
               "load_ext": ext, "memory_mb": memory, "memory_last_over_first": memory[-1] / memory[1],
-              "server": server, "concurrency": conc, "seconds": time.perf_counter() - t_start}
+              "server": server, "concurrency": conc, "journal": journal, "seconds": time.perf_counter() - t_start}
     print_table(result)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
@@ -350,6 +375,10 @@ def print_table(r: dict) -> None:
     rows.append(("7 concurrency: 3 panels + batch / raw", f"{c['ratio']:.3f}",
                  f"{statistics.median(c['our_tokens_per_s']):.0f} vs {statistics.median(c['raw_tokens_per_s']):.0f} "
                  f"tok/s, {c['requests']} requests x {c['max_tokens']} tokens", ">= 0.95"))
+    j = r["journal"]
+    rows.append(("8 journal: batch time with / without - 1", f"{100 * j['overhead']:+.1f}%",
+                 f"{statistics.median(j['on_s']):.3f} vs {statistics.median(j['off_s']):.3f} s, {j['prompts']} prompts "
+                 f"x {j['max_tokens']} tokens, {j['journal_bytes'] / 2**10:.0f} KiB written", "< 2%"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     kind = "smoke run (small sizes: the ratios are noisy)" if r["smoke"] else "full run"
     print(f"\nvllm-notebook vs raw vLLM on {r['model']} ({kind}, {r['seconds']:.0f} s)")

@@ -32,5 +32,6 @@ def test_benchmark_smoke_run(tmp_path, demo_path):
         assert value > 0
     assert r["server"]["reattach_median_s"] < 2.0
     assert len(r["memory_mb"]) == 3 and r["memory_last_over_first"] < 1.10
-    for row in ("1 batch", "2 stream", "3 load", "4 %load_ext", "5 memory", "6 server", "7 concurrency"):
+    assert r["journal"]["journal_bytes"] > 0 and len(r["journal"]["on_s"]) == 1
+    for row in ("1 batch", "2 stream", "3 load", "4 %load_ext", "5 memory", "6 server", "7 concurrency", "8 journal"):
         assert row in proc.stdout

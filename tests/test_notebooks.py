@@ -56,6 +56,9 @@ def test_notebook_runs(path, demo_path, tmp_path):
         assert "[' Berlin.', ' meow.']" in everything
         assert "The capital of France is Paris." in everything and "A dog says woof." in everything
         assert "Two plus two is four." in everything
+    if path.stem == "research_runs":
+        assert "6 of 6 from the journal" in everything and "(6, [' Paris." in everything
+        assert "'vllm_notebook': '0.1.0'" in everything and "journal: " in everything
     if path.stem == "server":
         assert "server ready in" in everything or "attached to the running server" in everything
         assert " Paris." in everything and "' Berlin.', ' meow.'" in everything

@@ -62,7 +62,7 @@ def enabled() -> bool:
 def default_path() -> Path:
     """The journal's file: configured, ``$VLLM_NOTEBOOK_JOURNAL``, beside the notebook, or in the working folder."""
     chosen = _settings["path"] or os.environ.get("VLLM_NOTEBOOK_JOURNAL", "").strip()
-    if chosen and chosen.lower() not in ("on", "1", "true", "yes"):
+    if chosen and chosen.lower() not in ("on", "1", "true", "yes", "off", "0", "false", "no"):
         return Path(chosen).expanduser().absolute()
     notebook = _settings["notebook"] or os.environ.get("JPY_SESSION_NAME", "")
     if notebook.endswith(".ipynb"):
