@@ -240,3 +240,18 @@ def test_a_batch_cut_by_engine_death_and_by_kernel_death_resumes(tmp_path, demo_
         assert out.split()[:3] == [str(_results(path)), "1", str(path)] and f"journal: {path}" in out
     finally:
         k.shutdown()
+
+
+def test_the_hub_revision_comes_from_the_snapshot_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from vllm_notebook.engine.local import LocalEngine
+
+    snap = tmp_path / "models--org--tiny" / "snapshots" / "0123abcd4567"
+    eng = LocalEngine("x", SimpleNamespace(model="org/tiny"), (("model", "'org/tiny'"), ("dtype", "'float16'")), "")
+    eng.facts = {"model": "org/tiny", "path": str(snap)}
+    ident = eng._identity()
+    assert ident == {"model": "org/tiny", "path": str(snap), "revision": "0123abcd4567",
+                     "flags": {"model": "'org/tiny'", "dtype": "'float16'"}}
+    eng.facts = {"model": str(tmp_path)}
+    assert eng._identity()["revision"] is None

@@ -59,6 +59,7 @@ def test_notebook_runs(path, demo_path, tmp_path):
     if path.stem == "research_runs":
         assert "6 of 6 from the journal" in everything and "(6, [' Paris." in everything
         assert "'vllm_notebook': '0.1.0'" in everything and "journal: " in everything
+        assert "system=Answer briefly." in everything and "tok/s" in everything
     if path.stem == "server":
         assert "server ready in" in everything or "attached to the running server" in everything
         assert " Paris." in everything and "' Berlin.', ' meow.'" in everything

@@ -19,6 +19,7 @@ _LAZY = {  # public name -> the module that defines it (imported on first use)
     "servers": "server", "errors": "errors",
     "Generation": "engine.generation", "SleepReport": "engine.sleep",
     "demo_model": "models.demo", "history": "engine.journal",
+    "compare": "engine.compare", "Comparison": "engine.compare",
     "panel": "ui.panel", "PromptPanel": "ui.panel",
     "VllmNotebookError": "errors",
 }
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import errors
     from . import server as servers
     from .engine.base import Engine
+    from .engine.compare import Comparison, compare
     from .engine.generation import Generation
     from .engine.journal import history
     from .engine.local import LocalEngine

@@ -25,7 +25,7 @@ from . import logs
 from .cluster import ray as ray_cluster
 from .cluster.allocation import Allocation
 from .doctor import diagnose
-from .engine import journal
+from .engine import compare, journal
 from .engine.base import Engine
 from .engine.prompts import interpolate, prompts_from_rows, prompts_from_value, split
 from .engine.registry import engines, get_engine, shutdown, unload_all
@@ -301,6 +301,8 @@ class VllmMagics(Magics):
     @argument("--template", metavar="TEXT", help="with -i DATAFRAME: one prompt per row, TEXT with {column} "
               "filled from the row, e.g. \"Q: {question}\\nA:\"")
     @argument("--out-col", metavar="COLUMN", help="with -i DATAFRAME: put each row's text in this column")
+    @argument("--compare", metavar="SETTINGS", action="append", help="a column of a side-by-side comparison: "
+              "NAME=VALUE sampling settings (or system='...'); repeat for each column. --name a,b compares engines")
     @_sampling_flags
     @no_var_expand
     @line_cell_magic
@@ -329,6 +331,11 @@ class VllmMagics(Magics):
             raise UsageError("the prompt is empty: write it in the cell body")
         if args.split is None and cell is not None:
             prompts = [prompts[0].strip()]
+        names = [n.strip() for n in args.name.split(",") if n.strip()] if args.name else None
+        if args.compare or (names and len(names) > 1):
+            if args.out_col:
+                raise UsageError("--out-col takes one column of texts; a comparison has several (use .to_pandas())")
+            return self._compare(prompts, names, args)
         engine = self._engine(args.name)
         params = self._params(args, engine)
         if args.chat or args.system:
@@ -391,7 +398,30 @@ class VllmMagics(Magics):
     def _engine(self, name):
         return get_engine(name)
 
+    def _compare(self, prompts, names, args):
+        from tqdm.auto import tqdm
+
+        base, flags = self._sampling(args)
+        cols = compare.columns(names, args.compare)
+        bar = tqdm(total=len(prompts) * len(cols), desc="comparing", unit="result", leave=False, delay=0.5)
+        try:
+            result = compare.compare(prompts, names, args.compare, params=base, chat=args.chat, system=args.system,
+                                     on_output=lambda label, i, out: bar.update(1) if out.finished else None,
+                                     resume=False if args.fresh else None, journal_results=not args.no_journal,
+                                     **flags)
+        finally:
+            bar.close()
+        if result.interrupted:
+            print("interrupted: every column was stopped; the table holds what was made")
+        if args.out:
+            self.shell.user_ns[args.out] = result
+        return result
+
     def _params(self, args, engine):
+        return engine.params(*self._sampling(args))
+
+    def _sampling(self, args) -> tuple:
+        """The ``--params`` base and the sampling flags given on the line (``None``: not given)."""
         ns = self.shell.user_ns
         base = None
         if args.params:
@@ -410,7 +440,7 @@ class VllmMagics(Magics):
                                    ("--logprobs", flags["logprobs"], 0)):
             if value is not None and value < least:
                 raise UsageError(f"{flag} must be >= {least}, not {value}")
-        return engine.params(base, flags)
+        return base, flags
 
     def _run(self, engine, prompts, params, args):
         streaming = self.stream and not args.no_stream and len(prompts) == 1 and args.format != "json"

@@ -110,3 +110,28 @@ def show_engine(engine) -> None:
     if shell is not None and engine._announced_in == shell.execution_count:
         return
     display(Markdown(engine._repr_markdown_()))
+
+
+def _first_texts(gen) -> list[str]:
+    return ["" if o is None or not o.outputs else o.outputs[0].text for o in gen.outputs]
+
+
+def comparison_html(cmp) -> str:
+    """Prompt per row, one column per engine or setting; model output escaped (``html_table``)."""
+    columns = [_first_texts(g) for g in cmp.generations.values()]
+    rows = [(i, p, *(col[i] for col in columns)) for i, p in enumerate(cmp.prompts)]
+    rows.append(("", "", *(cmp.footer(label) for label in cmp.labels)))
+    note = "<p><sub>interrupted: the columns hold what was made</sub></p>" if cmp.interrupted else ""
+    return html_table(rows, ("#", "prompt", *cmp.labels), limit=_MAX_CELL) + note
+
+
+def comparison_plain(cmp) -> str:
+    columns = [_first_texts(g) for g in cmp.generations.values()]
+    out = []
+    for i, p in enumerate(cmp.prompts):
+        out.append(f"[{i}] {p!r}")
+        out += [f"    {label}: {col[i]!r}" for label, col in zip(cmp.labels, columns)]
+    out += [f"[{label}: {cmp.footer(label)}]" for label in cmp.labels]
+    if cmp.interrupted:
+        out.append("interrupted: the columns hold what was made")
+    return "\n".join(out)
