@@ -94,7 +94,9 @@ def test_stop_aborts_on_the_server(server):
     gen = server.run(["Once upon a time"], server.params(None, {"max_tokens": 2000, "ignore_eos": True}),
                      stream=True, on_output=on_output, stop_event=stop)
     assert gen.interrupted and 0 < len(gen.outputs[0].outputs[0].token_ids) < 2000
-    assert time.monotonic() - first[0] < 2.0
+    # the stop lands within a second; 3 s of slack because on two cores the engine's busy threads can starve this
+    # process for a while (CI saw 2.4 s once)
+    assert time.monotonic() - first[0] < 3.0
     deadline = time.monotonic() + 5  # the server saw the disconnect and aborted the request
     while time.monotonic() < deadline:
         server.refresh_usage()
