@@ -68,7 +68,9 @@ def test_two_kernels_append_whole_lines(book):
         t.start()
     for t in threads:
         t.join()
-    lines = book.path.read_bytes().splitlines()
+    # A kernel that opens the file while another is mid-write may see no final newline and add one: at worst
+    # a blank line, which readers skip. What must never happen is two records sharing a line.
+    lines = [ln for ln in book.path.read_bytes().splitlines() if ln]
     assert len(lines) == 400 and all(json.loads(ln)["outputs"][0]["text"] == text for ln in lines)
 
 

@@ -161,7 +161,9 @@ class Journal:
                                  "%config VllmMagics.journal = False") from None
             size = os.fstat(fd).st_size
             if size and self._last_byte() != b"\n":
-                os.write(fd, b"\n")  # a torn line from a crash: start a fresh one
+                # A torn line from a crash: start a fresh one. (If another kernel is mid-write this adds a
+                # blank line after its record instead, which readers skip.)
+                os.write(fd, b"\n")
             self._fd = fd
         return self._fd
 
