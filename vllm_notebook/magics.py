@@ -100,7 +100,7 @@ class VllmMagics(Magics):
         self.conversation: list[dict] = []
         session = (shell.user_ns.get("__session__") if shell is not None else None) or ""
         journal.configure(notebook=str(session))
-        if os.environ.get("VLLM_NOTEBOOK_JOURNAL", "").strip().lower() in ("off", "0", "false", "no"):
+        if not journal.enabled_by_environment():
             self.journal = False
         self._journal_changed({"new": self.journal})
         self._journal_path_changed({"new": self.journal_path})
@@ -344,7 +344,7 @@ class VllmMagics(Magics):
             raise UsageError(f"--out-col takes one text per row, not -n {params_n(params)}")
         gen = self._run(engine, prompts, params, args)
         if cell is None and args.out_col:
-            value[args.out_col] = [None if o is None or not o.outputs else o.outputs[0].text for o in gen.outputs]
+            value[args.out_col] = gen.first_texts(missing=None)
         return gen
 
     @magic_arguments()

@@ -232,15 +232,7 @@ class Engine(abc.ABC):
         """
         record = self.run_record(params)
         book = journal.current() if journal_results else None
-        keys: list[str] = []
-        restored: dict[int, Any] = {}
-        if book is not None:
-            identity = {k: record.get(k) for k in ("model", "revision", "flags")}
-            keys = [journal.result_key(identity, record["sampling"], engine_prompt(p)) for p in prompts]
-            if (len(prompts) > 1 if resume is None else resume) and journal.reusable(record["sampling"]):
-                found = book.lookup(keys)
-                restored = {i: from_record(f"{self.name}-journal-{i}", prompt_text(p), found[k])
-                            for i, (p, k) in enumerate(zip(prompts, keys)) if k in found}
+        keys, restored = self._from_journal(book, prompts, record, len(prompts) > 1 if resume is None else resume)
         record["reused"] = len(restored)
         todo = [i for i in range(len(prompts)) if i not in restored]
         if on_output is not None:
@@ -267,6 +259,18 @@ class Engine(abc.ABC):
             raise
         return self._merged(run, prompts, todo, restored, record, interrupted)
 
+    def _from_journal(self, book, prompts, record: dict, resume: bool) -> tuple[list[str], dict[int, Any]]:
+        """Each prompt's journal key, and the finished results the journal holds for them (when resuming)."""
+        if book is None:
+            return [], {}
+        identity = {k: record.get(k) for k in ("model", "revision", "flags")}
+        keys = [journal.result_key(identity, record["sampling"], engine_prompt(p)) for p in prompts]
+        if not (resume and journal.reusable(record["sampling"])):
+            return keys, {}
+        found = book.lookup(keys)
+        return keys, {i: from_record(f"{self.name}-journal-{i}", prompt_text(p), found[k])
+                      for i, (p, k) in enumerate(zip(prompts, keys)) if k in found}
+
     def _merged(self, run: Run | None, prompts, todo: list[int], restored: dict[int, Any], record: dict,
                 interrupted: bool) -> Generation:
         """The whole result in the prompts' order: what ran now and what the journal gave back."""
@@ -277,8 +281,8 @@ class Engine(abc.ABC):
             outputs = [restored.get(i) for i in range(len(prompts))]
             for j, i in enumerate(todo):
                 outputs[i] = sent.outputs[j]
-            gen = Generation(prompts=[prompt_text(p) for p in prompts], outputs=outputs, params=params_of(run, record),
-                             engine=self.name, elapsed=sent.metrics["elapsed_s"] if sent else 0.0,
+            gen = Generation(prompts=[prompt_text(p) for p in prompts], outputs=outputs,
+                             params=run.params if run else record.get("sampling"), engine=self.name, elapsed=sent.metrics["elapsed_s"] if sent else 0.0,
                              ttft=sent.metrics["ttft_s"] if sent else None, interrupted=interrupted,
                              aborted=sent.aborted if sent else 0, reused=list(restored))
         gen.provenance = record
@@ -533,10 +537,6 @@ def engine_prompt(p: Prompt):
     if isinstance(p, dict) and "prompt_token_ids" in p:
         return {"prompt_token_ids": list(p["prompt_token_ids"])}
     return p
-
-
-def params_of(run: Run | None, record: dict) -> Any:
-    return run.params if run is not None else record.get("sampling")
 
 
 def prompt_text(p: Prompt) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import UsageError
 from ..ui import render
 from .base import Engine, as_batch
-from .generation import Generation
+from .generation import Generation, reasons_text
 from .registry import get_engine
 
 
@@ -177,9 +177,9 @@ class Comparison:
 
     def footer(self, label: str) -> str:
         m = self.generations[label].metrics
-        reasons = ", ".join(k if v == 1 else f"{k}×{v}" for k, v in m["finish_reasons"].items())
         journal = f", {m['from_journal']} from the journal" if m.get("from_journal") else ""
-        return f"{m['tokens_per_s']:.1f} tok/s, {m['output_tokens']} tokens, finish: {reasons}{journal}"
+        return (f"{m['tokens_per_s']:.1f} tok/s, {m['output_tokens']} tokens, "
+                f"finish: {reasons_text(m['finish_reasons'])}{journal}")
 
     def _repr_html_(self) -> str:
         return render.comparison_html(self)

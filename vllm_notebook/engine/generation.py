@@ -53,6 +53,10 @@ class Generation:
     def texts(self) -> list[str]:
         return [c.text for _, c in self.completions] if self.outputs else []
 
+    def first_texts(self, missing: Any = "") -> list[Any]:
+        """One text per prompt (its first completion), ``missing`` for a prompt that never started."""
+        return [missing if o is None or not o.outputs else o.outputs[0].text for o in self.outputs]
+
     @property
     def text(self) -> str:
         texts = self.texts
@@ -107,8 +111,7 @@ class Generation:
             parts.append(f"TTFT {m['ttft_s'] * 1000:.0f} ms")
         parts.append(f"{m['tokens_per_s']:.1f} tok/s")
         parts.append(f"{m['elapsed_s']:.2f} s")
-        reasons = ", ".join(f"{k}" if v == 1 else f"{k}×{v}" for k, v in m["finish_reasons"].items())
-        parts.append(f"finish: {reasons}")
+        parts.append(f"finish: {reasons_text(m['finish_reasons'])}")
         if self.reused:
             parts.append(f"{self.reused:,} of {m['prompts']:,} from the journal")
         if self.interrupted:
@@ -128,3 +131,7 @@ class Generation:
         """Show the result where it streamed (once), otherwise as a new output."""
         render.show(self)
 
+
+def reasons_text(counts: dict[str, int]) -> str:
+    """``{"length": 3, "stop": 1}`` as ``length×3, stop``."""
+    return ", ".join(k if v == 1 else f"{k}×{v}" for k, v in counts.items())

@@ -48,8 +48,6 @@ class RequestOutput:
         self.finished = bool(self.outputs) and all(c.finish_reason for c in self.outputs)
 
 
-
-
 def from_record(request_id: str, prompt: str | None, record: dict) -> RequestOutput:
     """A finished output again, from a journal result."""
     outs = []

@@ -84,4 +84,3 @@ def prompts_from_rows(value: Any, template: str, name: str) -> list[str]:
         except (ValueError, IndexError) as exc:
             raise UsageError(f"--template: {exc} (write {{{{ and }}}} for literal braces)") from None
     return out
-

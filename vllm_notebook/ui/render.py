@@ -112,13 +112,9 @@ def show_engine(engine) -> None:
     display(Markdown(engine._repr_markdown_()))
 
 
-def _first_texts(gen) -> list[str]:
-    return ["" if o is None or not o.outputs else o.outputs[0].text for o in gen.outputs]
-
-
 def comparison_html(cmp) -> str:
     """Prompt per row, one column per engine or setting; model output escaped (``html_table``)."""
-    columns = [_first_texts(g) for g in cmp.generations.values()]
+    columns = [g.first_texts() for g in cmp.generations.values()]
     rows = [(i, p, *(col[i] for col in columns)) for i, p in enumerate(cmp.prompts)]
     rows.append(("", "", *(cmp.footer(label) for label in cmp.labels)))
     note = "<p><sub>interrupted: the columns hold what was made</sub></p>" if cmp.interrupted else ""
@@ -126,7 +122,7 @@ def comparison_html(cmp) -> str:
 
 
 def comparison_plain(cmp) -> str:
-    columns = [_first_texts(g) for g in cmp.generations.values()]
+    columns = [g.first_texts() for g in cmp.generations.values()]
     out = []
     for i, p in enumerate(cmp.prompts):
         out.append(f"[{i}] {p!r}")
