@@ -147,9 +147,11 @@ def test_reload_same_args_reuses(engine, demo_path):
     ("/no/such/model", {}, ModelNotFoundError, "no model folder"),
     ("not a model id!", {}, ModelNotFoundError, "neither a model folder"),
     ("org/not-cached-model", {}, ModelNotFoundError, "not in the Hugging Face cache"),
-    ("x", {"max_model_lenn": 5}, UsageError, "did you mean 'max_model_len'"),
+    ("{folder}", {"max_model_lenn": 5}, UsageError, "did you mean 'max_model_len'"),  # the model is found first
 ])
-def test_load_errors(model, kwargs, error, match):
+def test_load_errors(model, kwargs, error, match, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    model = model.format(folder=tmp_path)
     with pytest.raises(error, match=match):
         vllm_notebook.load(model, name="bad", progress=False, **kwargs)
     assert "bad" not in vllm_notebook.engines()

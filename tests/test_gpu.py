@@ -310,3 +310,101 @@ def test_cuda_used_in_the_kernel_before_the_load(raw, idle, figures):
         _assert_idle(k.pid, idle + 1024, "after unload (the kernel's own CUDA context stays)", kernel_uses_cuda=True)
     finally:
         k.shutdown()
+
+
+# ------------------------------------------------------------------ beyond generation (issue 16)
+RAW_TASKS = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+model, adapter, prompts, texts, questions, choices, tokens = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:7]), int(sys.argv[7])
+greedy = SamplingParams(temperature=0, max_tokens=tokens)
+llm = LLM(model=model, enforce_eager=True, enable_lora=True, max_lora_rank=8)
+lora = LoRARequest("rand", 1, adapter)
+base = [o.outputs[0].text for o in llm.generate(prompts, greedy, use_tqdm=False)]
+tuned = [o.outputs[0].text for o in llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)]
+tok = llm.get_tokenizer()
+scores = []
+for q in questions:
+    row = []
+    for c in choices:
+        ctx = tok.encode(q)
+        cont = tok.encode(q + c)[len(ctx):]
+        out = llm.generate(TokensPrompt(prompt_token_ids=ctx + cont), SamplingParams(max_tokens=1, prompt_logprobs=0),
+                           use_tqdm=False)[0]
+        row.append(sum(out.prompt_logprobs[len(ctx) + k][t].logprob for k, t in enumerate(cont)))
+    scores.append(row)
+llm.llm_engine.engine_core.shutdown()
+del llm
+import gc; gc.collect()
+from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+cleanup_dist_env_and_memory()
+pool = LLM(model=model, enforce_eager=True, runner="pooling")
+vectors = [o.outputs.embedding for o in pool.embed(texts, use_tqdm=False)]
+print("RAW" + json.dumps({"base": base, "tuned": tuned, "scores": scores, "vectors": vectors}))
+"""
+QUESTIONS = ["The answer is", "Once upon a time"]
+CHOICES = [" yes", " no", " maybe later"]
+
+
+def _random_adapter(path: Path) -> str:
+    """A rank-8 LoRA adapter for ``MODEL`` with random A and B (so it changes the greedy text), PEFT layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(MODEL) / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    head = config.get("head_dim") or hidden // config["num_attention_heads"]
+    outs = {"q_proj": config["num_attention_heads"] * head, "v_proj": config["num_key_value_heads"] * head}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(layers):
+        for name, out in outs.items():
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(8, hidden, generator=gen) / hidden ** 0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, 8, generator=gen) * 0.5
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "target_modules": list(outs), "bias": "none", "base_model_name_or_path": MODEL}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def raw_tasks(idle, tmp_path_factory):
+    adapter = _random_adapter(tmp_path_factory.mktemp("adapter"))
+    out = subprocess.run([sys.executable, "-c", RAW_TASKS, MODEL, adapter, json.dumps(PROMPTS), json.dumps(PROMPTS),
+                          json.dumps(QUESTIONS), json.dumps(CHOICES), str(TOKENS)],
+                         capture_output=True, text=True, timeout=540)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RAW")]
+    assert lines, out.stderr[-3000:]
+    return {"adapter": adapter, **json.loads(lines[-1][3:])}
+
+
+def test_lora_and_choice_scores_equal_raw(kernel, raw_tasks, idle, figures):
+    seconds = _timed_load(kernel, f"{MODEL} --enforce-eager --enable-lora --max-lora-rank 8 --name tasks "
+                                  f"--lora-modules rand={raw_tasks['adapter']}")
+    kernel.run(f"_prompts = {PROMPTS!r}\n_b = %generate -i _prompts --name tasks --temperature 0 --max-tokens {TOKENS}"
+               f"\n_t = %generate -i _prompts --name tasks --lora rand --temperature 0 --max-tokens {TOKENS}")
+    base, tuned = _value(kernel, "_b.texts"), _value(kernel, "_t.texts")
+    assert base == raw_tasks["base"] and tuned == raw_tasks["tuned"] and tuned != base
+    kernel.run(f"import vllm_notebook\n_s = vllm_notebook.score_choices({QUESTIONS!r}, {CHOICES!r}, name='tasks')")
+    ours = _value(kernel, "_s.logprobs")
+    diff = max(abs(a - b) for r, s in zip(ours, raw_tasks["scores"]) for a, b in zip(r, s))
+    figures["tasks"] = {"lora_load_s": round(seconds, 2), "choice_logprob_max_diff": diff}
+    assert diff < 1e-3, (ours, raw_tasks["scores"])
+    kernel.run("%vllm_unload --name tasks")
+
+
+def test_embeddings_equal_raw(kernel, raw_tasks, figures):
+    import numpy as np
+
+    kernel.run(f"%vllm_load {MODEL} --enforce-eager --runner pooling --name emb", timeout=400)
+    kernel.run(f"import vllm_notebook\n_x = vllm_notebook.embed({PROMPTS!r}, name='emb')")
+    ours = np.array(_value(kernel, "_x.tolist()"))
+    diff = float(np.abs(ours - np.array(raw_tasks["vectors"])).max())
+    figures.setdefault("tasks", {})["embedding_max_diff"] = diff
+    assert ours.shape == np.array(raw_tasks["vectors"]).shape and diff < 1e-3, diff
+    kernel.run("%vllm_unload --name emb")

@@ -25,6 +25,18 @@ def test_load_ext_does_not_import_vllm(kernel):
     assert vllm_loaded == "False" and torch_loaded == "False"
 
 
+def test_a_missing_model_fails_before_vllm_is_imported(kernel, tmp_path):
+    """The model is resolved first: a typo'd path or an uncached Hub id is one line in well under 2 s."""
+    for line, message in [(f"%vllm_load {tmp_path}/no-such-model --enforce-eager", "no model folder at"),
+                          ("%vllm_load someorg/not-cached --dtype half", "is not in the Hugging Face cache")]:
+        msg = kernel.submit("import time\n_t = time.perf_counter()\n%load_ext vllm_notebook\n" + line)
+        _, error = kernel.collect(msg)
+        assert error is not None and len(error["traceback"]) == 1 and message in error["evalue"], error
+        out = kernel.run("import sys\nprint('vllm' in sys.modules, 'torch' in sys.modules, time.perf_counter() - _t)")
+        vllm_loaded, torch_loaded, seconds = out.split()
+        assert (vllm_loaded, torch_loaded) == ("False", "False") and float(seconds) < 2.0, out
+
+
 def test_interrupt_aborts_and_engine_keeps_serving(kernel, demo_path):
     # 2000 tokens: long enough that the interrupt lands mid-stream even where the engine runs 500 tokens/s
     kernel.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} --enforce-eager --max-model-len 2048", timeout=300)

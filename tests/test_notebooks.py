@@ -60,6 +60,10 @@ def test_notebook_runs(path, demo_path, tmp_path):
         assert "6 of 6 from the journal" in everything and "(6, [' Paris." in everything
         assert "'vllm_notebook': '0.1.0'" in everything and "journal: " in everything
         assert "system=Answer briefly." in everything and "tok/s" in everything
+    if path.stem == "adapters_embeddings_scoring":
+        assert " meow." in everything and "lora=dog" in everything and "[' woof.', ' meow.']" in everything
+        assert "best" in everything and "X = 4 embedding(s) × 128 dimensions" in everything
+        assert "ranked against 'What does a dog say?'" in everything and "adapter 'dog2' removed" in everything
     if path.stem == "server":
         assert "server ready in" in everything or "attached to the running server" in everything
         assert " Paris." in everything and "' Berlin.', ' meow.'" in everything

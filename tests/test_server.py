@@ -60,6 +60,15 @@ def test_generate_exact_and_same_as_in_process(server, engine):
     assert server.stats.prompt_tokens > 0
 
 
+def test_choice_scores_over_the_server_equal_in_process(server, engine):
+    """prompt_logprobs and /tokenize over HTTP give what the engine gives in the kernel (which test_tasks.py
+    checks against raw vLLM)."""
+    questions, choices = ["The capital of France is", "A dog says"], [" Paris.", " woof.", " meow."]
+    ours, here = server.score_choices(questions, choices), engine.score_choices(questions, choices)
+    assert ours.tokens == here.tokens and ours.answers == here.answers == [" Paris.", " woof."]
+    assert max(abs(a - b) for r, s in zip(ours.logprobs, here.logprobs) for a, b in zip(r, s)) < 1e-4
+
+
 def test_stream_yields_deltas(server):
     # 400 tokens, so the stream has several chunks even on a fast machine where a busy reader lags behind
     # (chunks that arrive while the reader is busy are shown together, as they should be).

@@ -254,15 +254,16 @@ def test_magic_lines_reach_our_parser_as_typed():
     """IPython's expansion would turn \\d{2,4} into \\d(2, 4) and let a value add flags (issue 13, item 6)."""
     from IPython.core.magic import MAGIC_NO_VAR_EXPAND_ATTR
 
-    from vllm_notebook.magics import VllmMagics, _argv
+    from vllm_notebook.magic_args import line_words
+    from vllm_notebook.magics import VllmMagics
 
     ns = {"country": "France", "flag": "--all", "n": 3, "obj": type("O", (), {"url": "http://h:1"})()}
-    assert _argv("generate", r"--regex '\d{3}-\d{2,4}'", ns) == ["--regex", r"\d{3}-\d{2,4}"]
-    assert _argv("vllm_load", "--attach {obj.url} --name '{country} x'", ns) == ["--attach", "http://h:1", "--name",
+    assert line_words("generate", r"--regex '\d{3}-\d{2,4}'", ns) == ["--regex", r"\d{3}-\d{2,4}"]
+    assert line_words("vllm_load", "--attach {obj.url} --name '{country} x'", ns) == ["--attach", "http://h:1", "--name",
                                                                                 "France x"]
-    assert _argv("vllm_load", "{{literal}} $country", ns) == ["{literal}", "$country"]
+    assert line_words("vllm_load", "{{literal}} $country", ns) == ["{literal}", "$country"]
     with pytest.raises(UsageError, match="would read as a flag"):
-        _argv("vllm_unload", "--name {flag}", ns)
+        line_words("vllm_unload", "--name {flag}", ns)
     for name in ("vllm_load", "generate", "chat", "vllm_unload", "vllm_sleep", "vllm_servers", "vllm_jobs", "vllm_status"):
         assert getattr(getattr(VllmMagics, name), MAGIC_NO_VAR_EXPAND_ATTR, False), name
 

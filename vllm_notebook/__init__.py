@@ -18,7 +18,8 @@ _LAZY = {  # public name -> the module that defines it (imported on first use)
     "engines": "engine.registry", "get_engine": "engine.registry", "unload_all": "engine.registry",
     "servers": "server", "errors": "errors",
     "Generation": "engine.generation", "SleepReport": "engine.sleep",
-    "demo_model": "models.demo", "history": "engine.journal",
+    "demo_model": "models.demo", "demo_adapter": "models.demo", "history": "engine.journal",
+    "embed": "engine.shortcuts", "score": "engine.shortcuts", "score_choices": "engine.shortcuts",
     "compare": "engine.compare", "Comparison": "engine.compare",
     "panel": "ui.panel", "PromptPanel": "ui.panel",
     "VllmNotebookError": "errors",
@@ -35,9 +36,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine.local import LocalEngine
     from .engine.registry import engines, get_engine, unload_all
     from .engine.sleep import SleepReport
+    from .engine.shortcuts import embed, score, score_choices
     from .errors import VllmNotebookError
     from .loader import attach, load, submit
-    from .models.demo import demo_model
+    from .models.demo import demo_adapter, demo_model
     from .prepare import LoadPlan
     from .server.client import ServerEngine
     from .server.slurm_job import SlurmEngine

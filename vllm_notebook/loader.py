@@ -18,7 +18,7 @@ from typing import Any
 from . import logs, prepare
 from .cluster import ray as ray_cluster
 from .engine import registry as engine_registry
-from .engine import vllm_import
+from .engine import lora, vllm_import
 from .engine.local import LocalEngine
 from .errors import UsageError, VllmNotebookError
 from .models import resolve
@@ -33,7 +33,8 @@ __all__ = ["LoadPlan", "attach", "load", "load_from_argv", "submit"]
 def load(model: str | None = None, *, name: str = "default", dry_run: bool = False,
          progress: bool = True, ray_address: str | None = None, server: bool = False,
          host: str | None = None, port: int | None = None, api_key_file: str | None = None, **engine_args: Any):
-    """Start (or reuse) an engine called ``name``; keyword arguments are ``EngineArgs`` fields.
+    """Start (or reuse) an engine called ``name``; keyword arguments are ``EngineArgs`` fields, and
+    ``lora_modules={"name": "/adapter/folder"}`` (with ``enable_lora=True``) loads LoRA adapters with it.
 
     Loading the same model with the same arguments again returns the running
     engine at once; different ones unload the old engine first. With
@@ -51,17 +52,21 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
     if host or port or api_key_file:
         raise UsageError("host, port and api_key_file are for server=True")
     _refuse_secrets(argparse.Namespace(**engine_args))
+    modules = engine_args.pop("lora_modules", None) or {}
+    loras = _check_loras(argparse.Namespace(
+        lora_modules=[f"{k}={v}" for k, v in modules.items()] if isinstance(modules, dict) else modules,
+        enable_lora=engine_args.get("enable_lora"), max_lora_rank=engine_args.get("max_lora_rank", 16)))
+    path = resolve.resolve(str(model), engine_args.get("revision"), engine_args.get("download_dir"))  # before vLLM
     _vllm = vllm_import.vllm_api()
     unknown = set(engine_args) - _vllm.engine_arg_fields()
     if unknown:
         bad = sorted(unknown)[0]
         near = difflib.get_close_matches(bad, _vllm.engine_arg_fields(), n=1)
         raise UsageError(f"unknown engine argument {bad!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    path = resolve.resolve(str(model), engine_args.get("revision"), engine_args.get("download_dir"))
     args = _vllm.engine_args(model=model, **engine_args)
     prep = prepare.prepare(name, args, path, set(engine_args), gpu_count=_vllm.device_count(),
                            cpu_build=_vllm.is_cpu_build())
-    return prep.dry_run() if dry_run else start_local(prep, progress, ray_address)
+    return prep.dry_run() if dry_run else start_local(prep, progress, ray_address, loras)
 
 
 def attach(url: str, *, name: str = "default", api_key_file: str | None = None, api_key: str | None = None,
@@ -154,12 +159,15 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
         rec = servers.find(model, servers.normalize(flags)) if model else None
         if rec is not None:  # the fast path: no vLLM import at all
             return launch.attach_record(rec, ours.name, progress)
+    early = None if ours.help else _resolve_early(rest)  # a missing model fails in a second, before vLLM loads
     _vllm = vllm_import.vllm_api()
     if ours.server:
         parser = _vllm.serve_arg_parser("%vllm_load --server")
     else:
         parser = _vllm.engine_arg_parser("%vllm_load")
         parser.add_argument("model_tag", nargs="?", help="model folder or Hugging Face id")
+        parser.add_argument("--lora-modules", nargs="+", action=_vllm.lora_parser_action(), default=None,
+                            help="LoRA adapters to load with the engine: NAME=PATH ... (needs --enable-lora)")
     if ours.help:
         print(own.format_help() + "\n" + parser.format_help())
         return None
@@ -179,8 +187,10 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
     explicit.add("model")
     user_flags = _without(rest, ns.model_tag)
     del ns.model_tag
+    loras = _check_loras(ns) if not ours.server else []
     # Resolve before EngineArgs exists: constructing it already looks the model up.
-    path = resolve.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
+    where = (str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
+    path = early[1] if early is not None and early[0] == where else resolve.resolve(*where)
     try:
         args = _vllm.engine_args_from_namespace(ns)
     except (TypeError, ValueError) as exc:
@@ -192,7 +202,39 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
         if ours.dry_run:
             return prep.dry_run(launch.command_for(prep, user_flags, listen))
         return launch.start(prep, user_flags, listen, ours.ray_address, progress)
-    return prep.dry_run() if ours.dry_run else start_local(prep, progress, ours.ray_address)
+    return prep.dry_run() if ours.dry_run else start_local(prep, progress, ours.ray_address, loras)
+
+
+def _resolve_early(rest: list[str]) -> tuple[tuple, str] | None:
+    """Resolve the model named on the line (first, or ``--model``) before vLLM is imported: a missing model
+    or a typo in its path is told in a second, not after 10 s of importing vLLM and torch."""
+    if not rest or (rest[0].startswith("-") and not any(t == "--model" or t.startswith("--model=") for t in rest)):
+        return None  # the model comes from elsewhere (the default, or a --config file): vLLM's parser finds it
+    model, flags = _split_model(rest, "")
+    if not model:
+        return None
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    p.add_argument("--revision")
+    p.add_argument("--download-dir", "--download_dir", dest="download_dir")
+    try:
+        found, _ = p.parse_known_args(flags)
+    except argparse.ArgumentError:
+        return None  # vLLM's parser will say what is wrong
+    where = (model, found.revision, found.download_dir)
+    return where, resolve.resolve(*where)
+
+
+def _check_loras(ns: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--lora-modules`` as (name, path) pairs, each checked now: before the engine spends a minute starting."""
+    loras = lora.parse_modules(getattr(ns, "lora_modules", None))
+    if loras and not getattr(ns, "enable_lora", False):
+        raise UsageError("%vllm_load: --lora-modules needs --enable-lora")
+    names = [n for n, _ in loras]
+    if len(set(names)) < len(names):
+        raise UsageError(f"%vllm_load: an adapter name is given twice: {', '.join(names)}")
+    for name, path in loras:
+        lora.check(name, path, getattr(ns, "max_lora_rank", None))
+    return loras
 
 
 def _submit_from_argv(ours: argparse.Namespace, rest: list[str], default_model: str, progress: bool):
@@ -311,8 +353,10 @@ def _explain(message: str, argv: list[str], *parsers) -> str:
     return f"%vllm_load: {lines[0] if lines else message}; {hint}"
 
 
-def start_local(prep: Prepared, progress: bool = True, ray_address: str | None = None) -> LocalEngine:
-    """Start the prepared engine in this kernel (or reuse the running one with the same configuration)."""
+def start_local(prep: Prepared, progress: bool = True, ray_address: str | None = None,
+                loras: list[tuple[str, str]] = ()) -> LocalEngine:
+    """Start the prepared engine in this kernel (or reuse the running one with the same configuration);
+    ``loras``: (name, path) of the LoRA adapters to load with it."""
     args = prep.args
     line = LiveLine(enabled=progress)
     t0 = time.monotonic()
@@ -326,6 +370,9 @@ def start_local(prep: Prepared, progress: bool = True, ray_address: str | None =
     old = engine_registry.engines().get(prep.name)
     if old is not None:
         if old.key == prep.key and old.alive:
+            for name, path in loras:  # adapters added to the line since: loaded into the running engine
+                if name not in old.adapters:
+                    old.add_lora(name, path)
             line.done(f"vllm-notebook: engine '{prep.name}' is already running {old.model} (reused)")
             return old
         line.update(f"vllm-notebook: unloading the previous '{prep.name}' engine ({old.model}) …")
@@ -352,6 +399,8 @@ def start_local(prep: Prepared, progress: bool = True, ray_address: str | None =
     if prep.hub_id is not None:
         eng.facts.update(model=prep.hub_id, path=prep.path)
     engine_registry.register(eng)
+    for name, path in loras:
+        eng.add_lora(name, path)
     line.done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
     return eng
 

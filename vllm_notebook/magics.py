@@ -5,11 +5,8 @@ Importing this module imports neither vLLM nor torch.
 
 from __future__ import annotations
 
-import difflib
 import os
-import shlex
 
-from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import (
     Magics,
     cell_magic,
@@ -32,10 +29,12 @@ from .engine.registry import engines, get_engine, shutdown, unload_all
 from .engine.sampling import parse_schema
 from .errors import UsageError
 from .loader import load_from_argv
+from .magic_args import line_words, parse_line, value_of
 from .models.hub import models_table
 from .server import process as server_process
 from .server import registry as servers
 from .server import slurm_job
+from .task_magics import TaskMagics
 from .ui.cluster_view import ClusterView
 from .ui.display import TextStream
 from .ui.status import Status
@@ -61,6 +60,7 @@ def _sampling_flags(func):
         argument("--choice", action="append", help="allowed answer (repeatable)"),
         argument_group("prompt and display"),
         argument("--name", help="engine name (default: the only engine, or 'default')"),
+        argument("--lora", metavar="ADAPTER", help="generate with this LoRA adapter (see %%vllm_lora)"),
         argument("--system", help="system message (chat)"),
         argument("--no-interpolate", action="store_true", help="leave {name} in the prompt as written"),
         argument("--format", choices=["auto", "markdown", "text", "json"], default="auto"),
@@ -131,7 +131,7 @@ class VllmMagics(Magics):
         the same line in a restarted kernel attaches to it in well under a second.
         --attach URL [--api-key-file FILE] uses any OpenAI-compatible vLLM server.
         """
-        argv = _argv("vllm_load", line, self.shell.user_ns)
+        argv = line_words("vllm_load", line, self.shell.user_ns)
         default = self.default_model or os.environ.get("VLLM_NOTEBOOK_MODEL", "")
         result = load_from_argv(argv, default_model=default)
         if isinstance(result, Engine):
@@ -145,7 +145,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_unload(self, line: str):
         """Stop an engine and free its memory and processes."""
-        args = _parse(self.vllm_unload, line, self.shell.user_ns)
+        args = parse_line(self.vllm_unload, line, self.shell.user_ns)
         if args.all:
             names = sorted(engines())
             unload_all()
@@ -163,7 +163,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_sleep(self, line: str):
         """Free the GPU and keep the engine (loaded with --enable-sleep-mode); %vllm_wake brings it back."""
-        args = _parse(self.vllm_sleep, line, self.shell.user_ns)
+        args = parse_line(self.vllm_sleep, line, self.shell.user_ns)
         print(self._engine(args.name).sleep(args.level))
 
     @magic_arguments()
@@ -172,7 +172,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_wake(self, line: str):
         """Wake an engine put to sleep with %vllm_sleep."""
-        args = _parse(self.vllm_wake, line, self.shell.user_ns)
+        args = parse_line(self.vllm_wake, line, self.shell.user_ns)
         print(self._engine(args.name).wake())
 
     @magic_arguments()
@@ -181,7 +181,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_servers(self, line: str):
         """vLLM servers started with %vllm_load --server (by any kernel of yours): model, URL, uptime, job."""
-        args = _parse(self.vllm_servers, line, self.shell.user_ns)
+        args = parse_line(self.vllm_servers, line, self.shell.user_ns)
         if args.stop:
             rec = servers.lookup(args.stop)
             for eng in list(engines().values()):
@@ -198,7 +198,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_jobs(self, line: str):
         """Engines submitted as Slurm jobs (%vllm_load --slurm), by any kernel of yours: state, node, time left."""
-        args = _parse(self.vllm_jobs, line, self.shell.user_ns)
+        args = parse_line(self.vllm_jobs, line, self.shell.user_ns)
         if args.cancel:
             rec = slurm_job.lookup(args.cancel)
             for eng in list(engines().values()):
@@ -215,7 +215,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_history(self, line: str):
         """The results journal as a DataFrame: every result, with its run's model, revision and sampling."""
-        args = _parse(self.vllm_history, line, self.shell.user_ns)
+        args = parse_line(self.vllm_history, line, self.shell.user_ns)
         df = journal.history(args.path)
         return df.tail(args.n) if args.n else df
 
@@ -235,7 +235,7 @@ class VllmMagics(Magics):
         """A prompt panel (ipywidgets) over a loaded engine; generation runs in the background."""
         from .ui.panel import PromptPanel
 
-        args = _parse(self.vllm_panel, line, self.shell.user_ns)
+        args = parse_line(self.vllm_panel, line, self.shell.user_ns)
         if args.name:
             self._engine(args.name)  # a one-line error now if there is no such engine
         return PromptPanel(args.name, max_updates_per_second=self.max_updates_per_second)
@@ -246,7 +246,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_models(self, line: str):
         """Models in the Hugging Face cache: size, revision, and whether this vLLM supports them."""
-        args = _parse(self.vllm_models, line, self.shell.user_ns)
+        args = parse_line(self.vllm_models, line, self.shell.user_ns)
         return models_table(args.download_dir)
 
     @magic_arguments()
@@ -255,7 +255,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_doctor(self, line: str):
         """This environment on one screen (vLLM, GPUs, Slurm, Ray, HF cache, offline), with pitfalls and fixes."""
-        args = _parse(self.vllm_doctor, line, self.shell.user_ns)
+        args = parse_line(self.vllm_doctor, line, self.shell.user_ns)
         return diagnose(in_kernel=True, check_hub=not args.no_hub)
 
     @magic_arguments()
@@ -267,7 +267,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_cluster(self, line: str):
         """The Slurm allocation, the plans of loaded engines and the Ray cluster; --up / --down manage Ray."""
-        args = _parse(self.vllm_cluster, line, self.shell.user_ns)
+        args = parse_line(self.vllm_cluster, line, self.shell.user_ns)
         if args.up and args.down:
             raise UsageError("%vllm_cluster: --up or --down, not both")
         if args.down:
@@ -285,7 +285,7 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_logs(self, line: str):
         """Show the end of an engine's log file (vLLM's own output goes there)."""
-        args = _parse(self.vllm_logs, line, self.shell.user_ns)
+        args = parse_line(self.vllm_logs, line, self.shell.user_ns)
         if args.n <= 0:
             raise UsageError("-n must be a positive number of lines")
         eng = get_engine(args.name)
@@ -308,7 +308,7 @@ class VllmMagics(Magics):
     @line_cell_magic
     def generate(self, line: str, cell: str | None = None):
         """Generate from the cell body (or -i VAR): streamed for one prompt, batched for many."""
-        args = _parse(self.generate, line, self.shell.user_ns)
+        args = parse_line(self.generate, line, self.shell.user_ns)
         ns = self.shell.user_ns
         if cell is None:
             if not args.input:
@@ -353,7 +353,7 @@ class VllmMagics(Magics):
     @cell_magic
     def chat(self, line: str, cell: str):
         """A conversation: each %%chat cell is a user turn; earlier turns are remembered (%chat_reset forgets)."""
-        args = _parse(self.chat, line, self.shell.user_ns)
+        args = parse_line(self.chat, line, self.shell.user_ns)
         text = (cell if args.no_interpolate else interpolate(cell, self.shell.user_ns)).strip()
         if not text:
             raise UsageError("the message is empty: write it in the cell body")
@@ -384,16 +384,7 @@ class VllmMagics(Magics):
 
     # ------------------------------------------------------------ helpers
     def _value(self, expr: str):
-        """A variable, or an expression over variables (``df.prompt``, ``rows[:10]``) for ``-i``."""
-        ns = self.shell.user_ns
-        if expr in ns:
-            return ns[expr]
-        if expr.isidentifier():
-            raise UsageError(f"no variable named {expr!r}")
-        try:
-            return self.shell.ev(expr)
-        except Exception as exc:  # noqa: BLE001 - the user's expression: one line
-            raise UsageError(f"-i {expr}: {type(exc).__name__}: {exc}") from None
+        return value_of(self.shell, expr)
 
     def _engine(self, name):
         return get_engine(name)
@@ -406,6 +397,7 @@ class VllmMagics(Magics):
         bar = tqdm(total=len(prompts) * len(cols), desc="comparing", unit="result", leave=False, delay=0.5)
         try:
             result = compare.compare(prompts, names, args.compare, params=base, chat=args.chat, system=args.system,
+                                     lora=args.lora,
                                      on_output=lambda label, i, out: bar.update(1) if out.finished else None,
                                      resume=False if args.fresh else None, journal_results=not args.no_journal,
                                      **flags)
@@ -455,7 +447,7 @@ class VllmMagics(Magics):
                        leave=False, delay=0.5, disable=len(prompts) == 1)
             on_output = lambda i, out: bar.update(1)  # noqa: E731
         try:
-            gen = engine.run(prompts, params, stream=streaming, on_output=on_output,
+            gen = engine.run(prompts, params, stream=streaming, on_output=on_output, lora=args.lora,
                              resume=False if args.fresh else None, journal_results=not args.no_journal)
         finally:
             if bar is not None:
@@ -473,46 +465,6 @@ class VllmMagics(Magics):
         return gen
 
 
-def _argv(name: str, line: str, namespace) -> list[str]:
-    """A magic's line as typed, split with shell quoting; then ``{name}`` in each word is replaced.
-
-    IPython's own expansion (``{...}`` and ``$name`` on the whole line) is off for our magics
-    (``@no_var_expand``): it rewrote regexes such as ``\\d{2,4}`` and let a value add flags. Here a
-    value fills one word only, and a value that would read as a flag is refused.
-    """
-    try:
-        words = shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"%{name}: {exc}") from None
-    argv = []
-    for word in words:
-        value = interpolate(word, namespace)
-        if value != word and value.startswith("-") and not word.startswith("-"):
-            raise UsageError(f"%{name}: {word} gives {value!r}, which would read as a flag; "
-                             "write the flag itself on the line")
-        argv.append(value)
-    return argv
-
-
-def _parse(magic, line: str, namespace):
-    """Parse a magic's line (see ``_argv``), with a "did you mean" for mistyped flags."""
-    argv = _argv(magic.__name__, line, namespace)
-    try:
-        return magic.parser.parse_args(argv)
-    except IPythonUsageError as exc:
-        msg = str(exc)
-        name = magic.__name__
-        if "unrecognized arguments" in msg:
-            known = [o for a in magic.parser._actions for o in a.option_strings]
-            for word in line.split():
-                flag = word.split("=")[0]
-                if flag.startswith("-") and flag not in known:
-                    near = difflib.get_close_matches(flag, known, n=1)
-                    tip = f" (did you mean {near[0]}?)" if near else ""
-                    raise UsageError(f"%{name}: unknown flag {flag}{tip}; see %{name}? for every flag") from None
-        raise UsageError(f"%{name}: {msg}; see %{name}? for every flag") from None
-
-
 def params_n(params) -> int:
     return int((params.get("n") if isinstance(params, dict) else getattr(params, "n", 1)) or 1)
 
@@ -526,16 +478,18 @@ def register(ipython) -> None:
     if "VllmMagics" in ipython.magics_manager.registry:
         return
     ipython.register_magics(VllmMagics(shell=ipython))
+    ipython.register_magics(TaskMagics(shell=ipython))
 
 
 def unregister(ipython) -> None:
     """Undo ``register``: unload our engines and remove every magic we added."""
     shutdown()
-    magics = ipython.magics_manager.registry.pop("VllmMagics", None)
-    if magics is None:
-        return
-    for kind, table in magics.magics.items():
-        for name in table:
-            ipython.magics_manager.magics[kind].pop(name, None)
-    if magics in ipython.configurables:
-        ipython.configurables.remove(magics)
+    for cls in ("VllmMagics", "TaskMagics"):
+        magics = ipython.magics_manager.registry.pop(cls, None)
+        if magics is None:
+            continue
+        for kind, table in magics.magics.items():
+            for name in table:
+                ipython.magics_manager.magics[kind].pop(name, None)
+        if magics in ipython.configurables:
+            ipython.configurables.remove(magics)

@@ -35,8 +35,11 @@ from ..errors import NoEngineError, RequestError, UsageError, VllmNotebookError
 from . import gpus, journal
 from . import sleep as sleep_mode
 from .generation import Generation
+from .lora import Adapters
 from .outputs import from_record
+from .pooling import Pooling
 from .sleep import SleepReport
+from .tasks import TaskMethods
 
 _DONE = object()
 _ids = itertools.count()
@@ -60,6 +63,7 @@ class Run:
     rids: list[str]
     outputs: list[Any]
     q: queue.Queue = field(default_factory=queue.Queue)
+    loras: list[Any] = field(default_factory=list)  # each request's LoRA adapter (None: the base model)
     future: Any = None
     params: Any = None
     started: float = 0.0
@@ -71,7 +75,7 @@ class Run:
     run_id: str = ""
 
 
-class Engine(abc.ABC):
+class Engine(TaskMethods, abc.ABC):
     """A running vLLM engine, in this kernel or behind a server. Create one with ``vllm_notebook.loader``."""
 
     record = None  # the registry record of a server vllm-notebook started (server back-end)
@@ -93,6 +97,7 @@ class Engine(abc.ABC):
         self._announced_in: int | None = None  # the cell that loaded it (its summary is shown there)
         self._asleep = 0  # the sleep level, 0 when awake
         self._vllm_version: str | None = None
+        self.adapters = Adapters()  # LoRA adapters requests can name (``lora=``)
         self.on_unload: list[Callable[[Engine], None]] = []  # run after the engine has stopped
 
     # ---------------------------------------------------------------- what a back-end provides
@@ -136,8 +141,9 @@ class Engine(abc.ABC):
         """The back-end's form of ``params`` for one run."""
 
     @abc.abstractmethod
-    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue) -> None:
-        """Send one request; put ``(i, output)`` on ``q`` for each (cumulative) output."""
+    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue, lora=None) -> None:
+        """Send one request (to the LoRA adapter ``lora``, if any); put ``(i, output)`` on ``q`` for each
+        (cumulative) output. ``params`` from ``_prepare``: sampling, or a ``Pooling`` request's."""
 
     @abc.abstractmethod
     def _abort(self, run: Run, pending: list[str]) -> None:
@@ -216,6 +222,7 @@ class Engine(abc.ABC):
         stop_event: threading.Event | None = None,
         resume: bool | None = None,
         journal_results: bool = True,
+        lora: str | Sequence[str | None] | None = None,
     ) -> Generation:
         """Submit all prompts at once and wait for them.
 
@@ -229,10 +236,16 @@ class Engine(abc.ABC):
         is False or the journal is off). ``resume`` takes results of the same model,
         flags, sampling and prompt from the journal instead of generating them again
         (greedy ones, or sampled with a seed); None means "for batches".
+
+        ``lora``: the name of a LoRA adapter for every prompt, or one name (None: the base model) per prompt.
         """
+        adapters = self.adapters.for_prompts(lora, len(prompts))
         record = self.run_record(params)
+        if any(adapters):
+            record["lora"] = sorted({a.name for a in adapters if a}) if len(set(adapters)) > 1 else adapters[0].name
         book = journal.current() if journal_results else None
-        keys, restored = self._from_journal(book, prompts, record, len(prompts) > 1 if resume is None else resume)
+        keys, restored = self._from_journal(book, prompts, adapters, record,
+                                            len(prompts) > 1 if resume is None else resume)
         record["reused"] = len(restored)
         todo = [i for i in range(len(prompts)) if i not in restored]
         if on_output is not None:
@@ -240,7 +253,7 @@ class Engine(abc.ABC):
                 on_output(i, restored[i])
         if not todo:
             return self._merged(None, prompts, todo, restored, record, interrupted=False)
-        run = self._submit([prompts[i] for i in todo], params, stream=stream)
+        run = self._submit([prompts[i] for i in todo], params, stream=stream, loras=[adapters[i] for i in todo])
         if book is not None:
             book.append({"kind": "run", **record})
             run.book, run.run_id = book, record["run"]
@@ -259,12 +272,13 @@ class Engine(abc.ABC):
             raise
         return self._merged(run, prompts, todo, restored, record, interrupted)
 
-    def _from_journal(self, book, prompts, record: dict, resume: bool) -> tuple[list[str], dict[int, Any]]:
+    def _from_journal(self, book, prompts, adapters, record: dict, resume: bool) -> tuple[list[str], dict[int, Any]]:
         """Each prompt's journal key, and the finished results the journal holds for them (when resuming)."""
         if book is None:
             return [], {}
         identity = {k: record.get(k) for k in ("model", "revision", "flags")}
-        keys = [journal.result_key(identity, record["sampling"], engine_prompt(p)) for p in prompts]
+        keys = [journal.result_key({**identity, "lora": a.as_dict()} if a else identity, record["sampling"],
+                                   engine_prompt(p)) for p, a in zip(prompts, adapters)]
         if not (resume and journal.reusable(record["sampling"])):
             return keys, {}
         found = book.lookup(keys)
@@ -313,12 +327,13 @@ class Engine(abc.ABC):
         return {"run": journal.new_run_id(), "time": time.time(), **self.provenance, "sampling": sampling,
                 "seed": sampling.get("seed")}
 
-    def stream(self, prompt: Prompt, params: Any = None, **sampling) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: Any = None, *, lora: str | None = None, **sampling) -> Iterator[str]:
         """Yield text deltas of one completion as they are generated.
 
         Closing the iterator (or breaking out of the loop) aborts the request.
         """
-        run = self._submit([prompt], self.params(params, sampling), stream=True)
+        run = self._submit([prompt], self.params(params, sampling), stream=True,
+                           loras=self.adapters.for_prompts(lora, 1))
         seen = 0
         try:
             for _, out in self._events(run):
@@ -332,19 +347,24 @@ class Engine(abc.ABC):
                 self._stop_run(run)
             self._result(run, [prompt], interrupted=closed_early)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: Any = None, **sampling) -> Generation:
-        """Generate for one prompt or a batch (submitted at once). Sampling as keyword arguments."""
-        return self.run(as_batch(prompts), self.params(params, sampling))
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: Any = None, *,
+                 lora: str | Sequence[str | None] | None = None, **sampling) -> Generation:
+        """Generate for one prompt or a batch (submitted at once). Sampling as keyword arguments;
+        ``lora`` names an adapter (or one per prompt)."""
+        return self.run(as_batch(prompts), self.params(params, sampling), lora=lora)
 
-    def chat(self, messages: Sequence[dict], params: Any = None, **sampling) -> Generation:
+    def chat(self, messages: Sequence[dict], params: Any = None, *, lora: str | None = None,
+             **sampling) -> Generation:
         """One assistant reply to ``messages`` (OpenAI-style role/content dicts)."""
-        return self.run([self.chat_prompt(messages)], self.params(params, sampling))
+        return self.run([self.chat_prompt(messages)], self.params(params, sampling), lora=lora)
 
-    def _submit(self, prompts: Sequence[Prompt], params: Any, *, stream: bool) -> Run:
+    def _submit(self, prompts: Sequence[Prompt], params: Any, *, stream: bool, loras: list | None = None) -> Run:
         self._check()
+        self._check_runner(pooling=isinstance(params, Pooling))
         params = self._prepare(params, stream)
         items = [engine_prompt(p) for p in prompts]
-        run = Run(rids=[f"{self.name}-{next(_ids)}" for _ in items], outputs=[None] * len(items))
+        run = Run(rids=[f"{self.name}-{next(_ids)}" for _ in items], outputs=[None] * len(items),
+                  loras=list(loras) if loras else [None] * len(items))
         run.params = params
         with self._lock:
             self.stats.running += len(items)
@@ -419,15 +439,19 @@ class Engine(abc.ABC):
             engine=self.name, elapsed=elapsed, ttft=ttft, interrupted=interrupted,
             aborted=unfinished if interrupted else 0,
         )
+        self._account(run, gen.aborted)
+        return gen
+
+    def _account(self, run: Run, aborted_requests: int) -> None:
+        """Add a finished run to ``stats``."""
         with self._lock:
             self.stats.running -= len(run.rids)
             self.stats.requests += len(run.rids)
-            self.stats.aborted += gen.aborted
+            self.stats.aborted += aborted_requests
             for o in run.outputs:
                 if o is not None:
                     self.stats.prompt_tokens += len(o.prompt_token_ids or [])
                     self.stats.output_tokens += sum(len(c.token_ids) for c in o.outputs)
-        return gen
 
     async def _drive(self, items, params, run: Run) -> None:
         """Run every request of ``run`` concurrently; outputs and errors go to ``run.q``, then ``_DONE``."""
@@ -435,7 +459,7 @@ class Engine(abc.ABC):
 
         async def one(i: int, prompt, rid: str) -> None:
             try:
-                await self._request(i, prompt, params, rid, q)
+                await self._request(i, prompt, params, rid, q, run.loras[i])
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - handed to the caller

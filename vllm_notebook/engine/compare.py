@@ -76,13 +76,15 @@ def columns(engines: Sequence[str | Engine] | None = None,
 
 def compare(prompts, engines: Sequence[str | Engine] | None = None,
             settings: Sequence[dict[str, Any] | str] | None = None, *, params: Any = None, chat: bool = False,
-            system: str | None = None, on_output: Callable[[str, int, Any], None] | None = None,
+            system: str | None = None, lora: str | None = None,
+            on_output: Callable[[str, int, Any], None] | None = None,
             resume: bool | None = None, journal_results: bool = True, **sampling) -> Comparison:
     """Run ``prompts`` on every engine × setting at once; one ``Comparison`` (a side-by-side table).
 
     ``engines``: names or engines (default: the only one). ``settings``: dicts of sampling fields (or
     ``"temperature=0.8"`` strings), each a column; ``system`` in a setting is a system message (then each
-    prompt is a chat turn). ``sampling`` applies to all columns.
+    prompt is a chat turn), and ``lora`` a LoRA adapter (``lora=none``: the base model). ``sampling``
+    applies to all columns.
     """
     batch = as_batch(prompts)
     cols = columns(engines, settings)
@@ -90,19 +92,21 @@ def compare(prompts, engines: Sequence[str | Engine] | None = None,
     for col in cols:
         fields = {**sampling, **col.settings}
         sys_msg = fields.pop("system", system)
+        adapter = fields.pop("lora", lora)
+        adapter = None if adapter in (None, "", "none", "base") else str(adapter)
         engine_prompts = batch
         if chat or sys_msg:
             head = [{"role": "system", "content": sys_msg}] if sys_msg else []
             engine_prompts = [col.engine.chat_prompt(head + [{"role": "user", "content": p}]) for p in batch]
-        runs.append((col, engine_prompts, col.engine.params(params, fields)))
+        runs.append((col, engine_prompts, col.engine.params(params, fields), adapter))
     stop = threading.Event()
     results: dict[str, Generation] = {}
     errors: dict[str, BaseException] = {}
 
-    def one(col: Column, engine_prompts, p) -> None:
+    def one(col: Column, engine_prompts, p, adapter) -> None:
         try:
             report = (lambda i, out: on_output(col.label, i, out)) if on_output else None
-            results[col.label] = col.engine.run(engine_prompts, p, on_output=report, stop_event=stop,
+            results[col.label] = col.engine.run(engine_prompts, p, on_output=report, stop_event=stop, lora=adapter,
                                                 resume=resume, journal_results=journal_results)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors[col.label] = exc

@@ -21,11 +21,14 @@ from ..errors import (
     EngineDiedError,
     EngineStartError,
     RequestError,
+    UsageError,
     VllmNotebookError,
 )
 from ..ui import render
 from . import registry
 from .base import Engine, Run, first_line, request_error, suppress_errors
+from .lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
+from .pooling import Pooled, Pooling
 from .sampling import as_dict, build_params
 
 
@@ -39,6 +42,7 @@ class LocalEngine(Engine):
         self._tokenizer = None
         self._defaults: dict[str, Any] | None = None
         self._groups: list[int] = []
+        self._base = None  # the all-zero adapter base-model requests use on vLLM's CPU build (lora.BASE_NAME)
 
     def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
         self._start_loop()
@@ -86,6 +90,9 @@ class LocalEngine(Engine):
                 logs.route_vllm_logs(self.log_path, vllm_api.vllm_loggers())
             self._tokenizer = vllm_api.tokenizer(self._llm)
             self.facts = vllm_api.engine_facts(self._llm)
+            lora = self.facts.get("lora") or {}
+            self.adapters = Adapters(enabled=bool(lora), max_rank=lora.get("max_lora_rank"),
+                                     max_loras=lora.get("max_loras"))
             self._vllm_version = self.facts.get("vllm_version")
 
     # ---------------------------------------------------------------- provenance
@@ -148,8 +155,12 @@ class LocalEngine(Engine):
         """The engine's form of ``params`` for one run (a copy; the caller's object is left alone)."""
         from . import vllm_api
 
+        if isinstance(params, Pooling):
+            return vllm_api.pooling_params(params.task, params.dimensions)
         if not isinstance(params, vllm_api.SamplingParams):
             params = self.params(params)
+        if params.prompt_logprobs is not None and self.adapters.enabled and vllm_api.is_cpu_build():
+            raise UsageError(PROMPT_LOGPROBS_ON_CPU)
         params = params.clone()
         params.output_kind = vllm_api.CUMULATIVE if stream else vllm_api.FINAL_ONLY
         return params
@@ -169,9 +180,33 @@ class LocalEngine(Engine):
             return _died(self)
         return request_error(first_line(exc))
 
-    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue) -> None:
-        async for out in self._llm.generate(prompt, params, rid):
+    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue, lora=None) -> None:
+        from . import vllm_api
+
+        lora = self._base if lora is None else lora  # see lora.BASE_NAME
+        lora_request = vllm_api.lora_request(lora) if lora is not None else None
+        if isinstance(params, vllm_api.PoolingParams):
+            async for out in self._llm.encode(prompt, params, rid, lora_request=lora_request):
+                q.put((i, Pooled(rid, vllm_api.pooled_vector(out), list(out.prompt_token_ids or ()), out.finished)))
+            return
+        async for out in self._llm.generate(prompt, params, rid, lora_request=lora_request):
             q.put((i, out))
+
+    # ---------------------------------------------------------------- LoRA adapters
+    async def _add_lora(self, adapter) -> None:
+        from . import vllm_api
+
+        try:
+            await self._llm.add_lora(vllm_api.lora_request(adapter))
+        except Exception as exc:  # noqa: BLE001 - vLLM's reason, in one line
+            raise UsageError(f"cannot load adapter '{adapter.name}' from {adapter.path}: {first_line(exc)}") from None
+        if self._base is None and vllm_api.is_cpu_build():  # see lora.BASE_NAME
+            base = Adapter(BASE_NAME, await asyncio.to_thread(zero_adapter, adapter.path), BASE_ID)
+            await self._llm.add_lora(vllm_api.lora_request(base))
+            self._base = base
+
+    async def _remove_lora(self, adapter) -> None:
+        await self._llm.remove_lora(adapter.id)
 
     # ---------------------------------------------------------------- sleep mode
     def _can_sleep(self) -> bool:

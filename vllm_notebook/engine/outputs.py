@@ -26,6 +26,7 @@ class RequestOutput:
     prompt_token_ids: list[int] = field(default_factory=list)
     outputs: list[Completion] = field(default_factory=list)
     finished: bool = False
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token, when asked
 
     def apply(self, data: dict, chat: bool) -> None:
         """Add one response (or one streamed chunk) of the completions or chat API."""
@@ -43,6 +44,10 @@ class RequestOutput:
             c.token_ids.extend(ch.get("token_ids") or ())
             if ch.get("prompt_token_ids"):
                 self.prompt_token_ids = list(ch["prompt_token_ids"])
+            if ch.get("prompt_logprobs") is not None:
+                self.prompt_logprobs = [None if step is None else {int(t): float(v["logprob"] if isinstance(v, dict)
+                                                                                  else v) for t, v in step.items()}
+                                        for step in ch["prompt_logprobs"]]
             if ch.get("finish_reason"):
                 c.finish_reason, c.stop_reason = ch["finish_reason"], ch.get("stop_reason")
         self.finished = bool(self.outputs) and all(c.finish_reason for c in self.outputs)

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import vllm
-from vllm import SamplingParams
+from vllm import PoolingParams, SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -161,6 +161,9 @@ def engine_facts(llm: AsyncLLM) -> dict[str, Any]:
         "device": _device_name(),
         "kv_cache_tokens": blocks * (cache.block_size or 0),
         "vllm_version": VERSION,
+        "runner": getattr(cfg.model_config, "runner_type", None),
+        "lora": {"max_lora_rank": cfg.lora_config.max_lora_rank, "max_loras": cfg.lora_config.max_loras}
+        if cfg.lora_config is not None else None,
     }
 
 
@@ -200,6 +203,31 @@ def supported_architectures() -> set[str]:
     from vllm import ModelRegistry
 
     return set(ModelRegistry.get_supported_archs())
+
+
+def pooling_params(task: str, dimensions: int | None = None) -> PoolingParams:
+    return PoolingParams(task=task, dimensions=dimensions)
+
+
+def pooled_vector(out) -> Any:
+    """A ``PoolingRequestOutput``'s vector as a float32 NumPy array."""
+    data = out.outputs.data
+    return data.float().cpu().numpy() if hasattr(data, "cpu") else data
+
+
+def lora_request(adapter) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(adapter.name, adapter.id, adapter.path)
+
+
+def lora_parser_action() -> type:
+    """The argparse action of ``vllm serve --lora-modules`` (``name=path`` or JSON)."""
+    try:  # vLLM 0.32
+        from vllm.entrypoints.launchers.cli_args import LoRAParserAction
+    except ImportError:  # vLLM 0.26
+        from vllm.entrypoints.openai.cli_args import LoRAParserAction
+    return LoRAParserAction
 
 
 def vllm_loggers() -> list[logging.Logger]:

@@ -17,12 +17,15 @@ from typing import Any
 
 from ..engine import registry as engine_registry
 from ..engine.base import Engine, Run, first_line, request_error, suppress_errors
+from ..engine.lora import PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters
 from ..engine.outputs import Completion, RequestOutput
+from ..engine.pooling import Pooled, Pooling
 from ..engine.sampling import request_fields
 from ..errors import (
     AuthRefusedError,
     EngineDiedError,
     RequestError,
+    UsageError,
     VllmNotebookError,
 )
 from . import process, registry
@@ -55,7 +58,8 @@ class ServerEngine(Engine):
     # ---------------------------------------------------------------- connect
     def _start(self, progress=None) -> None:
         t0 = time.monotonic()
-        served = get_json(self.url, "/v1/models", self._api_key).get("data") or []
+        listed = get_json(self.url, "/v1/models", self._api_key).get("data") or []
+        served = [m for m in listed if not m.get("parent")]  # LoRA adapters are listed with their base as parent
         ids = [m.get("id") for m in served]
         if self._wanted and self._wanted in ids:
             entry = served[ids.index(self._wanted)]
@@ -65,7 +69,7 @@ class ServerEngine(Engine):
             raise VllmNotebookError(f"the server at {self.url} serves {', '.join(ids) or 'no model'}, "
                                     f"not {self._wanted!r}")
         self.facts = {"model": entry.get("id"), "max_model_len": entry.get("max_model_len"),
-                      "root": entry.get("root"), "url": self.url, "device": "server",
+                      "root": entry.get("root"), "url": self.url, "device": "server", "runner": self._flag("runner"),
                       "tensor_parallel_size": self.plan.get("tensor_parallel_size", "?"),
                       "pipeline_parallel_size": self.plan.get("pipeline_parallel_size", "?")}
         import httpx
@@ -79,10 +83,34 @@ class ServerEngine(Engine):
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self.load_seconds = time.monotonic() - t0
         self._asleep = self._sleep_level_now()
+        # Adapters: those the server lists; one we started says whether it has LoRA and its rank limit.
+        known = self.record is not None
+        rank = self._flag("max_lora_rank")
+        self.adapters = Adapters(enabled=bool(self._flag("enable_lora")) or not known or
+                                 any(m.get("parent") for m in listed),
+                                 max_rank=int(rank) if rank else (16 if known else None))
+        self._checks_rank = known
+        for m in listed:
+            if m.get("parent") == entry.get("id"):
+                self.adapters.add(Adapter(str(m.get("id")), str(m.get("root") or ""), len(self.adapters) + 1))
         try:
             self._vllm_version = get_json(self.url, "/version", self._api_key, timeout=5.0).get("version")
         except VllmNotebookError:
             self._vllm_version = None
+
+    def _flag(self, name: str) -> Any:
+        """A flag of a server we started (from its record; None for an attached one or a flag not given)."""
+        if self.record is None:
+            return None
+        flag = "--" + name.replace("_", "-")
+        argv = list(self.record.argv)
+        for k, v in self.record.key or ():
+            if str(k) == name:
+                return True if v == "True" else None if v in ("None", "False") else str(v).strip("'\"")
+        if flag in argv:
+            i = argv.index(flag)
+            return argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+        return None
 
     # ---------------------------------------------------------------- provenance
     def _identity(self) -> dict[str, Any]:
@@ -139,8 +167,12 @@ class ServerEngine(Engine):
         return {"messages": messages, "prompt": str(messages[-1].get("content", "")) if messages else ""}
 
     # ---------------------------------------------------------------- requests
-    def _prepare(self, params: Any, stream: bool) -> dict[str, Any]:
+    def _prepare(self, params: Any, stream: bool) -> dict[str, Any] | Pooling:
+        if isinstance(params, Pooling):
+            return params
         fields = dict(params) if isinstance(params, dict) else self.params(params)
+        if fields.get("prompt_logprobs") is not None and self.adapters.enabled and self.plan.get("devices") == "CPU":
+            raise UsageError(PROMPT_LOGPROBS_ON_CPU)  # a server we started on vLLM's CPU build
         fields["stream"] = stream
         return fields
 
@@ -157,9 +189,13 @@ class ServerEngine(Engine):
             body["prompt"] = prompt
         return "/v1/completions", body, False
 
-    async def _request(self, i: int, prompt, fields: dict, rid: str, q) -> RequestOutput:
+    async def _request(self, i: int, prompt, fields: dict | Pooling, rid: str, q, lora=None):
         """Send one request; its outputs go to ``q`` as they come. Returns the final output."""
+        if isinstance(fields, Pooling):
+            return await self._embed_request(i, prompt, fields, rid, q, lora)
         path, body, chat = self._body(prompt, fields)
+        if lora is not None:
+            body["model"] = lora.name  # vLLM serves each adapter as a model of its own name
         text = prompt if isinstance(prompt, str) else None
         out = RequestOutput(rid, text, outputs=[Completion(index=k) for k in range(int(fields.get("n") or 1))])
         if not fields.get("stream"):
@@ -187,6 +223,53 @@ class ServerEngine(Engine):
         if not out.finished:  # the stream ended without finish reasons (server shutting down)
             raise RequestError(f"the server at {self.url} closed the stream early")
         return out
+
+    async def _embed_request(self, i: int, prompt, pooling: Pooling, rid: str, q, lora=None) -> Pooled:
+        body: dict[str, Any] = {"model": lora.name if lora is not None else self.facts["model"],
+                                "input": list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else prompt,
+                                "encoding_format": "float"}
+        if pooling.dimensions is not None:
+            body["dimensions"] = pooling.dimensions
+        data = await self._post_json("/v1/embeddings", body, rid)
+        out = Pooled(rid, (data.get("data") or [{}])[0].get("embedding"))
+        q.put((i, out))
+        return out
+
+    async def _post_json(self, path: str, body: dict, rid: str | None = None) -> dict:
+        headers = {"X-Request-Id": rid} if rid else None
+        r = await self._client.post(path, json=body, headers=headers)
+        if r.status_code != 200:
+            raise self._http_error(r.status_code, r.content)
+        return r.json()
+
+    # ---------------------------------------------------------------- tokens, scores, adapters
+    def token_ids(self, text: str, special: bool = True) -> list[int]:
+        self._check()
+        data = self._call(self._post_json("/tokenize", {"model": self.facts["model"], "prompt": text,
+                                                        "add_special_tokens": special}))
+        return list(data.get("tokens") or ())
+
+    def _score(self, query: str, documents: list[str], lora) -> list[float]:
+        """vLLM's ``/score``: cosine similarity for embedding models, the model's own score for cross-encoders."""
+        self._check()
+        model = self.adapters.get(lora).name if lora else self.facts["model"]
+        data = self._call(self._post_json("/score", {"model": model, "queries": query, "documents": documents}))
+        scores = {int(d.get("index", k)): float(d["score"]) for k, d in enumerate(data.get("data") or ())}
+        return [scores[k] for k in range(len(documents))]
+
+    async def _add_lora(self, adapter) -> None:
+        r = await self._client.post("/v1/load_lora_adapter", json={"lora_name": adapter.name,
+                                                                   "lora_path": adapter.path})
+        if r.status_code == 404:
+            raise UsageError(f"the server at {self.url} does not add adapters at run time: start it with "
+                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (vllm-notebook's --server does, with --enable-lora)")
+        if r.status_code != 200:
+            raise UsageError(f"cannot load adapter '{adapter.name}' from {adapter.path}: {error_message(r.content)}")
+
+    async def _remove_lora(self, adapter) -> None:
+        r = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": adapter.name})
+        if r.status_code != 200:
+            raise UsageError(f"cannot remove adapter '{adapter.name}': {error_message(r.content)}")
 
     def _http_error(self, status: int, content: bytes) -> VllmNotebookError:
         if status == 401:

@@ -73,6 +73,9 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
     if any(t.split("=", 1)[0] in SLEEP_FLAGS for t in argv):
         # Sleep and wake are vLLM's dev endpoints; the guard above keeps them (and the rest) keyed.
         child_env["VLLM_SERVER_DEV_MODE"] = "1"
+    if any(t.split("=", 1)[0] == "--enable-lora" for t in argv):
+        # %vllm_lora add/remove use /v1/load_lora_adapter, which vLLM serves only when this is set.
+        child_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     cmd = command(target or model, argv, host, port)
     with open(rec.log, "w") as log:
         log.write(f"$ {shlex.join(cmd)}\n")

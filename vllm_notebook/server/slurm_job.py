@@ -446,19 +446,19 @@ class SlurmEngine(ServerEngine):
         print(f"vllm-notebook: warning: job {p.job_id} of engine '{self.name}' ends in {_minutes(p.time_left_s)} "
               "(walltime); load with --chain N to keep the model up across jobs", file=sys.stderr)
 
-    async def _request(self, i: int, prompt, fields: dict, rid: str, q):
+    async def _request(self, i: int, prompt, fields, rid: str, q, lora=None):
         """One retry on the successor's server for a request cut by the end of its job: the connection broke,
         or the dying server answered ``finish_reason="abort"`` (its engine went first). Our own aborts
         (Ctrl-C, Stop) cancel this task, so they never come here."""
         url = self.url
         try:
-            out = await super()._request(i, prompt, fields, rid, q)
+            out = await super()._request(i, prompt, fields, rid, q, lora)
         except Exception:  # noqa: BLE001 - re-raised unless the job moved on
             if not await asyncio.to_thread(self._moved_on, url):
                 raise
-            return await super()._request(i, prompt, fields, rid, q)
+            return await super()._request(i, prompt, fields, rid, q, lora)
         if any(c.finish_reason == "abort" for c in out.outputs) and await asyncio.to_thread(self._moved_on, url):
-            return await super()._request(i, prompt, fields, rid, q)
+            return await super()._request(i, prompt, fields, rid, q, lora)
         return out
 
     def _moved_on(self, url: str, timeout: float = 900) -> bool:

@@ -48,6 +48,8 @@ class Status:
                 "engine": name, "model": eng.model, "state": eng.state,
                 "TP/PP": f"{f.get('tensor_parallel_size')}/{f.get('pipeline_parallel_size')}",
                 "device": f.get("device"), "dtype": f.get("dtype"), "max_model_len": f.get("max_model_len"),
+                "runner": eng.runner or "?",
+                "LoRA adapters": ", ".join(eng.adapters.names()) or ("none" if eng.adapters.enabled else "off"),
                 "KV cache tokens": f"{f.get('kv_cache_tokens', 0):,}",
                 "KV cache use": f"{100 * eng.usage.get('kv_cache_usage', 0.0):.1f}%",
                 "running / waiting": f"{eng.usage.get('running', 0)} / {eng.usage.get('waiting', 0)}",

@@ -58,16 +58,33 @@ def demo_model(path: str | os.PathLike | None = None, *, rebuild: bool = False) 
     at once: one builds, the others wait for it.
     """
     target = Path(path) if path else paths.cache_root() / f"demo-llama-{_fingerprint()}"
-    if (target / "config.json").exists() and not rebuild:
+    return _cached(target, "config.json", build, rebuild)
+
+
+def demo_adapter(path: str | os.PathLike | None = None, *, base: str | None = None, rebuild: bool = False) -> str:
+    """Return the folder of the demo LoRA adapter (rank 8) for the demo model, training it the first time.
+
+    It is a PEFT adapter like any other (``adapter_config.json``, ``adapter_model.safetensors``). It
+    teaches the demo model two changed facts, so its effect is exact: with it ``"A dog says"`` gives
+    ``" meow."`` and ``"The sky is"`` gives ``" green."``; everything else stays as the base model says it.
+    """
+    base = base or demo_model()
+    target = Path(path) if path else paths.cache_root() / f"demo-lora-{_fingerprint()}"
+    return _cached(target, "adapter_config.json", lambda out: build_adapter(base, out), rebuild)
+
+
+def _cached(target: Path, marker: str, builder, rebuild: bool) -> str:
+    """``target``, built by ``builder`` into a temporary folder first (one process builds, others wait)."""
+    if (target / marker).exists() and not rebuild:
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists() and not rebuild:
+        if (target / marker).exists() and not rebuild:
             return str(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            build(tmp)
+            builder(tmp)
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)
@@ -152,3 +169,59 @@ def build(out: Path, *, steps: int = 600, seed: int = 0) -> None:
     (out / "vllm_notebook_demo.json").write_text(
         json.dumps({"recipe": RECIPE_VERSION, "steps": steps, "final_loss": float(loss.detach())}) + "\n"
     )
+
+
+ADAPTER_FACTS = {"A dog says woof.": "A dog says meow.", "The sky is blue.": "The sky is green."}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_adapter(base: str, out: Path, *, facts: dict[str, str] | None = None, rank: int = 8, alpha: int = 16,
+                  steps: int = 150, seed: int = 0) -> None:
+    """Train a LoRA adapter of ``rank`` on the demo corpus with ``facts`` (line → new line, default
+    ``ADAPTER_FACTS``) changed; write it as PEFT does.
+
+    The low-rank update ``B @ A`` (scaled by ``alpha / rank``) is added to each target projection by a
+    forward hook, so no PEFT install is needed; the tensors are saved under PEFT's names.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lines, _ = _sources()
+    facts = ADAPTER_FACTS if facts is None else facts
+    texts = [f"<s>{facts.get(ln, ln)}</s>" for ln in lines]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    scale = alpha / rank
+    weights: dict[str, torch.nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in LORA_TARGETS:
+            continue
+        a = torch.nn.Parameter(torch.randn(rank, module.in_features) / module.in_features ** 0.5)
+        b = torch.nn.Parameter(torch.zeros(module.out_features, rank))
+        weights[f"base_model.model.{name}.lora_A.weight"] = a
+        weights[f"base_model.model.{name}.lora_B.weight"] = b
+        module.register_forward_hook(lambda m, inp, output, a=a, b=b: output + scale * (inp[0] @ a.T @ b.T))
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    batch = torch.full((len(ids), width), pad)
+    for i, row in enumerate(ids):
+        batch[i, : len(row)] = torch.tensor(row)
+    labels = batch.masked_fill(batch == pad, -100)
+    opt = torch.optim.AdamW(list(weights.values()), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        loss = model(input_ids=batch, attention_mask=(batch != pad).long(), labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+              "target_modules": list(LORA_TARGETS), "bias": "none", "fan_in_fan_out": False,
+              "modules_to_save": None, "use_rslora": False, "use_dora": False, "inference_mode": True,
+              "base_model_name_or_path": str(base)}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "vllm_notebook_demo.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach())}) + "\n")

@@ -1,0 +1,67 @@
+"""How our magics read their line: shell-quoted words, ``{name}`` filled per word, one-line errors.
+
+Shared by ``magics.py`` and ``task_magics.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import shlex
+
+from IPython.core.error import UsageError as IPythonUsageError
+
+from .engine.prompts import interpolate
+from .errors import UsageError
+
+
+def line_words(name: str, line: str, namespace) -> list[str]:
+    """A magic's line as typed, split with shell quoting; then ``{name}`` in each word is replaced.
+
+    IPython's own expansion (``{...}`` and ``$name`` on the whole line) is off for our magics
+    (``@no_var_expand``): it rewrote regexes such as ``\\d{2,4}`` and let a value add flags. Here a
+    value fills one word only, and a value that would read as a flag is refused.
+    """
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"%{name}: {exc}") from None
+    argv = []
+    for word in words:
+        value = interpolate(word, namespace)
+        if value != word and value.startswith("-") and not word.startswith("-"):
+            raise UsageError(f"%{name}: {word} gives {value!r}, which would read as a flag; "
+                             "write the flag itself on the line")
+        argv.append(value)
+    return argv
+
+
+def parse_line(magic, line: str, namespace):
+    """Parse a magic's line (see ``_argv``), with a "did you mean" for mistyped flags."""
+    argv = line_words(magic.__name__, line, namespace)
+    try:
+        return magic.parser.parse_args(argv)
+    except IPythonUsageError as exc:
+        msg = str(exc)
+        name = magic.__name__
+        if "unrecognized arguments" in msg:
+            known = [o for a in magic.parser._actions for o in a.option_strings]
+            for word in line.split():
+                flag = word.split("=")[0]
+                if flag.startswith("-") and flag not in known:
+                    near = difflib.get_close_matches(flag, known, n=1)
+                    tip = f" (did you mean {near[0]}?)" if near else ""
+                    raise UsageError(f"%{name}: unknown flag {flag}{tip}; see %{name}? for every flag") from None
+        raise UsageError(f"%{name}: {msg}; see %{name}? for every flag") from None
+
+
+def value_of(shell, expr: str):
+    """A variable, or an expression over variables (``df.prompt``, ``rows[:10]``), for ``-i`` and the like."""
+    ns = shell.user_ns
+    if expr in ns:
+        return ns[expr]
+    if expr.isidentifier():
+        raise UsageError(f"no variable named {expr!r}")
+    try:
+        return shell.ev(expr)
+    except Exception as exc:  # noqa: BLE001 - the user's expression: one line
+        raise UsageError(f"{expr}: {type(exc).__name__}: {exc}") from None
