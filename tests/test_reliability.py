@@ -43,7 +43,9 @@ def _api_cases(engine, tmp_path):
     unreadable.mkdir()
     return [
         ("load() without a model", lambda: vllm_notebook.load(None), "needs a model"),
-        ("load() unknown engine argument", lambda: vllm_notebook.load("x", max_model_lenn=5), "did you mean 'max_model_len'"),
+        ("load() unknown engine argument",  # a model that exists: a missing one is told first, before vLLM loads
+         lambda: vllm_notebook.load(engine.facts.get("path") or engine.args.model, max_model_lenn=5),
+         "did you mean 'max_model_len'"),
         ("load() a folder that is not a model", lambda: vllm_notebook.load(str(tmp_path)), "holds no config.json"),
         ("load() an impossible plan", lambda: vllm_notebook.load(engine.facts.get("path") or engine.args.model,
                                                                  tensor_parallel_size=3, dry_run=True),

@@ -249,9 +249,12 @@ def pool_server(demo_path):
 def test_adapters_over_a_server(lora_server, adapters):
     greedy = {"temperature": 0, "max_tokens": 8}
     assert lora_server.loras == {"dog": adapters["dog"]}
-    assert lora_server.generate(["A dog says", "A dog says"], lora=[None, "dog"], **greedy).texts == [" woof.", " meow."]
+    pair = lora_server.generate(["A dog says", "A dog says"], lora=[None, "dog"], **greedy)
+    assert pair.texts == [" woof.", " meow."]
     lora_server.add_lora("cat", adapters["cat"])  # /v1/load_lora_adapter
-    assert lora_server.generate("A cat says", lora="cat", **greedy).text == " moo."
+    mixed = lora_server.generate(["A dog says", "A dog says", "A cat says", "A cat says"],
+                                 lora=[None, "dog", None, "cat"], **greedy)
+    assert mixed.texts == [" woof.", " meow.", " meow.", " moo."]  # base requests get no adapter's effect
     lora_server.remove_lora("cat")
     from vllm_notebook.errors import UsageError
 

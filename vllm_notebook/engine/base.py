@@ -514,7 +514,8 @@ class Engine(TaskMethods, abc.ABC):
             try:
                 return fut.result(timeout=timeout)
             except KeyboardInterrupt:
-                print(f"vllm-notebook: engine '{self.name}' is finishing a sleep or wake; waiting for it")
+                print(f"vllm-notebook: engine '{self.name}' is finishing a sleep, a wake or an adapter change; "
+                      "waiting for it")
             except BaseException as exc:
                 raise self._translate(exc) from None
 

@@ -139,8 +139,7 @@ class Adapters:
             raise UsageError(f"an adapter named '{name}' is loaded already ({self._by_name[name].path}); "
                              f"remove it first: %vllm_lora remove {name}")
         folder, rank = check(name, path, self.max_rank if check_rank else None)
-        adapter = Adapter(name, folder, self._next_id, rank)
-        return adapter
+        return Adapter(name, folder, self._next_id, rank)
 
     def add(self, adapter: Adapter) -> None:
         self._by_name[adapter.name] = adapter

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..engine import registry as engine_registry
 from ..engine.base import Engine, Run, first_line, request_error, suppress_errors
-from ..engine.lora import PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters
+from ..engine.lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
 from ..engine.outputs import Completion, RequestOutput
 from ..engine.pooling import Pooled, Pooling
 from ..engine.sampling import request_fields
@@ -45,6 +45,7 @@ class ServerEngine(Engine):
         self._wanted = model
         self._client = None
         self._gone: str | None = None
+        self._base = None  # the all-zero adapter base-model requests use on a CPU-build server (lora.BASE_NAME)
 
     @property
     def owned(self) -> bool:
@@ -91,8 +92,15 @@ class ServerEngine(Engine):
                                  max_rank=int(rank) if rank else (16 if known else None))
         self._checks_rank = known
         for m in listed:
-            if m.get("parent") == entry.get("id"):
-                self.adapters.add(Adapter(str(m.get("id")), str(m.get("root") or ""), len(self.adapters) + 1))
+            if m.get("parent") != entry.get("id"):
+                continue
+            adapter = Adapter(str(m.get("id")), str(m.get("root") or ""), len(self.adapters) + 2)
+            if adapter.name == BASE_NAME:
+                self._base = adapter
+            else:
+                self.adapters.add(adapter)
+        if len(self.adapters):
+            self._call(self._ensure_base(next(iter(self.adapters)).path))
         try:
             self._vllm_version = get_json(self.url, "/version", self._api_key, timeout=5.0).get("version")
         except VllmNotebookError:
@@ -194,6 +202,7 @@ class ServerEngine(Engine):
         if isinstance(fields, Pooling):
             return await self._embed_request(i, prompt, fields, rid, q, lora)
         path, body, chat = self._body(prompt, fields)
+        lora = self._base if lora is None else lora
         if lora is not None:
             body["model"] = lora.name  # vLLM serves each adapter as a model of its own name
         text = prompt if isinstance(prompt, str) else None
@@ -253,7 +262,8 @@ class ServerEngine(Engine):
         """vLLM's ``/score``: cosine similarity for embedding models, the model's own score for cross-encoders."""
         self._check()
         model = self.adapters.get(lora).name if lora else self.facts["model"]
-        data = self._call(self._post_json("/score", {"model": model, "queries": query, "documents": documents}))
+        body = {"model": model, "queries": query, "documents": documents}
+        data = self._call(self._post_json("/score", body))
         scores = {int(d.get("index", k)): float(d["score"]) for k, d in enumerate(data.get("data") or ())}
         return [scores[k] for k in range(len(documents))]
 
@@ -262,9 +272,20 @@ class ServerEngine(Engine):
                                                                    "lora_path": adapter.path})
         if r.status_code == 404:
             raise UsageError(f"the server at {self.url} does not add adapters at run time: start it with "
-                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (vllm-notebook's --server does, with --enable-lora)")
+                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (vllm-notebook's --server does, with "
+                             "--enable-lora)")
         if r.status_code != 200:
             raise UsageError(f"cannot load adapter '{adapter.name}' from {adapter.path}: {error_message(r.content)}")
+        if adapter.name != BASE_NAME:
+            await self._ensure_base(adapter.path)
+
+    async def _ensure_base(self, like: str) -> None:
+        """On a server we started on vLLM's CPU build: the all-zero adapter for base-model requests
+        (see lora.BASE_NAME), made like the adapter ``like``."""
+        if self._base is None and self.plan.get("devices") == "CPU":
+            base = Adapter(BASE_NAME, await asyncio.to_thread(zero_adapter, like), BASE_ID)
+            await self._add_lora(base)
+            self._base = base
 
     async def _remove_lora(self, adapter) -> None:
         r = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": adapter.name})
