@@ -146,14 +146,7 @@ def build(out: Path, *, steps: int = 600, seed: int = 0) -> None:
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id
-    batch = torch.full((len(ids), width), pad)
-    for i, row in enumerate(ids):
-        batch[i, : len(row)] = torch.tensor(row)
-    labels = batch.masked_fill(batch == pad, -100)
-    mask = (batch != pad).long()
+    batch, mask, labels = _padded(tokenizer, texts)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
@@ -169,6 +162,18 @@ def build(out: Path, *, steps: int = 600, seed: int = 0) -> None:
     (out / "vllm_notebook_demo.json").write_text(
         json.dumps({"recipe": RECIPE_VERSION, "steps": steps, "final_loss": float(loss.detach())}) + "\n"
     )
+
+
+def _padded(tokenizer, texts: list[str]):
+    """``texts`` as one right-padded batch: token ids, attention mask, and labels (-100 on padding)."""
+    import torch
+
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    pad = tokenizer.pad_token_id
+    batch = torch.full((len(ids), max(map(len, ids))), pad)
+    for i, row in enumerate(ids):
+        batch[i, : len(row)] = torch.tensor(row)
+    return batch, (batch != pad).long(), batch.masked_fill(batch == pad, -100)
 
 
 ADAPTER_FACTS = {"A dog says woof.": "A dog says meow.", "The sky is blue.": "The sky is green."}
@@ -204,16 +209,10 @@ def build_adapter(base: str, out: Path, *, facts: dict[str, str] | None = None, 
         weights[f"base_model.model.{name}.lora_A.weight"] = a
         weights[f"base_model.model.{name}.lora_B.weight"] = b
         module.register_forward_hook(lambda m, inp, output, a=a, b=b: output + scale * (inp[0] @ a.T @ b.T))
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id
-    batch = torch.full((len(ids), width), pad)
-    for i, row in enumerate(ids):
-        batch[i, : len(row)] = torch.tensor(row)
-    labels = batch.masked_fill(batch == pad, -100)
+    batch, mask, labels = _padded(tokenizer, texts)
     opt = torch.optim.AdamW(list(weights.values()), lr=1e-2, weight_decay=0.0)
     for _ in range(steps):
-        loss = model(input_ids=batch, attention_mask=(batch != pad).long(), labels=labels).loss
+        loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
