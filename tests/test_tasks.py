@@ -220,6 +220,7 @@ def test_choice_scores_equal_a_direct_computation_with_raw_vllm(engine, raw_choi
     assert one.best(0) == " Paris." and [r[0] for r in one.rows()] == [" Paris.", " Tokyo.", " woof."]
     assert "total" in one._repr_html_()
     ip.user_ns["quiz"] = pd.DataFrame({"country": ["France", "Japan"]})
+    ip.user_ns["country"] = "France"  # a variable named like the column must not fill the template (a CI failure)
     result, _ = cell('%score -i quiz --template "The capital of {country} is" --choices " Paris., Tokyo." --out S')
     assert ip.user_ns["S"].answers == [" Paris.", " Tokyo."]
 

@@ -262,6 +262,10 @@ def test_magic_lines_reach_our_parser_as_typed():
     assert line_words("vllm_load", "--attach {obj.url} --name '{country} x'", ns) == ["--attach", "http://h:1", "--name",
                                                                                 "France x"]
     assert line_words("vllm_load", "{{literal}} $country", ns) == ["{literal}", "$country"]
+    # a --template is filled per row: a notebook variable of the same name as a column must not fill it first
+    assert line_words("generate", "-i df --template 'The capital of {country} is' --out-col {country}", ns) == [
+        "-i", "df", "--template", "The capital of {country} is", "--out-col", "France"]
+    assert line_words("score", "--template='{country}:'", ns) == ["--template={country}:"]
     with pytest.raises(UsageError, match="would read as a flag"):
         line_words("vllm_unload", "--name {flag}", ns)
     for name in ("vllm_load", "generate", "chat", "vllm_unload", "vllm_sleep", "vllm_servers", "vllm_jobs", "vllm_status"):

@@ -211,8 +211,8 @@ def _resolve_early(rest: list[str]) -> tuple[tuple, str] | None:
     if not rest or (rest[0].startswith("-") and not any(t == "--model" or t.startswith("--model=") for t in rest)):
         return None  # the model comes from elsewhere (the default, or a --config file): vLLM's parser finds it
     model, flags = _split_model(rest, "")
-    if not model:
-        return None
+    if not model or any(t == "--config" or t.startswith("--config=") for t in flags):
+        return None  # a --config file can set --revision or --download-dir too: vLLM's parser reads it first
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     p.add_argument("--revision")
     p.add_argument("--download-dir", "--download_dir", dest="download_dir")

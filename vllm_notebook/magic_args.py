@@ -14,19 +14,28 @@ from .engine.prompts import interpolate
 from .errors import UsageError
 
 
+#: Flags whose value is itself a template, filled per row (``--template "The capital of {country} is"``):
+#: their ``{column}`` fields are kept for the rows, never filled from the notebook's variables.
+VERBATIM = ("--template",)
+
+
 def line_words(name: str, line: str, namespace) -> list[str]:
     """A magic's line as typed, split with shell quoting; then ``{name}`` in each word is replaced.
 
     IPython's own expansion (``{...}`` and ``$name`` on the whole line) is off for our magics
     (``@no_var_expand``): it rewrote regexes such as ``\\d{2,4}`` and let a value add flags. Here a
-    value fills one word only, and a value that would read as a flag is refused.
+    value fills one word only, and a value that would read as a flag is refused. The values of
+    ``VERBATIM`` flags are left as typed.
     """
     try:
         words = shlex.split(line)
     except ValueError as exc:
         raise UsageError(f"%{name}: {exc}") from None
     argv = []
-    for word in words:
+    for k, word in enumerate(words):
+        if ("=" in word and word.split("=", 1)[0] in VERBATIM) or (k > 0 and words[k - 1] in VERBATIM):
+            argv.append(word)
+            continue
         value = interpolate(word, namespace)
         if value != word and value.startswith("-") and not word.startswith("-"):
             raise UsageError(f"%{name}: {word} gives {value!r}, which would read as a flag; "
