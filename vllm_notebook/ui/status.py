@@ -51,8 +51,7 @@ class Status:
                 "runner": eng.runner or "?",
                 "LoRA adapters": ", ".join(eng.adapters.names()) or ("none" if eng.adapters.enabled else "off"),
                 "KV cache tokens": f"{f.get('kv_cache_tokens', 0):,}",
-                "KV cache use": f"{100 * eng.usage.get('kv_cache_usage', 0.0):.1f}%",
-                "running / waiting": f"{eng.usage.get('running', 0)} / {eng.usage.get('waiting', 0)}",
+                **_usage(eng),
                 "requests": st.requests, "prompt tokens": st.prompt_tokens, "output tokens": st.output_tokens,
                 "plan": ", ".join(f"{k}={v}" for k, v in eng.plan.items()), "log": eng.log_path,
             })
@@ -82,6 +81,16 @@ class Status:
     def _memory(self) -> str:
         return (f"memory: kernel {self.kernel_rss_mb:.0f} MB, "
                 f"engine processes {self.children_rss_mb:.0f} MB (resident)")
+
+
+def _usage(eng) -> dict[str, str]:
+    """KV-cache use and queue lengths: the scheduler's when vLLM's stats are on, else what this kernel knows."""
+    u = eng.usage
+    if "kv_cache_usage" in u:
+        return {"KV cache use": f"{100 * u['kv_cache_usage']:.1f}%",
+                "running / waiting": f"{u.get('running', 0)} / {u.get('waiting', 0)}"}
+    # stats off (the default, as in vLLM's LLM class: they slow big batches); disable_log_stats=False turns them on
+    return {"KV cache use": "not tracked (vLLM stats off)", "running / waiting": f"{eng.stats.running} / -"}
 
 
 def journal_line() -> str:
