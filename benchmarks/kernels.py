@@ -1,18 +1,25 @@
-"""Batches measured where users run them: ``%generate`` in one real Jupyter kernel, raw ``LLM.generate`` in another.
+"""Measured where users run: ``%generate`` & co. in one real Jupyter kernel, raw vLLM in another.
 
     python benchmarks/kernels.py                          # the demo model on this machine
     python benchmarks/kernels.py --model /path/to/model   # e.g. on a GPU node
     python benchmarks/kernels.py --sizes 256,1024 --tokens 64 --trials 9 -- --enforce-eager
 
 Both kernels load the same model with the same engine flags (with a GPU, each also gets
-``--gpu-memory-utilization 0.4`` unless given, so both fit). Then, for each batch size, trials alternate
-between the kernels, and which one goes first alternates too, so drift hits both alike. Each trial is
-timed inside its kernel around the one call a user makes. A trial's ratio is ours / raw output tokens/s;
-the table shows the median ratio and the spread (lowest and highest) over the paired trials. The load row
-is a fresh kernel's ``%load_ext`` + ``%vllm_load`` against a fresh kernel's ``import vllm`` + ``LLM(...)``.
+``--gpu-memory-utilization 0.4`` unless given, so both fit). Every row alternates trials between the two
+sides, and which goes first alternates too, so drift hits both alike. Each trial is timed inside its kernel
+around the one call a user makes. A trial's ratio is ours / raw tokens/s (load: raw / ours seconds, so
+higher is better everywhere); each row shows the median ratio and the spread (lowest..highest).
+
+  load            fresh kernels: %load_ext + %vllm_load / import vllm + LLM(...); page cache warmed first
+  batch N x T     %generate -i prompts / llm.generate(prompts) in the raw kernel
+  stream          %%generate of one prompt / raw AsyncLLM.generate on the same engine, deltas printed
+  panel           the ipywidgets panel (clicked in the kernel) / the same raw stream
+  concurrency     3 panels + a %generate batch at once / the same requests sent raw to the same engine
+  server stream   %%generate over --server / the openai client streaming from the same server
+  server batch    %generate over --server / one openai completions request with the prompt list
+
 Results go to ``artifacts/kernels.json``.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -20,6 +27,7 @@ import json
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +36,7 @@ from kernel import Kernel  # noqa: E402 - the same kernel driver the tests use
 
 PROMPTS = ["The capital of France is", "A dog says", "Once upon a time", "The capital of Japan is",
            "One plus one is", "The sky is", "Slurm schedules", "A notebook runs"]
+STREAMS = ["Once upon a time", "The capital of France is", "A dog says"]
 
 OURS_LOAD = """import time as _t
 _s = _t.perf_counter()
@@ -55,6 +64,85 @@ RAW_RUN = """_s = _t.perf_counter()
 _o = llm.generate(_p, SamplingParams(temperature=0, max_tokens={tokens}, ignore_eos=True), use_tqdm=False)
 print("RUN", _t.perf_counter() - _s, sum(len(o.outputs[0].token_ids) for o in _o))
 """
+# In our kernel: raw AsyncLLM on the same engine, as a user of vLLM's async API would stream (deltas printed).
+RAW_ASYNC = """import asyncio as _aio, time as _t
+from vllm import SamplingParams as _SP
+from vllm.sampling_params import RequestOutputKind as _K
+import vllm_notebook as _vn
+_eng = _vn.get_engine()
+def _sp(n, stream):
+    sp = _SP(temperature=0, max_tokens=n, ignore_eos=True)
+    sp.output_kind = _K.CUMULATIVE if stream else _K.FINAL_ONLY
+    return sp
+async def _raw(prompts, params, show):
+    counts = [0] * len(prompts)
+    async def one(i):
+        seen = 0
+        async for out in _eng._llm.generate(prompts[i], params[i], f"raw-{i}-{_t.monotonic_ns()}"):
+            text = out.outputs[0].text
+            if show and len(text) > seen:
+                print(text[seen:], end="", flush=True)
+                seen = len(text)
+            counts[i] = len(out.outputs[0].token_ids)
+    await _aio.gather(*(one(i) for i in range(len(prompts))))
+    return sum(counts)
+def _raw_run(prompts, params, show=False):
+    return _aio.run_coroutine_threadsafe(_raw(prompts, params, show), _eng._loop).result()
+from vllm_notebook.ui.panel import PromptPanel as _Panel
+def _panels(prompts, n):
+    ps = [_Panel(_eng, temperature=0.0, max_tokens=n, ignore_eos=True) for _ in prompts]
+    for p, s in zip(ps, prompts):
+        p._prompt.value = s
+        p._generate.click()
+    return ps
+"""
+STREAM_OURS = """_s = _t.perf_counter()  # what a %%generate cell runs, timed inside the cell
+_g = get_ipython().run_cell_magic("generate", "--temperature 0 --max-tokens {tokens} --ignore-eos", {prompt!r})
+print("\\nRUN", _t.perf_counter() - _s, _g.metrics["output_tokens"])
+"""
+STREAM_RAW = """_s = _t.perf_counter()
+_n = _raw_run([{prompt!r}], [_sp({tokens}, True)], show=True)
+print("\\nRUN", _t.perf_counter() - _s, _n)
+"""
+PANEL = """_s = _t.perf_counter()
+_ps = _panels([{prompt!r}], {tokens})
+_ps[0].wait(600)
+print("RUN", _t.perf_counter() - _s, _ps[0].last_generation.metrics["output_tokens"])
+"""
+CONC_OURS = """_s = _t.perf_counter()
+_ps = _panels({streams!r}, {tokens})
+_g = %generate -i _p --temperature 0 --max-tokens {tokens} --ignore-eos
+for _x in _ps:
+    _x.wait(600)
+print("RUN", _t.perf_counter() - _s, _g.metrics["output_tokens"] + sum(x.last_generation.metrics["output_tokens"] for x in _ps))
+"""
+CONC_RAW = """_s = _t.perf_counter()
+_n = _raw_run({streams!r} + _p, [_sp({tokens}, True)] * 3 + [_sp({tokens}, False)] * len(_p))
+print("RUN", _t.perf_counter() - _s, _n)
+"""
+SERVER_URL = """%vllm_unload
+%vllm_load --server {line}
+_srv = _vn.get_engine()
+print("URL", _srv.url, _srv.record.key_file, _srv.model)
+"""
+OPENAI = """import time as _t, openai
+from pathlib import Path
+_c = openai.OpenAI(base_url={url!r} + "/v1", api_key=Path({key!r}).read_text().strip())
+_p = [f'{{q}} ({{i}})' for i, q in enumerate({prompts!r} * {n})][:{size}]
+"""
+SERVER_STREAM_RAW = """_s = _t.perf_counter()
+_n = 0
+for _ch in _c.completions.create(model={model!r}, prompt={prompt!r}, max_tokens={tokens}, temperature=0,
+                                 stream=True, extra_body={{"ignore_eos": True}}):
+    print(_ch.choices[0].text, end="", flush=True)
+    _n += 1
+print("\\nRUN", _t.perf_counter() - _s, {tokens})
+"""
+SERVER_BATCH_RAW = """_s = _t.perf_counter()
+_r = _c.completions.create(model={model!r}, prompt=_p, max_tokens={tokens}, temperature=0,
+                           extra_body={{"ignore_eos": True}})
+print("RUN", _t.perf_counter() - _s, _r.usage.completion_tokens)
+"""
 
 
 def _numbers(out: str, tag: str) -> list[float]:
@@ -62,12 +150,68 @@ def _numbers(out: str, tag: str) -> list[float]:
     return [float(x) for x in line.split()[1:]]
 
 
+def _words(out: str, tag: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln.startswith(tag + " ")][-1].split()[1:]
+
+
+def _paired(ours: tuple, raw: tuple, trials: int, warm: bool = True) -> dict:
+    """Alternate ``(kernel, code)`` of both sides ``trials`` times; each trial's ratio of tokens/s."""
+    if warm:
+        for k, code in (ours, raw):
+            k.run(code, timeout=900)
+    rows = []
+    for t in range(trials):
+        sides = [("ours", *ours), ("raw", *raw)]
+        seen = {}
+        for name, k, code in (sides if t % 2 == 0 else sides[::-1]):
+            seen[name] = _numbers(k.run(code, timeout=900), "RUN")
+        (s_o, n_o), (s_r, n_r) = seen["ours"], seen["raw"]
+        rows.append({"ours_s": s_o, "raw_s": s_r, "ours_tokens": n_o, "raw_tokens": n_r,
+                     "ratio": (n_o / s_o) / (n_r / s_r)})
+    return _summary(rows)
+
+
+def _summary(rows: list[dict]) -> dict:
+    ratios = [r["ratio"] for r in rows]
+    out = {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+           "trials": rows}
+    if "ours_tokens" in rows[0]:
+        out["ours_tok_s_median"] = statistics.median(r["ours_tokens"] / r["ours_s"] for r in rows)
+        out["raw_tok_s_median"] = statistics.median(r["raw_tokens"] / r["raw_s"] for r in rows)
+    else:
+        out["ours_s_median"] = statistics.median(r["ours_s"] for r in rows)
+        out["raw_s_median"] = statistics.median(r["raw_s"] for r in rows)
+    return out
+
+
+def _load(model: str, flags: list[str], env: dict, pairs: int) -> tuple[dict, Kernel, Kernel]:
+    """Fresh kernels load the model, in alternating order; the last pair is kept for the other rows."""
+    subprocess.run([sys.executable, "-c", "import vllm"], check=True, capture_output=True)  # warm the page cache
+    rows, kept = [], None
+    for t in range(pairs):
+        for k in kept or ():
+            k.shutdown()
+        ours, raw = Kernel(env=env), Kernel(env=env)
+        seconds = {}
+        sides = [("ours", ours, OURS_LOAD.format(line=shlex.join([model, *flags]))),
+                 ("raw", raw, RAW_LOAD.format(model=model, flags=flags))]
+        for name, k, code in (sides if t % 2 == 0 else sides[::-1]):
+            seconds[name] = _numbers(k.run(code, timeout=900), "LOAD")[0]
+        rows.append({"ours_s": seconds["ours"], "raw_s": seconds["raw"], "ratio": seconds["raw"] / seconds["ours"]})
+        kept = (ours, raw)
+    return _summary(rows), *kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model (default: the demo model)")
     ap.add_argument("--sizes", default="256,1024", help="batch sizes, comma-separated")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per prompt (ignore_eos)")
-    ap.add_argument("--trials", type=int, default=7, help="paired trials per size")
+    ap.add_argument("--stream-tokens", type=int, default=256, help="tokens of the streamed prompt")
+    ap.add_argument("--trials", type=int, default=7, help="paired trials per row")
+    ap.add_argument("--load-pairs", type=int, default=2, help="fresh-kernel load pairs (order alternates)")
+    ap.add_argument("--rows", default="load,batch,stream,panel,concurrency,server",
+                    help="which rows, comma-separated")
     ap.add_argument("--json", default="artifacts/kernels.json")
     ap.add_argument("flags", nargs="*", help="engine flags, after --")
     a = ap.parse_args()
@@ -81,47 +225,58 @@ def main() -> None:
     if shutil.which("nvidia-smi") and not any(f.startswith("--gpu-memory-utilization") for f in flags):
         flags = [*flags, "--gpu-memory-utilization", "0.4"]
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"} if not shutil.which("nvidia-smi") else {}
+    wanted = set(a.rows.split(","))
     results: dict = {"model": model, "flags": flags, "tokens": a.tokens, "trials": a.trials, "rows": {}}
-    ours, raw = Kernel(env=env), Kernel(env=env)
+    rows = results["rows"]
+    load, ours, raw = _load(model, flags, env, a.load_pairs)
+    if "load" in wanted:
+        rows["load (import+construct)"] = load
+    stream_prompt, n_stream = "Once upon a time", a.stream_tokens
+    conc = 64
     try:
-        load_ours = _numbers(ours.run(OURS_LOAD.format(line=shlex.join([model, *flags])), timeout=900), "LOAD")[0]
-        load_raw = _numbers(raw.run(RAW_LOAD.format(model=model, flags=flags), timeout=900), "LOAD")[0]
-        results["rows"]["load"] = {"ours_s": load_ours, "raw_s": load_raw, "ratio": load_ours / load_raw}
-        for size in [int(s) for s in a.sizes.split(",")]:
-            cell = PROMPTS_CELL.format(prompts=PROMPTS, n=size // len(PROMPTS) + 1, size=size)
-            for k in (ours, raw):
-                k.run(cell)
-            ours.run(cell + OURS_RUN.format(tokens=a.tokens), timeout=900)  # warm-up, both sides
-            raw.run(cell + RAW_RUN.format(tokens=a.tokens), timeout=900)
-            trials = []
-            for t in range(a.trials):
-                order = [("ours", ours, OURS_RUN), ("raw", raw, RAW_RUN)]
-                seconds = {}
-                for name, k, code in (order if t % 2 == 0 else order[::-1]):
-                    s, n = _numbers(k.run(code.format(tokens=a.tokens), timeout=900), "RUN")
-                    seconds[name] = (s, n)
-                (s_ours, n_ours), (s_raw, n_raw) = seconds["ours"], seconds["raw"]
-                trials.append({"ours_s": s_ours, "raw_s": s_raw, "ours_tokens": n_ours, "raw_tokens": n_raw,
-                               "ratio": (n_ours / s_ours) / (n_raw / s_raw)})
-            ratios = [t["ratio"] for t in trials]
-            results["rows"][f"batch {size} x {a.tokens}"] = {
-                "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                "ours_tok_s_median": statistics.median(t["ours_tokens"] / t["ours_s"] for t in trials),
-                "raw_tok_s_median": statistics.median(t["raw_tokens"] / t["raw_s"] for t in trials),
-                "trials": trials}
+        if "batch" in wanted:
+            for size in [int(s) for s in a.sizes.split(",")]:
+                cell = PROMPTS_CELL.format(prompts=PROMPTS, n=size // len(PROMPTS) + 1, size=size)
+                rows[f"batch {size} x {a.tokens}"] = _paired((ours, cell + OURS_RUN.format(tokens=a.tokens)),
+                                                            (raw, cell + RAW_RUN.format(tokens=a.tokens)), a.trials)
+        ours.run(RAW_ASYNC)
+        fill = dict(prompt=stream_prompt, tokens=n_stream)
+        raw_stream = (ours, STREAM_RAW.format(**fill))
+        if "stream" in wanted:
+            rows[f"stream 1 x {n_stream}"] = _paired((ours, STREAM_OURS.format(**fill)), raw_stream, a.trials)
+        if "panel" in wanted:
+            rows[f"panel 1 x {n_stream}"] = _paired((ours, PANEL.format(**fill)), raw_stream, a.trials)
+        if "concurrency" in wanted:
+            ours.run(PROMPTS_CELL.format(prompts=PROMPTS, n=conc // len(PROMPTS) + 1, size=conc))
+            fill_c = dict(streams=STREAMS, tokens=a.tokens)
+            rows[f"3 panels + batch {conc}"] = _paired((ours, CONC_OURS.format(**fill_c)),
+                                                       (ours, CONC_RAW.format(**fill_c)), a.trials)
+        if "server" in wanted:
+            raw.shutdown()
+            raw = Kernel(env=env)
+            url, key, served = _words(ours.run(SERVER_URL.format(line=shlex.join([model, *flags])), timeout=900),
+                                      "URL")
+            size = int(a.sizes.split(",")[0])
+            raw.run(OPENAI.format(url=url, key=key, prompts=PROMPTS, n=size // len(PROMPTS) + 1, size=size))
+            ours.run(PROMPTS_CELL.format(prompts=PROMPTS, n=size // len(PROMPTS) + 1, size=size))
+            rows[f"server stream 1 x {n_stream}"] = _paired(
+                (ours, STREAM_OURS.format(**fill)), (raw, SERVER_STREAM_RAW.format(model=served, **fill)), a.trials)
+            rows[f"server batch {size} x {a.tokens}"] = _paired(
+                (ours, OURS_RUN.format(tokens=a.tokens)),
+                (raw, SERVER_BATCH_RAW.format(model=served, tokens=a.tokens)), a.trials)
+            ours.run("%vllm_unload")
     finally:
         ours.shutdown()
         raw.shutdown()
-    print(f"\nreal Jupyter kernels, {model} {' '.join(flags)}")
-    print(f"{'row':<24}{'ours / raw':>12}{'spread':>18}{'ours tok/s':>14}{'raw tok/s':>14}")
-    for name, row in results["rows"].items():
-        if name == "load":
-            print(f"{'load (import+construct)':<24}{row['ratio']:>12.3f}{'':>18}"
-                  f"{row['ours_s']:>13.1f}s{row['raw_s']:>13.1f}s")
+    print(f"\nreal Jupyter kernels, {model} {' '.join(flags)}; {a.trials} paired trials per row")
+    print(f"{'row':<28}{'ours / raw':>11}{'spread':>16}{'ours':>14}{'raw':>14}")
+    for name, row in rows.items():
+        spread = f"{row['ratio_min']:.3f}..{row['ratio_max']:.3f}"
+        if "ours_tok_s_median" in row:
+            figures = f"{row['ours_tok_s_median']:>10,.0f} t/s{row['raw_tok_s_median']:>10,.0f} t/s"
         else:
-            spread = f"{row['ratio_min']:.3f}..{row['ratio_max']:.3f}"
-            print(f"{name:<24}{row['ratio_median']:>12.3f}{spread:>18}"
-                  f"{row['ours_tok_s_median']:>14,.0f}{row['raw_tok_s_median']:>14,.0f}")
+            figures = f"{row['ours_s_median']:>13.1f}s{row['raw_s_median']:>13.1f}s"
+        print(f"{name:<28}{row['ratio_median']:>11.3f}{spread:>16}{figures}")
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -58,6 +58,11 @@ def test_generate_exact_and_same_as_in_process(server, engine):
     assert remote.texts == local.texts
     assert remote.metrics["output_tokens"] == local.metrics["output_tokens"]
     assert server.stats.prompt_tokens > 0
+    # a batch goes as lists of prompts (CHUNK per request): more than one chunk, in order, text and token ids
+    many = [f"{p} ({i})" for i, p in enumerate(prompts * 10)]
+    local, remote = engine.generate(many, max_tokens=4, temperature=0), server.generate(many, max_tokens=4, temperature=0)
+    assert remote.texts == local.texts and remote.prompts == many
+    assert [o.prompt_token_ids for o in remote.outputs] == [list(o.prompt_token_ids) for o in local.outputs]
 
 
 def test_choice_scores_over_the_server_equal_in_process(server, engine):
@@ -123,6 +128,8 @@ def test_bad_request_is_one_line(server):
         server.generate("x", temperature=-1)
     with pytest.raises(RequestError, match="max-model-len"):
         server.generate("word " * 2100, max_tokens=4)
+    with pytest.raises(RequestError, match="max-model-len"):  # in a batch: the same one line (the list is refused,
+        server.generate(["A dog says", "word " * 2100, "The sky is"], max_tokens=4)  # then sent one by one)
     with pytest.raises(UsageError, match="did you mean 'temperature'"):
         server.generate("x", temperatur=0.5)
     assert server.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS

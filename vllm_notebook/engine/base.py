@@ -453,20 +453,26 @@ class Engine(TaskMethods, abc.ABC):
                     self.stats.prompt_tokens += len(o.prompt_token_ids or [])
                     self.stats.output_tokens += sum(len(c.token_ids) for c in o.outputs)
 
+    def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
+        """The coroutines that send ``run``'s requests, each with the index its error is told under:
+        here one request per prompt (a back-end may group them)."""
+        return [(i, self._request(i, p, params, rid, run.q, run.loras[i]))
+                for i, (p, rid) in enumerate(zip(items, run.rids))]
+
     async def _drive(self, items, params, run: Run) -> None:
         """Run every request of ``run`` concurrently; outputs and errors go to ``run.q``, then ``_DONE``."""
         q = run.q
 
-        async def one(i: int, prompt, rid: str) -> None:
+        async def one(i: int, send) -> None:
             try:
-                await self._request(i, prompt, params, rid, q, run.loras[i])
+                await send
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 q.put((i, exc))
 
         try:
-            await asyncio.gather(*(one(i, p, r) for i, (p, r) in enumerate(zip(items, run.rids))))
+            await asyncio.gather(*(one(i, send) for i, send in self._sends(items, params, run)))
         finally:
             q.put(_DONE)
 

@@ -447,18 +447,27 @@ class SlurmEngine(ServerEngine):
               "(walltime); load with --chain N to keep the model up across jobs", file=sys.stderr)
 
     async def _request(self, i: int, prompt, fields, rid: str, q, lora=None):
+        send = super()._request
+        return await self._retried(lambda: send(i, prompt, fields, rid, q, lora), lambda out: out.outputs)
+
+    async def _request_many(self, idx: list[int], prompts: list, fields: dict, rids: list[str], q, lora=None):
+        send = super()._request_many
+        return await self._retried(lambda: send(idx, prompts, fields, rids, q, lora),
+                                   lambda outs: [c for out in outs for c in out.outputs])
+
+    async def _retried(self, send, completions):
         """One retry on the successor's server for a request cut by the end of its job: the connection broke,
         or the dying server answered ``finish_reason="abort"`` (its engine went first). Our own aborts
         (Ctrl-C, Stop) cancel this task, so they never come here."""
         url = self.url
         try:
-            out = await super()._request(i, prompt, fields, rid, q, lora)
+            out = await send()
         except Exception:  # noqa: BLE001 - re-raised unless the job moved on
             if not await asyncio.to_thread(self._moved_on, url):
                 raise
-            return await super()._request(i, prompt, fields, rid, q, lora)
-        if any(c.finish_reason == "abort" for c in out.outputs) and await asyncio.to_thread(self._moved_on, url):
-            return await super()._request(i, prompt, fields, rid, q, lora)
+            return await send()
+        if any(c.finish_reason == "abort" for c in completions(out)) and await asyncio.to_thread(self._moved_on, url):
+            return await send()
         return out
 
     def _moved_on(self, url: str, timeout: float = 900) -> bool:
