@@ -37,6 +37,28 @@ def test_a_missing_model_fails_before_vllm_is_imported(kernel, tmp_path):
         assert (vllm_loaded, torch_loaded) == ("False", "False") and float(seconds) < 2.0, out
 
 
+def test_preload_imports_vllm_in_the_background_and_keeps_cells_quiet(demo_path):
+    """$VLLM_NOTEBOOK_PRELOAD=1 (or %config VllmMagics.preload = True): %load_ext returns at once; cells run and
+    print while vLLM is imported in a thread, none of the import's output reaches them, and %vllm_load finds
+    vLLM imported."""
+    k = Kernel(env={"VLLM_NOTEBOOK_PRELOAD": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        out = k.run("import sys, time\n_t = time.perf_counter()\n%load_ext vllm_notebook\n"
+                    "print('ext', time.perf_counter() - _t)")
+        assert float(out.split()[-1]) < 1.0, out
+        out = k.run("from vllm_notebook.engine import vllm_import\nprint('busy', 6 * 7, vllm_import.preloading())")
+        assert out.split() == ["busy", "42", "True"], out  # the import is still going on, and this cell is quiet
+        out = k.run("while vllm_import.preloading():\n    time.sleep(0.1)\n"
+                    "print('vllm' in sys.modules, 'torch' in sys.modules)", timeout=300)
+        assert out.split() == ["True", "True"], out
+        out = k.run(f"%vllm_load {demo_path} {LOAD_FLAGS}\nimport vllm_notebook\n"
+                    "print(vllm_notebook.get_engine().generate('The capital of France is', temperature=0, "
+                    "max_tokens=4).text)", timeout=300)
+        assert "Paris" in out, out
+    finally:
+        k.shutdown()
+
+
 def test_interrupt_aborts_and_engine_keeps_serving(kernel, demo_path):
     # 2000 tokens: long enough that the interrupt lands mid-stream even where the engine runs 500 tokens/s
     kernel.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} --enforce-eager --max-model-len 2048", timeout=300)

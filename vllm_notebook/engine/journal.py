@@ -31,8 +31,8 @@ from typing import Any
 from ..errors import UsageError
 
 SUFFIX = ".vllm-journal.jsonl"
-_OFF = ("off", "0", "false", "no")
-_ON = ("on", "1", "true", "yes")
+OFF_WORDS = ("off", "0", "false", "no")  # what turns a $VLLM_NOTEBOOK_... switch off, or on
+ON_WORDS = ("on", "1", "true", "yes")
 _settings: dict[str, Any] = {"enabled": None, "path": None, "notebook": None}
 _open: dict[str, Journal] = {}
 _lock = threading.Lock()
@@ -63,13 +63,13 @@ def enabled() -> bool:
 
 def enabled_by_environment() -> bool:
     """False when ``$VLLM_NOTEBOOK_JOURNAL`` turns the journal off."""
-    return os.environ.get("VLLM_NOTEBOOK_JOURNAL", "").strip().lower() not in _OFF
+    return os.environ.get("VLLM_NOTEBOOK_JOURNAL", "").strip().lower() not in OFF_WORDS
 
 
 def default_path() -> Path:
     """The journal's file: configured, ``$VLLM_NOTEBOOK_JOURNAL``, beside the notebook, or in the working folder."""
     chosen = _settings["path"] or os.environ.get("VLLM_NOTEBOOK_JOURNAL", "").strip()
-    if chosen and chosen.lower() not in _ON + _OFF:
+    if chosen and chosen.lower() not in ON_WORDS + OFF_WORDS:
         return Path(chosen).expanduser().absolute()
     notebook = _settings["notebook"] or os.environ.get("JPY_SESSION_NAME", "")
     if notebook.endswith(".ipynb"):

@@ -1,24 +1,103 @@
-"""Importing vLLM, once, on the first load: its import-time chatter goes to a session log, never a cell."""
+"""Importing vLLM, once, on the first load (or in the background from ``%load_ext``, when configured): its
+import-time chatter goes to a session log, never a cell."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 
 from .. import logs, paths
+from .journal import ON_WORDS
+
+_API = "vllm_notebook.engine.vllm_api"
+_preload: threading.Thread | None = None
 
 
 def vllm_api():
     """``engine/vllm_api.py`` (which imports vLLM and torch), imported with its output sent to a session log."""
-    if "vllm_notebook.engine.vllm_api" in sys.modules:
-        return sys.modules["vllm_notebook.engine.vllm_api"]
-    # Log files are read by people and by root_cause(): no colour codes. Compute nodes
-    # are usually offline: do not try to send usage statistics.
-    os.environ.setdefault("VLLM_LOGGING_COLOR", "0")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    path = paths.log_dir() / f"session-{os.getpid()}.log"
+    if _preload is not None:
+        _preload.join()  # a background import under way: its module, not a half-imported one
+    if _API in sys.modules:
+        return sys.modules[_API]
+    _environment()
+    path = _log_path()
     with logs.capture_output(path):
         from . import vllm_api as api
 
         logs.route_vllm_logs(path, api.vllm_loggers())
     return api
+
+
+def preload() -> bool:
+    """Start importing vLLM and torch in a background thread, so that a later ``%vllm_load`` skips the
+    ~10 s import (``%config VllmMagics.preload = True``, or ``$VLLM_NOTEBOOK_PRELOAD=1`` at ``%load_ext``).
+    What the import prints goes to the session log; the notebook's own output is untouched. False when
+    vLLM is imported already (or being imported)."""
+    global _preload
+    if _preload is not None or _API in sys.modules:
+        return False
+    _environment()
+    _preload = threading.Thread(target=_import_quietly, name="vllm-notebook:preload", daemon=True)
+    _preload.start()
+    return True
+
+
+def preload_by_environment() -> bool:
+    """True when ``$VLLM_NOTEBOOK_PRELOAD`` asks for the background import."""
+    return os.environ.get("VLLM_NOTEBOOK_PRELOAD", "").strip().lower() in ON_WORDS
+
+
+def preloading() -> bool:
+    """True while a background import runs."""
+    return _preload is not None and _preload.is_alive()
+
+
+def _import_quietly() -> None:
+    path = _log_path()
+    me = threading.current_thread()
+    with open(path, "a", buffering=1) as log:
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = (_ThreadOutput(s, log, me) for s in streams)
+        try:
+            from . import vllm_api as api
+
+            logs.route_vllm_logs(path, api.vllm_loggers())
+        except BaseException as exc:  # noqa: BLE001 - told in the log; %vllm_load imports again and says why
+            print(f"vllm-notebook: importing vLLM in the background failed: {exc!r}", file=log)
+        finally:
+            for name, own in zip(("stdout", "stderr"), streams):
+                if isinstance(getattr(sys, name), _ThreadOutput):  # unless something replaced it since
+                    setattr(sys, name, own)
+
+
+class _ThreadOutput:
+    """``sys.stdout`` or ``sys.stderr`` during a background import: the import thread's writes go to the log,
+    every other thread's where they always went."""
+
+    def __init__(self, own, log, thread: threading.Thread):
+        self._own, self._log, self._thread = own, log, thread
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is self._thread and not self._log.closed:
+            return self._log.write(text)
+        return self._own.write(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(Exception):
+            self._own.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._own, name)
+
+
+def _environment() -> None:
+    # Log files are read by people and by root_cause(): no colour codes. Compute nodes
+    # are usually offline: do not try to send usage statistics.
+    os.environ.setdefault("VLLM_LOGGING_COLOR", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+def _log_path():
+    return paths.log_dir() / f"session-{os.getpid()}.log"
