@@ -38,6 +38,13 @@ from .http import auth_header, error_message, get_json, healthy, metrics
 CHUNK = 32
 
 
+def _prompt_field(prompt) -> str | list[int]:
+    """A completions request's ``prompt``: the text, or the token ids."""
+    if isinstance(prompt, dict):
+        return list(prompt["prompt_token_ids"]) if "prompt_token_ids" in prompt else prompt.get("prompt", "")
+    return prompt
+
+
 class ServerEngine(Engine):
     """An engine that is a vLLM server: one we started (``record``) or any we attached to."""
 
@@ -196,10 +203,7 @@ class ServerEngine(Engine):
             if body.get("logprobs"):
                 body["top_logprobs"], body["logprobs"] = body["logprobs"], True
             return "/v1/chat/completions", body, True
-        if isinstance(prompt, dict):
-            body["prompt"] = list(prompt["prompt_token_ids"]) if "prompt_token_ids" in prompt else prompt.get("prompt", "")
-        else:
-            body["prompt"] = prompt
+        body["prompt"] = _prompt_field(prompt)
         return "/v1/completions", body, False
 
     async def _request(self, i: int, prompt, fields: dict | Pooling, rid: str, q, lora=None):
@@ -266,7 +270,7 @@ class ServerEngine(Engine):
         ``q`` under its index. A request the server refuses (one prompt too long, ...) is sent again one prompt
         at a time, so the error names what the single request would."""
         path, body, _ = self._body(prompts[0], fields)
-        body["prompt"] = [self._body(p, fields)[1]["prompt"] for p in prompts]
+        body["prompt"] = [_prompt_field(p) for p in prompts]
         model = self._base if lora is None else lora
         if model is not None:
             body["model"] = model.name
