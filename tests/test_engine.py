@@ -95,6 +95,25 @@ def test_prompt_longer_than_max_model_len(engine):
     assert engine.generate("The capital of France is", **GREEDY).text == " Paris."
 
 
+def test_batch_is_tokenized_in_one_call_and_matches_single_requests(engine):
+    from vllm_notebook.engine import vllm_api
+
+    prompts = ["The capital of France is", {"prompt_token_ids": [1, 5, 9, 22]}, "A dog says"]
+    rendered = vllm_api.render_batch(engine._llm, prompts)
+    tok = engine.tokenizer
+    assert rendered is not None and [r["prompt_token_ids"] for r in rendered] == [
+        tok.encode(prompts[0]), [1, 5, 9, 22], tok.encode(prompts[2])]
+    batch = engine.generate(prompts, **GREEDY, max_tokens=12)
+    singles = [engine.generate(p, **GREEDY, max_tokens=12) for p in prompts]  # vLLM's per-request path
+    assert batch.texts == [s.text for s in singles]
+    assert [o.prompt_token_ids for o in batch.outputs] == [s.outputs[0].prompt_token_ids for s in singles]
+    # One prompt too long: the batch cannot be rendered at once, and the error is that prompt's, in one line.
+    assert vllm_api.render_batch(engine._llm, ["hi", "word " * 600]) is None
+    with pytest.raises(RequestError, match="max-model-len"):
+        engine.generate(["The capital of France is", "word " * 600], **GREEDY)
+    assert engine.generate(["The capital of France is", "A dog says"], **GREEDY).texts == [" Paris.", " woof."]
+
+
 def test_interrupt_aborts_and_keeps_partial_text(engine):
     seen = []
 

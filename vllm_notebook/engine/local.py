@@ -165,6 +165,16 @@ class LocalEngine(Engine):
         params.output_kind = vllm_api.CUMULATIVE if stream else vllm_api.FINAL_ONLY
         return params
 
+    def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
+        """A batch of generations is tokenized in one call first (``vllm_api.render_batch``); a single
+        prompt, pooling and ``truncate_prompt_tokens`` keep vLLM's own per-request path."""
+        from . import vllm_api
+
+        if (len(items) > 1 and isinstance(params, vllm_api.SamplingParams)
+                and getattr(params, "truncate_prompt_tokens", None) is None):
+            items = vllm_api.render_batch(self._llm, items) or items
+        return super()._sends(items, params, run)
+
     def _abort(self, run: Run, pending: list[str]) -> None:
         if self.alive:
             fut = asyncio.run_coroutine_threadsafe(self._llm.abort(pending), self._loop)
