@@ -167,11 +167,10 @@ class LocalEngine(Engine):
 
     def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
         """A batch of generations is tokenized in one call first (``vllm_api.render_batch``); a single
-        prompt, pooling and ``truncate_prompt_tokens`` keep vLLM's own per-request path."""
+        prompt and pooling keep vLLM's own per-request path."""
         from . import vllm_api
 
-        if (len(items) > 1 and isinstance(params, vllm_api.SamplingParams)
-                and getattr(params, "truncate_prompt_tokens", None) is None):
+        if len(items) > 1 and isinstance(params, vllm_api.SamplingParams):
             items = vllm_api.render_batch(self._llm, items) or items
         return super()._sends(items, params, run)
 
