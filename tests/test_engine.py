@@ -114,6 +114,21 @@ def test_batch_is_tokenized_in_one_call_and_matches_single_requests(engine):
     assert engine.generate(["The capital of France is", "A dog says"], **GREEDY).texts == [" Paris.", " woof."]
 
 
+def test_a_stopped_batch_keeps_partial_outputs_and_leaves_no_request(engine):
+    # A batch goes as one coroutine (LocalEngine._batch): stopping it aborts every request in the engine.
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    gen = engine.run([f"Story {i}:" for i in range(8)], engine.params(None, {"max_tokens": 400, "ignore_eos": True}),
+                     stop_event=stop)
+    assert gen.interrupted and gen.aborted == 8 and engine.stats.running == 0
+    assert all(0 < len(o.outputs[0].token_ids) < 400 for o in gen.outputs)
+    assert engine._llm.output_processor.get_num_unfinished_requests() == 0
+    # An error vLLM tells per request is one line, and the engine goes on.
+    with pytest.raises(RequestError, match="logprobs of 50"):
+        engine.generate(["The capital of France is", "A dog says"], **GREEDY, logprobs=50)
+    assert engine.generate(["The capital of France is", "A dog says"], **GREEDY).texts == [" Paris.", " woof."]
+
+
 def test_interrupt_aborts_and_keeps_partial_text(engine):
     seen = []
 

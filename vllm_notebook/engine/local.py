@@ -166,13 +166,61 @@ class LocalEngine(Engine):
         return params
 
     def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
-        """A batch of generations is tokenized in one call first (``vllm_api.render_batch``); a single
-        prompt and pooling keep vLLM's own per-request path."""
+        """A batch of generations is tokenized in one call first (``vllm_api.render_batch``); a batch that
+        wants only final outputs then goes as one coroutine (``_batch``). A single prompt, streamed
+        prompts and pooling keep vLLM's own per-request path."""
         from . import vllm_api
 
         if len(items) > 1 and isinstance(params, vllm_api.SamplingParams):
-            items = vllm_api.render_batch(self._llm, items) or items
+            rendered = vllm_api.render_batch(self._llm, items)
+            if rendered is not None and params.output_kind == vllm_api.FINAL_ONLY:
+                return [(0, self._batch(rendered, params, run))]
+            items = rendered or items
         return super()._sends(items, params, run)
+
+    async def _batch(self, prompts: list, params, run: Run) -> None:
+        """Add every request of a batch, then read each one's final output from its collector.
+
+        That is what ``AsyncLLM.generate`` does for one request, without a coroutine and a task per request:
+        on a big batch, front-end CPU that a small node's engine core gets back. An error is told under
+        its own prompt; the others go on. Cancelled (Ctrl-C), it aborts the requests still running.
+        """
+        from . import vllm_api
+
+        llm, q, added, read = self._llm, run.q, [], 0
+        try:
+            for i, (prompt, rid, lora) in enumerate(zip(prompts, run.rids, run.loras)):
+                try:
+                    added.append((i, await llm.add_request(rid, prompt, params, lora_request=self._lora_request(lora))))
+                except vllm_api.EngineDeadError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this prompt's error, handed to the caller
+                    q.put((i, exc))
+            for read, (i, collector) in enumerate(added):
+                try:
+                    out = None
+                    while out is None or not out.finished:
+                        out = collector.get_nowait() or await collector.get()
+                        q.put((i, out))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    q.put((i, exc))
+            read = len(added)
+        except asyncio.CancelledError:
+            with suppress_errors():
+                await llm.abort([c.request_id for _, c in added[read:]], internal=True)
+            raise
+        finally:
+            for _, collector in added:
+                collector.close()
+
+    def _lora_request(self, lora):
+        """vLLM's request for ``lora`` (None: the base model, or its zero adapter; see lora.BASE_NAME)."""
+        from . import vllm_api
+
+        lora = self._base if lora is None else lora
+        return vllm_api.lora_request(lora) if lora is not None else None
 
     def _abort(self, run: Run, pending: list[str]) -> None:
         if self.alive:
@@ -192,8 +240,7 @@ class LocalEngine(Engine):
     async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue, lora=None) -> None:
         from . import vllm_api
 
-        lora = self._base if lora is None else lora  # see lora.BASE_NAME
-        lora_request = vllm_api.lora_request(lora) if lora is not None else None
+        lora_request = self._lora_request(lora)
         if isinstance(params, vllm_api.PoolingParams):
             async for out in self._llm.encode(prompt, params, rid, lora_request=lora_request):
                 q.put((i, Pooled(rid, vllm_api.pooled_vector(out), list(out.prompt_token_ids or ()), out.finished)))
