@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from kernel import Kernel  # noqa: E402 - the same kernel driver the tests use
 
@@ -208,13 +210,32 @@ def _paired(ours: tuple, raw: tuple, trials: int, warm: bool = True) -> dict:
     for t in range(trials):
         sides = [("ours", *ours), ("raw", *raw)]
         seen = {}
+        cpu = {}
         for name, k, code in (sides if t % 2 == 0 else sides[::-1]):
             time.sleep(SETTLE_S)
+            before = _cpu(k)
             seen[name] = _numbers(k.run(code, timeout=900), "RUN")
+            cpu[name] = [b - a for a, b in zip(before, _cpu(k))]
         (s_o, n_o), (s_r, n_r) = seen["ours"], seen["raw"]
         rows.append({"ours_s": s_o, "raw_s": s_r, "ours_tokens": n_o, "raw_tokens": n_r,
-                     "ratio": (n_o / s_o) / (n_r / s_r)})
+                     "ratio": (n_o / s_o) / (n_r / s_r),
+                     "ours_cpu_front": cpu["ours"][0], "ours_cpu_engine": cpu["ours"][1],
+                     "raw_cpu_front": cpu["raw"][0], "raw_cpu_engine": cpu["raw"][1]})
     return _summary(rows)
+
+
+def _cpu(k: Kernel) -> tuple[float, float]:
+    """CPU-seconds so far of the kernel process (the front end) and of its engine processes (its children;
+    a server's engine is not one). Wall time on a small node is noisy; CPU-seconds show who did the work."""
+    def used(p: psutil.Process) -> float:
+        try:
+            t = p.cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
+
+    proc = psutil.Process(k.pid)
+    return used(proc), sum(used(c) for c in proc.children(recursive=True))
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -224,34 +245,39 @@ def _summary(rows: list[dict]) -> dict:
     if "ours_tokens" in rows[0]:
         out["ours_tok_s_median"] = statistics.median(r["ours_tokens"] / r["ours_s"] for r in rows)
         out["raw_tok_s_median"] = statistics.median(r["raw_tokens"] / r["raw_s"] for r in rows)
+        for key in ("ours_cpu_front", "ours_cpu_engine", "raw_cpu_front", "raw_cpu_engine"):
+            out[key + "_median"] = statistics.median(r[key] for r in rows)
     else:
         out["ours_s_median"] = statistics.median(r["ours_s"] for r in rows)
         out["raw_s_median"] = statistics.median(r["raw_s"] for r in rows)
     return out
 
 
-def _load(model: str, flags: list[str], env: dict, pairs: int) -> tuple[dict, Kernel, Kernel]:
+def _load(model: str, flags: list[str], env: dict, pairs: int, timed: bool = True) -> tuple[dict, Kernel, Kernel]:
     """Fresh kernels load the model, in alternating order; the last pair is kept for the other rows.
+    Not ``timed`` (no load row wanted): one pair, without the compile-cache warm-up and the preloaded kernel.
 
     Rows (ours / raw seconds: lower is better): a cold load; a load after ``%load_ext`` imported vLLM in the
     background (``$VLLM_NOTEBOOK_PRELOAD=1``, while the user writes the next cell) against raw import+construct;
     re-running the same ``%vllm_load`` line against raw's construct alone (what re-running ``LLM(...)`` costs).
     """
     subprocess.run([sys.executable, "-c", "import vllm"], check=True, capture_output=True)  # warm the page cache
-    if "--enforce-eager" not in flags:  # torch.compile's cache: else the first side to load pays for compiling
+    if timed and "--enforce-eager" not in flags:  # torch.compile's cache: else the first side to load pays for compiling
         warm = Kernel(env=env)
         warm.run(RAW_LOAD.format(model=model, flags=flags), timeout=900)
         warm.shutdown()
     line = shlex.join([model, *flags])
     rows: dict[str, list] = {"cold": [], "preloaded": [], "rerun": []}
     kept = None
-    for t in range(pairs):
+    for t in range(pairs if timed else 1):
         for k in kept or ():
             k.shutdown()
-        pre = Kernel(env={**env, "VLLM_NOTEBOOK_PRELOAD": "1"})
-        pre.run(PRELOADED, timeout=900)
-        preloaded = _numbers(pre.run(RERUN.format(line=line), timeout=900), "LOAD")[0]
-        pre.shutdown()
+        preloaded = float("nan")
+        if timed:
+            pre = Kernel(env={**env, "VLLM_NOTEBOOK_PRELOAD": "1"})
+            pre.run(PRELOADED, timeout=900)
+            preloaded = _numbers(pre.run(RERUN.format(line=line), timeout=900), "LOAD")[0]
+            pre.shutdown()
         ours, raw = Kernel(env=env), Kernel(env=env)
         seconds = {}
         sides = [("ours", ours, OURS_LOAD.format(line=line)), ("raw", raw, RAW_LOAD.format(model=model, flags=flags))]
@@ -292,7 +318,7 @@ def main() -> None:
     wanted = set(a.rows.split(","))
     results: dict = {"model": model, "flags": flags, "tokens": a.tokens, "trials": a.trials, "rows": {}}
     rows = results["rows"] = _Rows(lambda: _save(results, a.json))
-    load, ours, raw = _load(model, flags, env, a.load_pairs)
+    load, ours, raw = _load(model, flags, env, a.load_pairs, timed="load" in wanted)
     if "load" in wanted:
         rows["load, cold"] = load["cold"]
         rows["load, vLLM preloaded"] = load["preloaded"]
@@ -343,6 +369,11 @@ def main() -> None:
         else:
             figures = f"{row['ours_s_median']:>13.2f}s{row['raw_s_median']:>13.2f}s"
         print(f"{name:<28}{row['ratio_median']:>11.3f}{spread:>16}{figures}")
+    print("\nCPU-seconds per trial (medians), front end = the kernel process, engine = its child processes:")
+    for name, row in rows.items():
+        if "ours_cpu_front_median" in row:
+            print(f"{name:<28} ours {row['ours_cpu_front_median']:.2f} + {row['ours_cpu_engine_median']:.2f}"
+                  f"   raw {row['raw_cpu_front_median']:.2f} + {row['raw_cpu_engine_median']:.2f}")
     _save(results, a.json)
 
 
