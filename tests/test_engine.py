@@ -129,6 +129,23 @@ def test_a_stopped_batch_keeps_partial_outputs_and_leaves_no_request(engine):
     assert engine.generate(["The capital of France is", "A dog says"], **GREEDY).texts == [" Paris.", " woof."]
 
 
+def test_a_batch_is_tokenized_a_chunk_at_a_time(engine, monkeypatch):
+    from vllm_notebook.engine import local
+
+    monkeypatch.setattr(local, "RENDER_CHUNK", 2)
+    prompts = ["The capital of France is", {"prompt_token_ids": [1, 5, 9, 22]}, "A dog says", "A cow says", "Hi"]
+    whole = engine.generate(prompts, **GREEDY, max_tokens=12)
+    monkeypatch.undo()
+    assert whole.texts == engine.generate(prompts, **GREEDY, max_tokens=12).texts
+    monkeypatch.setattr(local, "RENDER_CHUNK", 2)
+    # The chunk with the too-long prompt goes prompt by prompt: its error, in one line.
+    with pytest.raises(RequestError, match="max-model-len"):
+        engine.generate(["The capital of France is", "A dog says", "word " * 600, "Hi"], **GREEDY)
+    assert engine.stats.running == 0
+    assert engine.generate(["The capital of France is", "A dog says", "A cow says"], **GREEDY).texts == [
+        " Paris.", " woof.", " moo."]
+
+
 def test_interrupt_aborts_and_keeps_partial_text(engine):
     seen = []
 

@@ -32,6 +32,11 @@ from .pooling import Pooled, Pooling
 from .sampling import as_dict, build_params
 
 
+#: Prompts of a batch tokenized per call (``LocalEngine._batch``): one call per chunk costs no more than one
+#: per batch, and the engine starts on the first chunk while the next is tokenized.
+RENDER_CHUNK = 512
+
+
 class LocalEngine(Engine):
     """vLLM's ``AsyncLLM`` driven from a private event-loop thread of this kernel."""
 
@@ -166,36 +171,41 @@ class LocalEngine(Engine):
         return params
 
     def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
-        """A batch of generations is tokenized in one call first (``vllm_api.render_batch``); a batch that
-        wants only final outputs then goes as one coroutine (``_batch``). A single prompt, streamed
-        prompts and pooling keep vLLM's own per-request path."""
+        """A batch that wants only final outputs goes as one coroutine (``_batch``); a streamed batch is
+        tokenized in one call first (``vllm_api.render_batch``). A single prompt and pooling keep vLLM's own
+        per-request path."""
         from . import vllm_api
 
         if len(items) > 1 and isinstance(params, vllm_api.SamplingParams):
-            rendered = vllm_api.render_batch(self._llm, items)
-            if rendered is not None and params.output_kind == vllm_api.FINAL_ONLY:
-                return [(0, self._batch(rendered, params, run))]
-            items = rendered or items
+            if params.output_kind == vllm_api.FINAL_ONLY:
+                return [(0, self._batch(items, params, run))]
+            items = vllm_api.render_batch(self._llm, items) or items
         return super()._sends(items, params, run)
 
     async def _batch(self, prompts: list, params, run: Run) -> None:
-        """Add every request of a batch, then read each one's final output from its collector.
+        """Tokenize a batch a chunk at a time and add each request, then read each one's final output.
 
         That is what ``AsyncLLM.generate`` does for one request, without a coroutine and a task per request:
-        on a big batch, front-end CPU that a small node's engine core gets back. An error is told under
-        its own prompt; the others go on. Cancelled (Ctrl-C), it aborts the requests still running.
+        on a big batch, front-end CPU that a small node's engine core gets back. Chunks let the engine start
+        on the first prompts while the rest are tokenized, and let streams beside a huge batch go on. A
+        chunk that cannot be tokenized at once (a prompt too long) goes prompt by prompt, so an error is told
+        under its own prompt; the others go on. Cancelled (Ctrl-C), it aborts the requests still running.
         """
         from . import vllm_api
 
         llm, q, added, read = self._llm, run.q, [], 0
         try:
-            for i, (prompt, rid, lora) in enumerate(zip(prompts, run.rids, run.loras)):
-                try:
-                    added.append((i, await llm.add_request(rid, prompt, params, lora_request=self._lora_request(lora))))
-                except vllm_api.EngineDeadError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - this prompt's error, handed to the caller
-                    q.put((i, exc))
+            for start in range(0, len(prompts), RENDER_CHUNK):
+                chunk = prompts[start:start + RENDER_CHUNK]
+                for i, prompt in enumerate(vllm_api.render_batch(llm, chunk) or chunk, start):
+                    try:
+                        lora = self._lora_request(run.loras[i])
+                        added.append((i, await llm.add_request(run.rids[i], prompt, params, lora_request=lora)))
+                    except vllm_api.EngineDeadError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - this prompt's error, handed to the caller
+                        q.put((i, exc))
+                await asyncio.sleep(0)  # outputs and other runs' requests between chunks
             for read, (i, collector) in enumerate(added):
                 try:
                     out = None
