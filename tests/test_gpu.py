@@ -373,7 +373,8 @@ def _random_adapter(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def raw_tasks(idle, tmp_path_factory):
+def raw_tasks(idle, kernel, tmp_path_factory):
+    kernel.run("%vllm_unload --all")  # run with -k after an earlier test's load, the raw engine needs the memory
     adapter = _random_adapter(tmp_path_factory.mktemp("adapter"))
     out = subprocess.run([sys.executable, "-c", RAW_TASKS, MODEL, adapter, json.dumps(PROMPTS), json.dumps(PROMPTS),
                           json.dumps(QUESTIONS), json.dumps(CHOICES), str(TOKENS)],
