@@ -132,9 +132,19 @@ def test_a_stopped_batch_keeps_partial_outputs_and_leaves_no_request(engine):
 def test_a_batch_is_tokenized_a_chunk_at_a_time(engine, monkeypatch):
     from vllm_notebook.engine import local
 
+    from vllm_notebook.engine import vllm_api
+
+    chunks, render = [], vllm_api.render_batch
+
+    def counted(llm, prompts):  # the real tokenization, with each call's size kept
+        chunks.append(len(prompts))
+        return render(llm, prompts)
+
+    monkeypatch.setattr(vllm_api, "render_batch", counted)
     monkeypatch.setattr(local, "RENDER_CHUNK", 2)
     prompts = ["The capital of France is", {"prompt_token_ids": [1, 5, 9, 22]}, "A dog says", "A cow says", "Hi"]
     whole = engine.generate(prompts, **GREEDY, max_tokens=12)
+    assert chunks == [2, 2, 1]
     monkeypatch.undo()
     assert whole.texts == engine.generate(prompts, **GREEDY, max_tokens=12).texts
     monkeypatch.setattr(local, "RENDER_CHUNK", 2)

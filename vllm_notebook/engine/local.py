@@ -212,9 +212,7 @@ class LocalEngine(Engine):
                     while out is None or not out.finished:
                         out = collector.get_nowait() or await collector.get()
                         q.put((i, out))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                except Exception as exc:  # noqa: BLE001 - handed to the caller (a cancel is no Exception)
                     q.put((i, exc))
             read = len(added)
         except asyncio.CancelledError:
