@@ -161,6 +161,22 @@ def test_an_interrupted_batch_resumes_with_only_the_missing_prompts(engine, book
     assert second.reused == 8 and second.texts == first.texts
 
 
+def test_a_finished_stream_is_journaled_and_a_batch_resumes_from_it(engine, book):
+    greedy = engine.params(None, {"max_tokens": 12, "temperature": 0})
+    text = "".join(engine.stream(PROMPTS[0], greedy))
+    results = [r for r in book.records() if r["kind"] == "result"]
+    runs = [r for r in book.records() if r["kind"] == "run"]
+    assert len(results) == 1 and results[0]["outputs"][0]["text"] == text and results[0]["prompt"] == PROMPTS[0]
+    assert runs[-1]["run"] == results[0]["run"] and runs[-1]["model"] == engine.model
+    again = engine.run(PROMPTS[:2], greedy)  # the same prompt in a batch: taken from the stream's result
+    assert again.reused == 1 and again.texts[0] == text
+    assert "".join(engine.stream(PROMPTS[0], greedy)) == text  # a stream is generated anew, and journaled again
+    closed = engine.stream(PROMPTS[2], greedy)
+    next(closed)
+    closed.close()  # closed early: aborted, nothing journaled
+    assert sum(1 for r in book.records() if r["kind"] == "result") == 3
+
+
 @pytest.mark.slow
 def test_provenance_holds_the_exact_versions_and_flags(engine, book):
     import vllm

@@ -240,9 +240,7 @@ class Engine(TaskMethods, abc.ABC):
         ``lora``: the name of a LoRA adapter for every prompt, or one name (None: the base model) per prompt.
         """
         adapters = self.adapters.for_prompts(lora, len(prompts))
-        record = self.run_record(params)
-        if any(adapters):
-            record["lora"] = sorted({a.name for a in adapters if a}) if len(set(adapters)) > 1 else adapters[0].name
+        record = self._record(params, adapters)
         book = journal.current() if journal_results else None
         keys, restored = self._from_journal(book, prompts, adapters, record,
                                             len(prompts) > 1 if resume is None else resume)
@@ -255,9 +253,7 @@ class Engine(TaskMethods, abc.ABC):
             return self._merged(None, prompts, todo, restored, record, interrupted=False)
         run = self._submit([prompts[i] for i in todo], params, stream=stream, loras=[adapters[i] for i in todo])
         if book is not None:
-            book.append({"kind": "run", **record})
-            run.book, run.run_id = book, record["run"]
-            run.keys, run.texts = [keys[i] for i in todo], [prompt_text(prompts[i]) for i in todo]
+            self._journaled(run, book, record, [keys[i] for i in todo], [prompts[i] for i in todo])
         interrupted = False
         try:
             for j, out in self._events(run, stop_event=stop_event):
@@ -271,6 +267,23 @@ class Engine(TaskMethods, abc.ABC):
             self._result(run, [prompts[i] for i in todo], interrupted=True)
             raise
         return self._merged(run, prompts, todo, restored, record, interrupted)
+
+    def _record(self, params: Any, adapters: list) -> dict[str, Any]:
+        """The run record of ``params`` on this engine, with the adapters the prompts use."""
+        record = self.run_record(params)
+        if any(adapters):
+            record["lora"] = sorted({a.name for a in adapters if a}) if len(set(adapters)) > 1 else adapters[0].name
+        return record
+
+    def _journaled(self, run: Run, book, record: dict, keys: list[str], prompts: Sequence[Prompt]) -> None:
+        """Append ``run``'s record to ``book``; ``_events`` then appends each result as it finishes."""
+        try:
+            book.append({"kind": "run", **record})
+        except (OSError, VllmNotebookError) as exc:  # the run goes on, unjournaled
+            _not_journaled(run, exc)
+            return
+        run.book, run.run_id = book, record["run"]
+        run.keys, run.texts = keys, [prompt_text(p) for p in prompts]
 
     def _from_journal(self, book, prompts, adapters, record: dict, resume: bool) -> tuple[list[str], dict[int, Any]]:
         """Each prompt's journal key, and the finished results the journal holds for them (when resuming)."""
@@ -330,10 +343,16 @@ class Engine(TaskMethods, abc.ABC):
     def stream(self, prompt: Prompt, params: Any = None, *, lora: str | None = None, **sampling) -> Iterator[str]:
         """Yield text deltas of one completion as they are generated.
 
-        Closing the iterator (or breaking out of the loop) aborts the request.
+        Closing the iterator (or breaking out of the loop) aborts the request. A finished completion is
+        journaled like ``run``'s results (and a batch resumes from it); a stream is always generated anew.
         """
-        run = self._submit([prompt], self.params(params, sampling), stream=True,
-                           loras=self.adapters.for_prompts(lora, 1))
+        params, adapters = self.params(params, sampling), self.adapters.for_prompts(lora, 1)
+        run = self._submit([prompt], params, stream=True, loras=adapters)
+        book = journal.current()
+        if book is not None:
+            record = self._record(params, adapters)
+            self._journaled(run, book, {**record, "reused": 0},
+                            self._from_journal(book, [prompt], adapters, record, resume=False)[0], [prompt])
         seen = 0
         try:
             for _, out in self._events(run):
@@ -409,8 +428,7 @@ class Engine(TaskMethods, abc.ABC):
                              "outputs": journal.output_record(out),
                              "elapsed_s": round(time.monotonic() - run.started, 4)})
         except (OSError, VllmNotebookError) as exc:
-            run.book = None
-            print(f"vllm-notebook: results are not journaled: {first_line(exc)}")
+            _not_journaled(run, exc)
 
     def _stop_run(self, run: Run) -> None:
         """Abort what is still running and collect the final (partial) outputs, within ~1 s."""
@@ -579,6 +597,12 @@ def prompt_text(p: Prompt) -> str:
 def aborted(o) -> bool:
     return any(c.finish_reason == "abort" for c in o.outputs)
 
+
+
+def _not_journaled(run: Run, exc: BaseException) -> None:
+    """A journal that cannot be written: told once, in one line; the run goes on without it."""
+    run.book = None
+    print(f"vllm-notebook: results are not journaled: {first_line(exc)}")
 
 
 def first_line(exc: BaseException) -> str:
