@@ -95,6 +95,17 @@ def test_the_journal_is_private_and_sits_beside_the_notebook(tmp_path, monkeypat
     assert journal.current() is None
 
 
+def test_a_journal_that_cannot_be_read_or_written_is_one_line(tmp_path):
+    from vllm_notebook.engine import journal
+    from vllm_notebook.errors import UsageError
+
+    folder = journal.at(tmp_path)  # a folder where the file should be
+    for call in (lambda: folder.lookup(["k"]), lambda: folder.records(), lambda: folder.append({"kind": "run"})):
+        with pytest.raises(UsageError, match="results journal .*: Is a directory; choose another file"):
+            call()
+    assert journal.at(tmp_path / "none" / "j.jsonl").lookup(["k"]) == {}  # not there yet: nothing to resume
+
+
 def test_what_is_reused():
     from vllm_notebook.engine import journal
 
@@ -175,6 +186,23 @@ def test_a_finished_stream_is_journaled_and_a_batch_resumes_from_it(engine, book
     next(closed)
     closed.close()  # closed early: aborted, nothing journaled
     assert sum(1 for r in book.records() if r["kind"] == "result") == 3
+
+
+def test_a_batch_and_a_stream_run_on_when_the_journal_cannot_be_used(engine, tmp_path, capsys):
+    from vllm_notebook.engine import journal
+
+    journal.configure(enabled=True, path=str(tmp_path))  # a folder: neither readable nor writable as a journal
+    try:
+        greedy = engine.params(None, {"max_tokens": 8, "temperature": 0})
+        gen = engine.run(PROMPTS[:3], greedy)
+        text = "".join(engine.stream(PROMPTS[0], greedy))
+    finally:
+        journal.reset()
+    assert gen.texts == engine.run(PROMPTS[:3], greedy, journal_results=False).texts and text == gen.texts[0]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("vllm-notebook:")]
+    assert lines[0].startswith("vllm-notebook: nothing is resumed: cannot read the results journal")
+    assert all("Is a directory" in ln for ln in lines) and len(lines) == 3  # resume, the batch's run, the stream's run
+    assert engine.stats.running == 0
 
 
 @pytest.mark.slow

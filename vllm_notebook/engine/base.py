@@ -294,7 +294,11 @@ class Engine(TaskMethods, abc.ABC):
                                    engine_prompt(p)) for p, a in zip(prompts, adapters)]
         if not (resume and journal.reusable(record["sampling"])):
             return keys, {}
-        found = book.lookup(keys)
+        try:
+            found = book.lookup(keys)
+        except VllmNotebookError as exc:  # the batch runs whole; appending will tell the same in its line
+            print(f"vllm-notebook: nothing is resumed: {first_line(exc)}")
+            return keys, {}
         return keys, {i: from_record(f"{self.name}-journal-{i}", prompt_text(p), found[k])
                       for i, (p, k) in enumerate(zip(prompts, keys)) if k in found}
 

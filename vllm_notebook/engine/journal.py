@@ -163,9 +163,7 @@ class Journal:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             except OSError as exc:
-                raise UsageError(f"cannot write the results journal {self.path}: {exc.strerror}; choose another "
-                                 "file with %config VllmMagics.journal_path = '...', or turn it off with "
-                                 "%config VllmMagics.journal = False") from None
+                raise self._unusable("write", exc) from None
             size = os.fstat(fd).st_size
             if size and self._last_byte() != b"\n":
                 # A torn line from a crash: start a fresh one. (If another kernel is mid-write this adds a
@@ -185,13 +183,23 @@ class Journal:
                 os.close(self._fd)
                 self._fd = None
 
+    def _unusable(self, what: str, exc: OSError) -> UsageError:
+        return UsageError(f"cannot {what} the results journal {self.path}: {exc.strerror}; choose another file with "
+                          "%config VllmMagics.journal_path = '...', or turn it off with %config VllmMagics.journal = False")
+
     # ---------------------------------------------------------------- reading
     def _catch_up(self) -> None:
         """Index what was appended since the last read (by us or another kernel); torn lines are skipped."""
         try:
-            size = self.path.stat().st_size
+            self._read_new()
         except FileNotFoundError:
             return
+        except OSError as exc:  # a folder, no permission, a broken NFS handle: one line
+            raise self._unusable("read", exc) from None
+
+    def _read_new(self) -> None:
+        """Index the lines appended since the last read."""
+        size = self.path.stat().st_size
         if size < self._read_to:  # replaced or truncated: start over
             self._index.clear()
             self._runs.clear()
@@ -235,6 +243,8 @@ class Journal:
                 lines = f.read().splitlines()
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise self._unusable("read", exc) from None
         return [r for r in map(self._parse, lines) if r is not None]
 
     def runs(self) -> dict[str, dict]:
