@@ -98,12 +98,18 @@ def test_the_journal_is_private_and_sits_beside_the_notebook(tmp_path, monkeypat
 def test_a_journal_that_cannot_be_read_or_written_is_one_line(tmp_path):
     from vllm_notebook.engine import journal
     from vllm_notebook.errors import UsageError
+    from vllm_notebook.ui import status
 
     folder = journal.at(tmp_path)  # a folder where the file should be
     for call in (lambda: folder.lookup(["k"]), lambda: folder.records(), lambda: folder.append({"kind": "run"})):
         with pytest.raises(UsageError, match="results journal .*: Is a directory; choose another file"):
             call()
     assert journal.at(tmp_path / "none" / "j.jsonl").lookup(["k"]) == {}  # not there yet: nothing to resume
+    journal.configure(enabled=True, path=str(tmp_path))
+    try:  # %vllm_status shows the reason on the journal's line, and the rest of the status
+        assert status.journal_line().startswith(f"journal: cannot read the results journal {tmp_path}: Is a directory")
+    finally:
+        journal.reset()
 
 
 def test_what_is_reused():

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..engine import journal
 from ..engine.registry import engines
+from ..errors import VllmNotebookError
 from .tables import html_table
 
 
@@ -97,5 +98,8 @@ def journal_line() -> str:
     book = journal.current()
     if book is None:
         return "journal: off (%config VllmMagics.journal = True turns it on)"
-    book.lookup([])  # index what is there, for the count
+    try:
+        book.lookup([])  # index what is there, for the count
+    except VllmNotebookError as exc:  # the rest of the status is still shown
+        return f"journal: {exc}"
     return f"journal: {book.path} ({book.size_text()})"
