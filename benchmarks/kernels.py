@@ -253,9 +253,12 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
-def _load(model: str, flags: list[str], env: dict, pairs: int, timed: bool = True) -> tuple[dict, Kernel, Kernel]:
+def _load(model: str, flags: list[str], env: dict, pairs: int, timed: bool = True,
+          raw_engine: bool = True) -> tuple[dict, Kernel, Kernel]:
     """Fresh kernels load the model, in alternating order; the last pair is kept for the other rows.
-    Not ``timed`` (no load row wanted): one pair, without the compile-cache warm-up and the preloaded kernel.
+    Not ``timed`` (no load row wanted): one pair, without the compile-cache warm-up and the preloaded kernel,
+    and the raw kernel loads no engine unless ``raw_engine`` (the batch rows need it; the stream, panel and
+    concurrency rows compare with raw ``AsyncLLM`` in our kernel, and the server rows start a raw kernel of their own).
 
     Rows (ours / raw seconds: lower is better): a cold load; a load after ``%load_ext`` imported vLLM in the
     background (``$VLLM_NOTEBOOK_PRELOAD=1``, while the user writes the next cell) against raw import+construct;
@@ -272,7 +275,6 @@ def _load(model: str, flags: list[str], env: dict, pairs: int, timed: bool = Tru
     for t in range(pairs if timed else 1):
         for k in kept or ():
             k.shutdown()
-        preloaded = float("nan")
         if timed:
             pre = Kernel(env={**env, "VLLM_NOTEBOOK_PRELOAD": "1"})
             pre.run(PRELOADED, timeout=900)
@@ -282,13 +284,16 @@ def _load(model: str, flags: list[str], env: dict, pairs: int, timed: bool = Tru
         seconds = {}
         sides = [("ours", ours, OURS_LOAD.format(line=line)), ("raw", raw, RAW_LOAD.format(model=model, flags=flags))]
         for name, k, code in (sides if t % 2 == 0 else sides[::-1]):
-            seconds[name] = _numbers(k.run(code, timeout=900), "LOAD")
+            if timed or raw_engine or name == "ours":
+                seconds[name] = _numbers(k.run(code, timeout=900), "LOAD")
+        kept = (ours, raw)
+        if not timed:
+            return {}, *kept
         (cold,), (raw_all, raw_construct) = seconds["ours"], seconds["raw"]
         rerun = _numbers(ours.run(RERUN.format(line=line), timeout=900), "LOAD")[0]
         rows["cold"].append({"ours_s": cold, "raw_s": raw_all, "ratio": cold / raw_all})
         rows["preloaded"].append({"ours_s": preloaded, "raw_s": raw_all, "ratio": preloaded / raw_all})
         rows["rerun"].append({"ours_s": rerun, "raw_s": raw_construct, "ratio": rerun / raw_construct})
-        kept = (ours, raw)
     return {k: _summary(v) for k, v in rows.items()}, *kept
 
 
@@ -318,7 +323,7 @@ def main() -> None:
     wanted = set(a.rows.split(","))
     results: dict = {"model": model, "flags": flags, "tokens": a.tokens, "trials": a.trials, "rows": {}}
     rows = results["rows"] = _Rows(lambda: _save(results, a.json))
-    load, ours, raw = _load(model, flags, env, a.load_pairs, timed="load" in wanted)
+    load, ours, raw = _load(model, flags, env, a.load_pairs, timed="load" in wanted, raw_engine="batch" in wanted)
     if "load" in wanted:
         rows["load, cold"] = load["cold"]
         rows["load, vLLM preloaded"] = load["preloaded"]
