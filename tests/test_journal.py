@@ -253,7 +253,9 @@ def test_a_batch_cut_by_engine_death_and_by_kernel_death_resumes(tmp_path, demo_
     env = {"VLLM_NOTEBOOK_JOURNAL": str(path)}
     load = f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS} --max-num-seqs 2"
     setup = "prompts = [f'Tell me about the number {i}.' for i in range(24)]\n"
-    cell = "g = %generate -i prompts --max-tokens 32 --temperature 0 --ignore-eos\n"
+    # 96 tokens with 2 sequences at a time: after the 4th result the other 20 take seconds, so the kill lands
+    # mid-batch even when a busy node leaves this process waiting (at 32 tokens CI once saw all 24 done first)
+    cell = "g = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos\n"
     k = Kernel(env=env)
     try:
         k.run(load + "\n" + setup, timeout=300)
@@ -269,7 +271,7 @@ def test_a_batch_cut_by_engine_death_and_by_kernel_death_resumes(tmp_path, demo_
         out = k.run(cell + "print(len(prompts) - g.reused, g.engine)")
         assert f"{kept} of 24 from the journal" in out
         assert out.split()[-2] == str(24 - kept)
-        reference = k.run("ref = %generate -i prompts --max-tokens 32 --temperature 0 --ignore-eos --no-journal\n"
+        reference = k.run("ref = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos --no-journal\n"
                           "print(ref.texts == g.texts, len(ref.texts))")
         assert reference.split()[-2:] == ["True", "24"]
 
@@ -285,7 +287,7 @@ def test_a_batch_cut_by_engine_death_and_by_kernel_death_resumes(tmp_path, demo_
     k = Kernel(env=env)
     try:
         k.run(load + "\nprompts = [f'Write about the colour {i}.' for i in range(24)]\n", timeout=300)
-        out = k.run(cell + "ref = %generate -i prompts --max-tokens 32 --temperature 0 --ignore-eos --no-journal\n"
+        out = k.run(cell + "ref = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos --no-journal\n"
                     "print(g.reused, ref.texts == g.texts)")
         assert f"{kept} of 24 from the journal" in out and out.split()[-2:] == [str(kept), "True"]
         out = k.run("df = %vllm_history\nprint(len(df), df.model.nunique(), df.attrs['journal'])\n%vllm_status")
