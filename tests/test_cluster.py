@@ -212,9 +212,40 @@ def test_attached_cluster_is_never_stopped(job, monkeypatch):
         assert not attached.owned and attached.address == owned.address
         assert "not stopped" in ray_cluster.down()
         st = owned.status()
-        assert st["reachable"] and st["nodes"] == 2 and st["gpus"] == 4
+        assert st["reachable"] and st["nodes"] == 2 and st["gpus"] == 4 and st["gpus_used"] == 0
     finally:
         owned.stop()
+    assert not _wait_gone(), _our_processes()
+
+
+@pytest.mark.slow
+def test_a_cluster_brought_up_by_hand_stays_until_down_one_a_load_started_stops_with_it(monkeypatch):
+    """No Slurm (one machine): Ray started by ``%vllm_cluster --up`` outlives the last engine on it, its GPUs
+    back with Ray, until ``--down``; one that a load started for itself stops when that engine unloads.
+    The CPU build cannot run vLLM's Ray executor, so the engine here is only what unload hands the hook."""
+    from types import SimpleNamespace
+
+    from vllm_notebook import loader
+    from vllm_notebook.cluster import ray as ray_cluster
+    from vllm_notebook.cluster.allocation import Allocation
+
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    alloc = Allocation.from_env({k: v for k, v in os.environ.items() if not k.startswith("SLURM")}, gpu_count=0)
+    try:
+        by_hand = ray_cluster.up(alloc, keep=True)
+        assert ray_cluster.up(alloc) is by_hand and by_hand.kept  # a load reuses it and keeps it kept
+        loader._stop_ray_when_unused(SimpleNamespace(ray_cluster=by_hand))
+        assert ray_cluster.current() is by_hand and by_hand.status()["reachable"]
+        assert "stopped the Ray cluster" in ray_cluster.down()
+        assert not _wait_gone(), _our_processes()
+
+        for_a_load = ray_cluster.up(alloc)
+        assert not for_a_load.kept
+        loader._stop_ray_when_unused(SimpleNamespace(ray_cluster=for_a_load))
+        assert ray_cluster.current() is None and "RAY_ADDRESS" not in os.environ
+    finally:
+        ray_cluster.down()
     assert not _wait_gone(), _our_processes()
 
 

@@ -406,7 +406,11 @@ def start_local(prep: Prepared, progress: bool = True, ray_address: str | None =
 
 
 def _stop_ray_when_unused(unloaded: LocalEngine) -> None:
-    """After an engine on our Ray cluster unloads: stop the cluster unless another engine still uses it."""
+    """After an engine on our Ray cluster unloads: stop the cluster unless another engine still uses it, or
+    the user brought it up with ``%vllm_cluster --up`` (it then stays, its GPUs back with Ray, until --down)."""
+    cluster = ray_cluster.current()
+    if cluster is not unloaded.ray_cluster or cluster.kept:
+        return
     if not any(e.ray_cluster is not None for e in engine_registry.engines().values() if e is not unloaded):
         ray_cluster.down()
 

@@ -285,7 +285,7 @@ class VllmMagics(Magics):
             return None
         alloc = Allocation.from_env()
         if args.up:
-            ray_cluster.up(alloc, args.ray_address, timeout=args.timeout)
+            ray_cluster.up(alloc, args.ray_address, timeout=args.timeout, keep=True)
         return ClusterView.collect(alloc, ray_cluster.current())
 
     @magic_arguments()

@@ -50,6 +50,7 @@ class RayCluster:
     token_path: str | None = None
     root: Path | None = None
     nodes: list[NodeProc] = field(default_factory=list)
+    kept: bool = False  # brought up by %vllm_cluster --up: it stays, without engines, until --down
 
     def env(self) -> dict[str, str]:
         """What a Ray client (vLLM in this kernel) needs to reach the cluster."""
@@ -89,7 +90,8 @@ class RayCluster:
     def rows(self) -> list[tuple[str, str]]:
         st = self.status()
         rows = [("Ray address", self.address), ("Ray cluster", "started by this kernel" if self.owned else "attached")]
-        rows.append(("Ray nodes / GPUs", f"{st['nodes']} / {st['gpus']:g}" if st["reachable"] else f"unreachable ({st.get('error', '')})"))
+        rows.append(("Ray nodes / GPUs", f"{st['nodes']} / {st['gpus']:g} ({st['gpus_used']:g} in use)"
+                     if st["reachable"] else f"unreachable ({st.get('error', '')})"))
         if self.token_path:
             rows.append(("Ray auth", "token (file readable only by you)"))
         rows += [(f"  {n.node}", f"{n.address}, pid {n.proc.pid}, {'running' if n.proc.poll() is None else 'exited'}, log {n.log}")
@@ -98,14 +100,15 @@ class RayCluster:
 
 
 def parse_status(text: str) -> dict:
-    """Active nodes and total GPUs from ``ray status`` output."""
+    """Active nodes, total GPUs and the GPUs in use (by an engine's workers) from ``ray status`` output."""
     if "Active:" not in text:
         first = next((ln for ln in text.splitlines() if "Error" in ln or "rror" in ln), text.strip()[:200])
-        return {"reachable": False, "nodes": 0, "gpus": 0.0, "error": first}
+        return {"reachable": False, "nodes": 0, "gpus": 0.0, "gpus_used": 0.0, "error": first}
     active = text.split("Active:", 1)[1].split("Pending:", 1)[0]
     nodes = sum(int(m.group(1)) for m in re.finditer(r"^\s*(\d+)\s+node_", active, re.M))
-    gpu = re.search(r"[\d.]+/([\d.]+) GPU", text.split("Total Usage:", 1)[-1])
-    return {"reachable": True, "nodes": nodes, "gpus": float(gpu.group(1)) if gpu else 0.0}
+    gpu = re.search(r"([\d.]+)/([\d.]+) GPU", text.split("Total Usage:", 1)[-1])
+    return {"reachable": True, "nodes": nodes, "gpus": float(gpu.group(2)) if gpu else 0.0,
+            "gpus_used": float(gpu.group(1)) if gpu else 0.0}
 
 
 def _ray_exe() -> str:
@@ -233,12 +236,17 @@ def current() -> RayCluster | None:
     return _current
 
 
-def up(alloc, address: str | None = None, timeout: float = 180) -> RayCluster:
-    """The cluster this kernel uses: attach (address or $RAY_ADDRESS), reuse ours, or start one."""
+def up(alloc, address: str | None = None, timeout: float = 180, keep: bool = False) -> RayCluster:
+    """The cluster this kernel uses: attach (address or $RAY_ADDRESS), reuse ours, or start one.
+
+    ``keep``: the user asked for it (``%vllm_cluster --up``), so it stays up when the last engine on it
+    unloads, until ``down``; one that a load started for itself stops with that engine.
+    """
     global _current
     address = address or os.environ.get("RAY_ADDRESS")
     if _current is not None and (address is None or _current.address == address):
         if not _current.owned or all(n.proc.poll() is None for n in _current.nodes):
+            _current.kept = _current.kept or keep
             return _current
         _current.stop()
         _current = None
@@ -249,6 +257,7 @@ def up(alloc, address: str | None = None, timeout: float = 180) -> RayCluster:
             raise RayClusterError(f"cannot reach the Ray cluster at {address}: {st.get('error')}")
     else:
         cluster = start(alloc, timeout=timeout)
+    cluster.kept = keep
     os.environ.update(cluster.env())
     _refresh_ray_in_this_process()
     _current = cluster
