@@ -29,6 +29,17 @@ def engine_processes(pid: int) -> list[psutil.Process]:
     return keep
 
 
+def processes_running(names: tuple[str, ...]) -> list[str]:
+    """Command lines (cut to 120 characters) of processes whose command line holds one of ``names``,
+    pytest's own excepted (e.g. Ray's: raylet, gcs_server)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(n in cmd for n in names) and "pytest" not in cmd:
+            found.append(cmd[:120])
+    return found
+
+
 def kernel_manager(kernel_name: str = "python3") -> KernelManager:
     """A manager whose connection file is where Jupyter's server puts it (the runtime folder, in $HOME).
 

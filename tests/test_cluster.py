@@ -18,7 +18,7 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from kernel import Kernel, kernel_manager
+from kernel import Kernel, kernel_manager, processes_running
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).parent.parent
@@ -85,12 +85,7 @@ def slurm_kernel(job, tmp_path_factory):
 
 
 def _our_processes() -> list[str]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(o in cmd for o in OURS) and "pytest" not in cmd:
-            found.append(cmd[:120])
-    return found
+    return processes_running(OURS)
 
 
 def _wait_gone(timeout: float = 20) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from kernel import Kernel, engine_processes
+from kernel import Kernel, engine_processes, processes_running
 
 from vllm_notebook.engine import gpus
 
@@ -228,12 +228,7 @@ RAY = ("raylet", "gcs_server", "vllm_notebook._raynode")
 
 
 def _ray_processes() -> list[str]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(r in cmd for r in RAY) and "pytest" not in cmd:
-            found.append(cmd[:120])
-    return found
+    return processes_running(RAY)
 
 
 @on_gpus
