@@ -75,7 +75,7 @@ def setup(request):
     if ON_GPUS:  # no parallel flag: the plan must choose TP 2 from the two visible GPUs
         flags = shlex.split(os.environ.get("VLLM_NOTEBOOK_GPU_FLAGS", ""))
         return GPU_MODEL, shlex.join([GPU_MODEL, *flags]), [*flags, "--tensor-parallel-size", "2"], {}
-    flags = ["--enforce-eager", "--max-model-len", "512", "--tensor-parallel-size", "2"]
+    flags = ["--enforce-eager", "--max-model-len", "2048", "--tensor-parallel-size", "2"]
     demo_path = request.getfixturevalue("demo_path")
     return demo_path, shlex.join([demo_path, *flags]), flags, {"VLLM_CPU_OMP_THREADS_BIND": _cpu_binding()}
 
@@ -162,7 +162,7 @@ def test_ten_interrupts_keep_every_process_and_the_next_text_is_right(kernel, ra
     stops = []
     for _ in range(10):
         out, error, seconds = kernel.interrupted(
-            "%%generate --max-tokens 400 --ignore-eos --temperature 0\nOnce upon a time")
+            "%%generate --max-tokens 2000 --ignore-eos --temperature 0\nOnce upon a time")
         assert error is None and seconds is not None, (error, out[-500:])
         assert "interrupted: aborted 1 request(s)" in out, out[-500:]
         stops.append(seconds)
