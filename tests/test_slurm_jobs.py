@@ -158,8 +158,8 @@ def test_a_chained_successor_takes_over_and_a_cut_request_is_retried(demo_path):
         _wait(lambda: not vllm_notebook.jobs().states[first].live, 120)  # the first job is gone
 
         # as a node crash: SIGKILL to the job's own processes, then Slurm ends the job. They are found now, before the
-        # stream: a scan of every process's environment inside the callback took seconds on a busy node, and
-        # `scancel --signal=KILL` alone leaves the cut to slurmctld; either way all 2,000 tokens could stream first
+        # stream: with the scan of every process's environment inside the callback, a loaded node once streamed all
+        # 2,000 tokens (6.3 s) before the kill, and `scancel --signal=KILL` alone leaves the cut to slurmctld
         victims = [p for p in psutil.process_iter(["environ", "cmdline"])
                    if (p.info["environ"] or {}).get("SLURM_JOB_ID") == second]
         assert any("api_server" in " ".join(p.info["cmdline"] or ()) for p in victims), victims
