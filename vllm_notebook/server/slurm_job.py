@@ -475,10 +475,14 @@ class SlurmEngine(ServerEngine):
         while one is on its way); False at once when the server still serves (the error was the request's own)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.poll()
-            if self.url != url:
-                return True
-            states = slurm.job_states(self.job.jobs)
+            try:
+                self.poll()
+                if self.url != url:
+                    return True
+                states = slurm.job_states(self.job.jobs)
+            except slurm.SlurmError:  # squeue hiccup (slurmctld busy ending the job): ask again, as _watch does
+                time.sleep(1.0)
+                continue
             serving = states.get(self._job_id or "", slurm.JobState(""))
             ending = not serving.live or serving.state == "COMPLETING" or (
                 serving.time_left_s is not None and serving.time_left_s <= 10)
