@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -116,17 +117,40 @@ def test_batch_is_tokenized_in_one_call_and_matches_single_requests(engine):
 
 def test_a_stopped_batch_keeps_partial_outputs_and_leaves_no_request(engine):
     # A batch goes as one coroutine (LocalEngine._batch): stopping it aborts every request in the engine.
+    # 32 x 480 tokens: a CI machine finished 8 x 400 within the 1 s before the stop.
     stop = threading.Event()
     threading.Timer(1.0, stop.set).start()
-    gen = engine.run([f"Story {i}:" for i in range(8)], engine.params(None, {"max_tokens": 400, "ignore_eos": True}),
+    gen = engine.run([f"Story {i}:" for i in range(32)], engine.params(None, {"max_tokens": 480, "ignore_eos": True}),
                      stop_event=stop)
-    assert gen.interrupted and gen.aborted == 8 and engine.stats.running == 0
-    assert all(0 < len(o.outputs[0].token_ids) < 400 for o in gen.outputs)
+    assert gen.interrupted and gen.aborted == 32 and engine.stats.running == 0, gen
+    assert all(0 < len(o.outputs[0].token_ids) < 480 for o in gen.outputs)
     assert engine._llm.output_processor.get_num_unfinished_requests() == 0
     # An error vLLM tells per request is one line, and the engine goes on.
     with pytest.raises(RequestError, match="logprobs of 50"):
         engine.generate(["The capital of France is", "A dog says"], **GREEDY, logprobs=50)
     assert engine.generate(["The capital of France is", "A dog says"], **GREEDY).texts == [" Paris.", " woof."]
+
+
+def test_ctrl_c_lost_in_a_finalizer_still_stops_the_run(engine):
+    # Python raises Ctrl-C's KeyboardInterrupt at the main thread's next bytecode; when that is in a finalizer
+    # (a __del__ the garbage collector runs), it is printed as "Exception ignored" and lost. The run must stop anyway.
+    class Finalizer:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside __del__
+
+    seen = []
+
+    def on_output(i, out):
+        seen.append(len(out.outputs[0].token_ids))
+        if len(seen) == 2:
+            Finalizer()  # collected at once
+
+    previous = signal.getsignal(signal.SIGINT)
+    gen = engine.run(["Once upon a time"], engine.params(None, {"max_tokens": 480, "ignore_eos": True}),
+                     stream=True, on_output=on_output)
+    assert gen.interrupted and gen.aborted == 1 and 0 < len(gen.outputs[0].outputs[0].token_ids) < 480, seen[-1]
+    assert signal.getsignal(signal.SIGINT) is previous and engine.stats.running == 0
+    assert engine.generate("The capital of France is", **GREEDY).text == " Paris."
 
 
 def test_a_batch_is_tokenized_a_chunk_at_a_time(engine, monkeypatch):

@@ -23,7 +23,7 @@ TEXTS = ["The capital of France is Paris.", "A dog says woof.", "Snow is cold an
 
 # ------------------------------------------------------------------ raw vLLM, in a process of its own
 RAW = r"""
-import json, sys
+import json, os, sys
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 model, job = sys.argv[1], json.loads(sys.argv[2])
@@ -31,7 +31,7 @@ if job["kind"] == "pooling":
     llm = LLM(model=model, runner="pooling", enforce_eager=True, max_model_len=512)
     vectors = [o.outputs.embedding for o in llm.embed(job["texts"], use_tqdm=False)]
     scores = [o.outputs.score for o in llm.score(job["query"], job["texts"], use_tqdm=False)]
-    print("RESULT " + json.dumps({"vectors": vectors, "scores": scores}))
+    print("RESULT " + json.dumps({"vectors": vectors, "scores": scores}), flush=True)
 else:  # each continuation token's log-probability, one decoding step at a time (not prompt_logprobs)
     llm = LLM(model=model, enforce_eager=True, max_model_len=512, max_logprobs=-1)
     tok = llm.get_tokenizer()
@@ -48,16 +48,25 @@ else:  # each continuation token's log-probability, one decoding step at a time 
                 total += step[0].outputs[0].logprobs[0][t].logprob
             row.append([total, len(cont)])
         out.append(row)
-    print("RESULT " + json.dumps(out))
+    print("RESULT " + json.dumps(out), flush=True)
+# The reference is printed: skip the interpreter's teardown. In CI the CPU build once aborted this process after loading
+# the weights ("terminate called without an active exception", rc -6; where exactly is not known), and the teardown of
+# the engine's threads is where that message usually comes from.
+os._exit(0)
 """
 
 
 def _raw(model: str, job: dict):
-    proc = subprocess.run([sys.executable, "-c", RAW, model, json.dumps(job)], capture_output=True, text=True,
-                          timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][7:])
+    """The reference from raw vLLM; a raw process that dies without one is run once more (raw vLLM is not under test)."""
+    failures = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", RAW, model, json.dumps(job)], capture_output=True, text=True,
+                              timeout=600)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            return json.loads(lines[-1][7:])
+        failures.append(f"rc {proc.returncode}: {proc.stderr[-1500:]}")
+    pytest.fail("raw vLLM gave no reference twice:\n" + "\n---\n".join(failures))
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +196,10 @@ def test_embeddings_and_ranking_equal_raw_vllm(pool, raw_pooling, cell, ip):
 
 
 @pytest.mark.slow
-def test_the_wrong_kind_of_engine_says_so_in_one_line(engine, pool, cell):
+def test_the_wrong_kind_of_engine_says_so_in_one_line(engine, pool, cell, ip):
     from vllm_notebook.errors import UsageError
 
+    ip.user_ns["texts"] = TEXTS  # its own, not left by an earlier test
     for line, message in [
         ("%embed -i texts --name default", "engine 'default' generates text; embeddings and ranking need a pooling"),
         ("%%generate --name pool --max-tokens 4\nHello", "engine 'pool' is a pooling model (--runner pooling)"),

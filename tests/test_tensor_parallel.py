@@ -164,7 +164,10 @@ def test_ten_interrupts_keep_every_process_and_the_next_text_is_right(kernel, ra
         out, error, seconds = kernel.interrupted(
             "%%generate --max-tokens 2000 --ignore-eos --temperature 0\nOnce upon a time")
         assert error is None and seconds is not None, (error, out[-500:])
-        assert "interrupted: aborted 1 request(s)" in out, out[-500:]
+        # A CI run once streamed all 2,000 tokens after the interrupt; its output's tail did not say why. A
+        # KeyboardInterrupt lost in a finalizer ("Exception ignored") is one way, which Engine.run now covers.
+        told = [ln for ln in out.splitlines() if "Exception" in ln or "Interrupt" in ln]
+        assert "interrupted: aborted 1 request(s)" in out, (told, out[-500:])
         stops.append(seconds)
     figures["interrupt_to_idle_s_max"] = round(max(stops), 3)
     assert sorted(p.pid for p in engine_processes(kernel.pid)) == before  # EngineCore and both workers

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import itertools
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -256,9 +258,10 @@ class Engine(TaskMethods, abc.ABC):
             self._journaled(run, book, record, [keys[i] for i in todo], [prompts[i] for i in todo])
         interrupted = False
         try:
-            for j, out in self._events(run, stop_event=stop_event):
-                if on_output is not None:
-                    on_output(todo[j], out)
+            with _ctrl_c_flag() as ctrl_c:
+                for j, out in self._events(run, stop_event=_AnyOf(stop_event, ctrl_c)):
+                    if on_output is not None:
+                        on_output(todo[j], out)
         except (KeyboardInterrupt, _Stopped):
             interrupted = True
             self._stop_run(run)
@@ -559,7 +562,43 @@ class Engine(TaskMethods, abc.ABC):
 
 
 class _Stopped(BaseException):
-    """A run's stop_event was set (the panel's Stop button)."""
+    """A run's stop_event was set (the panel's Stop button), or Ctrl-C's KeyboardInterrupt was lost."""
+
+
+class _AnyOf:
+    """Set when any of the events is (None ones are left out)."""
+
+    def __init__(self, *events: threading.Event | None):
+        self._events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
+@contextlib.contextmanager
+def _ctrl_c_flag() -> Iterator[threading.Event]:
+    """An event that Ctrl-C sets, besides raising KeyboardInterrupt as before.
+
+    Python raises the KeyboardInterrupt at the main thread's next bytecode. When that is in a finalizer (a
+    ``__del__`` the garbage collector runs), it is printed as "Exception ignored" and lost, and a run would go on
+    to its end; a run checks this event every 50 ms. Only the main thread gets signals, and only a handler that
+    raises (Python's, ipykernel's during a cell) is wrapped; the previous handler is back afterwards.
+    """
+    flag = threading.Event()
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield flag
+        return
+
+    def on_sigint(signum, frame):
+        flag.set()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class suppress_errors:
