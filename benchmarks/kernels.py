@@ -294,6 +294,8 @@ def _load(model: str, flags: list[str], env: dict, pairs: int, timed: bool = Tru
         rows["cold"].append({"ours_s": cold, "raw_s": raw_all, "ratio": cold / raw_all})
         rows["preloaded"].append({"ours_s": preloaded, "raw_s": raw_all, "ratio": preloaded / raw_all})
         rows["rerun"].append({"ours_s": rerun, "raw_s": raw_construct, "ratio": rerun / raw_construct})
+        print(f"load pair {t + 1}: cold {cold:.1f} s / raw {raw_all:.1f} s, preloaded {preloaded:.1f} s, "
+              f"same line again {rerun:.3f} s / raw construct {raw_construct:.1f} s", flush=True)
     return {k: _summary(v) for k, v in rows.items()}, *kept
 
 

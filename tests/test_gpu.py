@@ -191,7 +191,10 @@ def test_load_with_default_settings(kernel, raw, figures):
     figures["device"] = facts["device"]
     assert facts["tensor_parallel_size"] == "1"
     assert engine_processes(kernel.pid), "no engine process"
-    assert seconds <= raw["construct_s"] * 1.25 + 3, (seconds, raw["construct_s"])
+    # A bound against a broken load only: how fast a load is, against raw, is measured by benchmarks/kernels.py's
+    # load rows (fresh kernels on both sides, interleaved). This figure is a kernel's first load after a test's
+    # "import vllm", raw's a second LLM(...) in one process; it ranged 17.9..19.9 s against 12.3..27.6 s.
+    assert seconds <= raw["construct_first_s"] * 2 + 5, (seconds, raw["construct_first_s"])
 
 
 def test_batch_equals_raw(kernel, raw):
