@@ -9,6 +9,7 @@ Jupyter's interrupt does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -112,3 +113,46 @@ def test_the_block_is_left_as_found():
             pass
         assert mp_util.spawnv_passfds is not before[0]
     assert (mp_util.spawnv_passfds, mp_fork.Popen._launch) == before
+
+
+SERVER = textwrap.dedent("""
+    import os, subprocess, sys, time
+    # The "api server" leads its session, as server.process.start makes it. Its "engine" is titled as vLLM titles
+    # EngineCore (setproctitle); the marker comes first in its environment, where a title overwrites it.
+    engine = subprocess.Popen([sys.executable, "-c", "import setproctitle, time; "
+                               "setproctitle.setproctitle('VLLM::EngineCore'); time.sleep(60)"],
+                              env={"VLLM_NOTEBOOK_SERVER": sys.argv[1], **os.environ})
+    print(engine.pid, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_retitled_engine_left_by_a_dead_server_is_found_and_killed(tmp_path, monkeypatch):
+    import socket
+
+    from vllm_notebook import procs
+    from vllm_notebook.server import registry
+
+    monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))
+    rec = registry.ServerRecord(id="test-retitled", model="m", argv=[], node=socket.gethostname(),
+                                key_file="/nonexistent")
+    leader = subprocess.Popen([sys.executable, "-c", SERVER, rec.id], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, registry.MARKER: rec.id}, start_new_session=True)
+    engine = None
+    try:
+        rec.pid, engine = leader.pid, int(leader.stdout.readline())
+        deadline = time.monotonic() + 20
+        while not psutil.Process(engine).name().startswith("VLLM::") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not procs.has_marker(engine, registry.MARKER, rec.id)  # the title took it
+        assert sorted(rec.members()) == sorted([leader.pid, engine])
+        leader.kill()  # the server dies; its engine is left, in the session the server led
+        leader.wait()
+        assert rec.members() == [engine]
+        registry.forget(rec)
+        psutil.Process(engine).wait(timeout=5)  # gone (psutil.TimeoutExpired if not)
+    finally:
+        leader.kill()
+        if engine is not None:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(engine).kill()

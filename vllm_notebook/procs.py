@@ -177,6 +177,32 @@ def marked(key: str, value: str) -> list[int]:
     return [p.pid for p in psutil.process_iter() if has_marker(p.pid, key, value)]
 
 
+def alive(pid: int) -> bool:
+    """``pid`` is a running process (not a zombie waiting for its parent)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def renamed_in_session(sid: int, prefix: str = "VLLM::") -> list[int]:
+    """Processes of session ``sid`` whose title vLLM set (``VLLM::EngineCore``, ``VLLM::Worker_TP0``).
+
+    Setting a title overwrites the memory that ``/proc/PID/environ`` shows, so a marker cannot find them. A
+    session's id stays with its processes after its leader dies, and Linux gives no new process that number
+    while the session lives, so a dead leader's session holds only its own processes; a live leader must be
+    checked by the caller (its pid may be a new process's, leading a session of its own).
+    """
+    found = []
+    for p in psutil.process_iter(["name"]):
+        try:
+            if (p.info["name"] or "").startswith(prefix) and os.getsid(p.pid) == sid:
+                found.append(p.pid)
+        except OSError:
+            continue
+    return found
+
+
 # ---------------------------------------------------------------- ports
 def free_port(host: str = "127.0.0.1", *, start: int | None = None, span: int = 1,
               scan: tuple[int, int] | None = None, step: int = 1, tries: int = 200) -> int:

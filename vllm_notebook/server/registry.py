@@ -68,8 +68,12 @@ class ServerRecord:
         return self.here and procs.has_marker(self.pid, MARKER, self.id)
 
     def members(self) -> list[int]:
-        """Every process that carries the record's marker: the server and its engine processes."""
-        return procs.marked(MARKER, self.id)
+        """The server's processes here: those with the record's marker, and the engine processes vLLM retitled
+        (their environment no longer shows the marker), found by the session the server leads."""
+        found = procs.marked(MARKER, self.id)
+        if self.pid in found or not procs.alive(self.pid):  # a live pid without our marker is someone else's
+            found += [pid for pid in procs.renamed_in_session(self.pid) if pid not in found]
+        return found
 
     def state(self, ended_jobs: set[str] | None = None) -> str:
         """``running`` (process alive here), ``gone``, ``job ended``, or ``elsewhere`` (another node)."""
