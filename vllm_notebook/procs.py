@@ -188,7 +188,8 @@ def alive(pid: int) -> bool:
 def renamed_in_session(sid: int, prefix: str = "VLLM::") -> list[int]:
     """Processes of session ``sid`` whose title vLLM set (``VLLM::EngineCore``, ``VLLM::Worker_TP0``).
 
-    Setting a title overwrites the memory that ``/proc/PID/environ`` shows, so a marker cannot find them. A
+    setproctitle reuses the memory that ``/proc/PID/environ`` shows, so a marker there can be lost (seen: a
+    variable first in the environment was gone after a short title; one last in it survived in EngineCore). A
     session's id stays with its processes after its leader dies, and Linux gives no new process that number
     while the session lives, so a dead leader's session holds only its own processes; a live leader must be
     checked by the caller (its pid may be a new process's, leading a session of its own).

@@ -71,7 +71,7 @@ class ServerRecord:
         """The server's processes here: those with the record's marker, and the engine processes vLLM retitled
         (their environment no longer shows the marker), found by the session the server leads."""
         found = procs.marked(MARKER, self.id)
-        if self.pid in found or not procs.alive(self.pid):  # a live pid without our marker is someone else's
+        if self.pid > 0 and (self.pid in found or not procs.alive(self.pid)):  # a live pid without it: not ours
             found += [pid for pid in procs.renamed_in_session(self.pid) if pid not in found]
         return found
 
