@@ -104,7 +104,9 @@ class Kernel:
             sent.append(time.monotonic())
             self.km.interrupt_kernel()
 
+        submitted = time.monotonic()
         out, error = self.collect(self.submit(code), timeout, on_update=interrupt)
+        self.interrupt_sent_after = (sent[0] - submitted) if sent else None  # s from submitting to the interrupt
         return out, error, (time.monotonic() - sent[0]) if sent else None
 
     def run(self, code: str, timeout: float = 120) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -159,16 +160,24 @@ def test_the_plan_is_tp2_and_the_text_equals_raw(kernel, setup, raw, figures):
 
 def test_ten_interrupts_keep_every_process_and_the_next_text_is_right(kernel, raw, figures):
     before = sorted(p.pid for p in engine_processes(kernel.pid))
-    stops = []
-    for _ in range(10):
+    stops, late = [], []
+    while len(stops) < 10:
         out, error, seconds = kernel.interrupted(
             "%%generate --max-tokens 2000 --ignore-eos --temperature 0\nOnce upon a time")
         assert error is None and seconds is not None, (error, out[-500:])
-        # A CI run once streamed all 2,000 tokens after the interrupt; its output's tail did not say why. A
-        # KeyboardInterrupt lost in a finalizer ("Exception ignored") is one way, which Engine.run now covers.
-        told = [ln for ln in out.splitlines() if "Exception" in ln or "Interrupt" in ln]
-        assert "interrupted: aborted 1 request(s)" in out, (told, out[-500:])
+        sent_after = kernel.interrupt_sent_after
+        if "interrupted: aborted 1 request(s)" not in out:
+            # Twice in CI one of ten streams ran all 2,000 tokens (6-7 s) with no "Exception" line. The interrupt
+            # is sent when this process reads the first update; on two loaded cores that read can come after the
+            # stream has ended, and then there was nothing to interrupt. Such a trial is repeated (twice at
+            # most); an interrupt sent while the stream still ran must stop it.
+            took = re.search(r"· ([\d.]+) s · finish", out)
+            told = [ln for ln in out.splitlines() if "Exception" in ln or "Interrupt" in ln]
+            assert took and sent_after >= float(took.group(1)) and len(late) < 2, (sent_after, told, out[-500:])
+            late.append(round(sent_after, 2))
+            continue
         stops.append(seconds)
+    figures["interrupts_sent_after_the_stream"] = late
     figures["interrupt_to_idle_s_max"] = round(max(stops), 3)
     assert sorted(p.pid for p in engine_processes(kernel.pid)) == before  # EngineCore and both workers
     assert max(stops) < 2.0, stops
