@@ -282,8 +282,8 @@ def _members(rec_id: str) -> list[int]:
 
 
 def _in_session(sid: int) -> list[str]:
-    """Every process left in the session a server led, with its name: vLLM's retitled ``VLLM::EngineCore``
-    keeps no marker in its environment, so only the session finds it."""
+    """Every process left in the session a server led, with its name: found without the marker, which a
+    retitled ``VLLM::EngineCore`` can lose (on the CPU build it has kept it so far)."""
     left = []
     for p in psutil.process_iter(["name"]):
         try:
