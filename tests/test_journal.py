@@ -251,11 +251,12 @@ def test_a_batch_cut_by_engine_death_and_by_kernel_death_resumes(tmp_path, demo_
     the kernel mid-batch, start a new one, re-run: the same. Both end equal to an uninterrupted run."""
     path = tmp_path / "study.vllm-journal.jsonl"
     env = {"VLLM_NOTEBOOK_JOURNAL": str(path)}
-    load = f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS} --max-num-seqs 2"
+    load = f"%load_ext vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS} --max-num-seqs 1"
     setup = "prompts = [f'Tell me about the number {i}.' for i in range(24)]\n"
-    # 96 tokens with 2 sequences at a time: after the 4th result the other 20 take seconds, so the kill lands
-    # mid-batch even when a busy node leaves this process waiting (at 32 tokens CI once saw all 24 done first)
-    cell = "g = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos\n"
+    # One sequence at a time, 256 tokens each: after the 4th result the other 20 take 5,120 engine steps (~10 s
+    # here), so the kill lands mid-batch even when a busy node leaves this process waiting. CI saw the whole batch
+    # done before the kill twice: at 32 tokens, and at 96 tokens with 2 sequences (1,000 steps, ~2 s here).
+    cell = "g = %generate -i prompts --max-tokens 256 --temperature 0 --ignore-eos\n"
     k = Kernel(env=env)
     try:
         k.run(load + "\n" + setup, timeout=300)
@@ -264,14 +265,14 @@ def test_a_batch_cut_by_engine_death_and_by_kernel_death_resumes(tmp_path, demo_
         for p in engine_processes(k.pid):
             p.kill()
         out, error = k.collect(msg, timeout=60)
-        assert error is not None and len(error["traceback"]) == 1, error
         kept = _results(path)
+        assert error is not None and len(error["traceback"]) == 1, (error, kept, out[-300:])
         assert 4 <= kept < 24
         k.run(load, timeout=300)
         out = k.run(cell + "print(len(prompts) - g.reused, g.engine)")
         assert f"{kept} of 24 from the journal" in out
         assert out.split()[-2] == str(24 - kept)
-        reference = k.run("ref = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos --no-journal\n"
+        reference = k.run("ref = %generate -i prompts --max-tokens 256 --temperature 0 --ignore-eos --no-journal\n"
                           "print(ref.texts == g.texts, len(ref.texts))")
         assert reference.split()[-2:] == ["True", "24"]
 
@@ -287,7 +288,7 @@ def test_a_batch_cut_by_engine_death_and_by_kernel_death_resumes(tmp_path, demo_
     k = Kernel(env=env)
     try:
         k.run(load + "\nprompts = [f'Write about the colour {i}.' for i in range(24)]\n", timeout=300)
-        out = k.run(cell + "ref = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos --no-journal\n"
+        out = k.run(cell + "ref = %generate -i prompts --max-tokens 256 --temperature 0 --ignore-eos --no-journal\n"
                     "print(g.reused, ref.texts == g.texts)")
         assert f"{kept} of 24 from the journal" in out and out.split()[-2:] == [str(kept), "True"]
         out = k.run("df = %vllm_history\nprint(len(df), df.model.nunique(), df.attrs['journal'])\n%vllm_status")
