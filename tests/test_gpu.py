@@ -13,6 +13,7 @@ which checks the harness itself; checks that need NVML or sleep mode are skipped
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel import Kernel, engine_processes
+from kernel import Kernel, engine_processes, processes_running
 
 from vllm_notebook.engine import gpus
 
@@ -154,9 +155,10 @@ def _assert_idle(kernel_pid: int | None, idle: int, what: str, kernel_uses_cuda:
                          f"{used} MiB used (idle {idle} MiB)")
 
 
-def _greedy(kernel: Kernel, prompts: list[str]) -> list[str]:
+def _greedy(kernel: Kernel, prompts: list[str], name: str = "default") -> list[str]:
     """Greedy texts of ``prompts`` through ``%generate`` (one batch)."""
-    kernel.run(f"_prompts = {prompts!r}\n_g = %generate -i _prompts --temperature 0 --max-tokens {TOKENS}")
+    kernel.run(f"_prompts = {prompts!r}\n"
+               f"_g = %generate -i _prompts --name {name} --temperature 0 --max-tokens {TOKENS}")
     return _value(kernel, "_g.texts")
 
 
@@ -412,3 +414,39 @@ def test_embeddings_equal_raw(kernel, raw_tasks, figures):
     figures.setdefault("tasks", {})["embedding_max_diff"] = diff
     assert ours.shape == np.array(raw_tasks["vectors"]).shape and diff < 1e-3, diff
     kernel.run("%vllm_unload --name emb")
+
+
+RAY = ("raylet", "gcs_server", "vllm_notebook._raynode")
+
+
+@needs_gpu
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="needs Ray (the GPU payload's .gpu/parts/ray.part.* wheel, pip install --target /tmp/site)")
+def test_ray_executor_on_our_cluster_one_gpu(kernel, raw, idle, figures):
+    """What one GPU can show of the Ray path (tests/test_tensor_parallel.py has TP 2 and PP 2): our token-protected
+    cluster on this node, vLLM's Ray executor on it with the same text as raw vLLM, the GPU back with Ray after the
+    unload, and no Ray process after --down."""
+    kernel.run("%vllm_unload --all")
+    assert not processes_running(RAY), processes_running(RAY)
+    out = kernel.run("%vllm_cluster --up", timeout=240)
+    assert "1 / 1 (0 in use)" in out, out  # Ray nodes / GPUs
+    env = _value(kernel, "{k: __import__('os').environ.get(k) for k in ('RAY_ADDRESS', 'RAY_AUTH_MODE')}")
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_ADDRESS"], env
+    seconds = _timed_load(kernel, f"{LINE} --distributed-executor-backend ray --name ray")
+    facts = _value(kernel, "{k: str(v) for k, v in __import__('vllm_notebook').get_engine('ray').facts.items()}")
+    assert facts["executor"] == "ray" and facts["tensor_parallel_size"] == "1", facts
+    assert _greedy(kernel, PROMPTS, "ray") == raw["batch"]
+    assert "(1 in use)" in kernel.run("%vllm_cluster")
+    kernel.run("%vllm_unload --name ray")
+    used = _assert_idle(None, idle, "after unloading the Ray engine")
+    deadline = time.monotonic() + 30  # Ray reports freed resources a few seconds after its actors end
+    while "(0 in use)" not in (out := kernel.run("%vllm_cluster")) and time.monotonic() < deadline:
+        time.sleep(1)
+    figures["ray_one_gpu"] = {"load_s": round(seconds, 2), "used_mib_after_unload": used,
+                              "cluster_after_unload": out.strip()[-300:]}
+    assert "1 / 1 (0 in use)" in out, out  # the unload gave the GPU back to Ray
+    kernel.run("%vllm_cluster --down")
+    deadline = time.monotonic() + 30
+    while processes_running(RAY) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not processes_running(RAY), processes_running(RAY)

@@ -212,6 +212,24 @@ def test_a_batch_and_a_stream_run_on_when_the_journal_cannot_be_used(engine, tmp
 
 
 @pytest.mark.slow
+def test_a_result_that_ends_before_an_earlier_prompt_is_journaled_before_it(engine, book):
+    """A batch hands over each result when it ends, not in prompt order: three generations that the context
+    length cuts at ~60 tokens, behind one of 480, reach on_output and the journal while the first still runs,
+    so a kernel or engine that died then would keep them."""
+    long = "word " * 150  # ~450 tokens: with --max-model-len 512 the engine stops these at ~60 tokens of output
+    params = engine.params(None, {"max_tokens": 480, "temperature": 0, "ignore_eos": True})
+    order = []
+    gen = engine.run(["Once upon a time"] + [f"{long}{i}" for i in range(3)], params,
+                     on_output=lambda i, out: order.append(i))
+    assert sorted(order[:3]) == [1, 2, 3] and order[3:] == [0], order
+    lengths = [len(o.outputs[0].token_ids) for o in gen.outputs]
+    assert lengths[0] == 480 and all(n < 100 for n in lengths[1:]), lengths
+    done = {r["prompt"][-1:]: r["elapsed_s"] for r in map(json.loads, book.path.read_text().splitlines())
+            if r.get("kind") == "result"}
+    assert len(done) == 4 and max(done[str(i)] for i in range(3)) < done["e"], done  # "...a time" ends in e
+
+
+@pytest.mark.slow
 def test_provenance_holds_the_exact_versions_and_flags(engine, book):
     import vllm
 

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import queue
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from .sampling import as_dict, build_params
 #: Prompts of a batch tokenized per call (``LocalEngine._batch``): one call per chunk costs no more than one
 #: per batch, and the engine starts on the first chunk while the next is tokenized.
 RENDER_CHUNK = 512
+#: How often a batch waiting on one request also takes the final outputs of the others (``LocalEngine._batch``).
+SWEEP_S = 0.1
 
 
 class LocalEngine(Engine):
@@ -183,17 +186,22 @@ class LocalEngine(Engine):
         return super()._sends(items, params, run)
 
     async def _batch(self, prompts: list, params, run: Run) -> None:
-        """Tokenize a batch a chunk at a time and add each request, then read each one's final output.
+        """Tokenize a batch a chunk at a time and add each request, then read each one's final output as it ends.
 
         That is what ``AsyncLLM.generate`` does for one request, without a coroutine and a task per request:
         on a big batch, front-end CPU that a small node's engine core gets back. Chunks let the engine start
         on the first prompts while the rest are tokenized, and let streams beside a huge batch go on. A
         chunk that cannot be tokenized at once (a prompt too long) goes prompt by prompt, so an error is told
         under its own prompt; the others go on. Cancelled (Ctrl-C), it aborts the requests still running.
+
+        Outputs are read in prompt order, and every ``SWEEP_S`` that the first unread request keeps running the
+        others are looked at too: a result that ends before an earlier prompt's goes to the caller (and the
+        journal) within ``SWEEP_S``, so a kernel or engine that dies keeps it.
         """
         from . import vllm_api
 
-        llm, q, added, read = self._llm, run.q, [], 0
+        llm, q, added = self._llm, run.q, []
+        pending: deque = deque()
         try:
             for start in range(0, len(prompts), RENDER_CHUNK):
                 chunk = prompts[start:start + RENDER_CHUNK]
@@ -201,23 +209,36 @@ class LocalEngine(Engine):
                     try:
                         lora = self._lora_request(run.loras[i])
                         added.append((i, await llm.add_request(run.rids[i], prompt, params, lora_request=lora)))
+                        pending.append(added[-1])
                     except vllm_api.EngineDeadError:
                         raise
                     except Exception as exc:  # noqa: BLE001 - this prompt's error, handed to the caller
                         q.put((i, exc))
                 await asyncio.sleep(0)  # outputs and other runs' requests between chunks
-            for read, (i, collector) in enumerate(added):
+            while pending:
+                i, collector = pending[0]
                 try:
-                    out = None
-                    while out is None or not out.finished:
-                        out = collector.get_nowait() or await collector.get()
-                        q.put((i, out))
+                    out = collector.get_nowait()
+                    if out is None:
+                        timer = asyncio.timeout(SWEEP_S)
+                        try:
+                            async with timer:
+                                out = await collector.get()
+                        except TimeoutError:
+                            if not timer.expired():
+                                raise
+                            pending = _sweep(pending, q)  # the head still runs: take what ended after it
+                            continue
                 except Exception as exc:  # noqa: BLE001 - handed to the caller (a cancel is no Exception)
                     q.put((i, exc))
-            read = len(added)
+                    pending.popleft()
+                    continue
+                q.put((i, out))
+                if out.finished:
+                    pending.popleft()
         except asyncio.CancelledError:
             with suppress_errors():
-                await llm.abort([c.request_id for _, c in added[read:]], internal=True)
+                await llm.abort([c.request_id for _, c in pending], internal=True)
             raise
         finally:
             for _, collector in added:
@@ -328,3 +349,20 @@ def _dead_reason(engine: Engine) -> str:
 def _died(engine: LocalEngine) -> EngineDiedError:
     return EngineDiedError(f"engine '{engine.name}' has died ({_dead_reason(engine)}); "
                            f"run %vllm_load again to restart it  (log: {engine.log_path})")
+
+
+def _sweep(pending: deque, q: queue.Queue) -> deque:
+    """Hand ``q`` every output that ``pending``'s requests have ready; the requests that have not ended."""
+    left: deque = deque()
+    for i, collector in pending:
+        try:
+            out = collector.get_nowait()
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            q.put((i, exc))
+            continue
+        if out is not None:
+            q.put((i, out))
+            if out.finished:
+                continue
+        left.append((i, collector))
+    return left
