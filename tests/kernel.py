@@ -29,6 +29,11 @@ def engine_processes(pid: int) -> list[psutil.Process]:
     return keep
 
 
+def ray_processes() -> list[str]:
+    """Command lines of the processes a Ray cluster of ours runs (its head's and a node's daemons)."""
+    return processes_running(("raylet", "gcs_server", "vllm_notebook._raynode"))
+
+
 def processes_running(names: tuple[str, ...]) -> list[str]:
     """Command lines (cut to 120 characters) of processes whose command line holds one of ``names``,
     pytest's own excepted (e.g. Ray's: raylet, gcs_server)."""

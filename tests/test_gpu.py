@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel import Kernel, engine_processes, processes_running
+from kernel import Kernel, engine_processes, ray_processes
 
 from vllm_notebook.engine import gpus
 
@@ -416,9 +416,6 @@ def test_embeddings_equal_raw(kernel, raw_tasks, figures):
     kernel.run("%vllm_unload --name emb")
 
 
-RAY = ("raylet", "gcs_server", "vllm_notebook._raynode")
-
-
 @needs_gpu
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                     reason="needs Ray (the GPU payload's .gpu/parts/ray.part.* wheel, pip install --target /tmp/site)")
@@ -427,7 +424,7 @@ def test_ray_executor_on_our_cluster_one_gpu(kernel, raw, idle, figures):
     cluster on this node, vLLM's Ray executor on it with the same text as raw vLLM, the GPU back with Ray after the
     unload, and no Ray process after --down."""
     kernel.run("%vllm_unload --all")
-    assert not processes_running(RAY), processes_running(RAY)
+    assert not ray_processes(), ray_processes()
     out = kernel.run("%vllm_cluster --up", timeout=240)
     assert "1 / 1 (0 in use)" in out, out  # Ray nodes / GPUs
     env = _value(kernel, "{k: __import__('os').environ.get(k) for k in ('RAY_ADDRESS', 'RAY_AUTH_MODE')}")
@@ -447,6 +444,6 @@ def test_ray_executor_on_our_cluster_one_gpu(kernel, raw, idle, figures):
     assert "1 / 1 (0 in use)" in out, out  # the unload gave the GPU back to Ray
     kernel.run("%vllm_cluster --down")
     deadline = time.monotonic() + 30
-    while processes_running(RAY) and time.monotonic() < deadline:
+    while ray_processes() and time.monotonic() < deadline:
         time.sleep(0.3)
-    assert not processes_running(RAY), processes_running(RAY)
+    assert not ray_processes(), ray_processes()

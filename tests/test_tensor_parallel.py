@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from kernel import Kernel, engine_processes, processes_running
+from kernel import Kernel, engine_processes, ray_processes
 
 from vllm_notebook.engine import gpus
 
@@ -236,16 +236,9 @@ def test_server_with_tp2_restart_reattach_unload(kernel, setup, raw, figures):
 
 
 # ------------------------------------------------------------------ the Ray executor on our own cluster
-RAY = ("raylet", "gcs_server", "vllm_notebook._raynode")
-
-
-def _ray_processes() -> list[str]:
-    return processes_running(RAY)
-
-
 @on_gpus
 def test_ray_executor_on_our_cluster(kernel, setup, raw, figures):
-    assert not _ray_processes(), _ray_processes()
+    assert not ray_processes(), ray_processes()
     out = kernel.run("%vllm_cluster --up", timeout=240)
     assert "1 / 2 (0 in use)" in out, out  # Ray nodes / GPUs
     env = _value(kernel, "{k: __import__('os').environ.get(k) for k in ('RAY_ADDRESS', 'RAY_AUTH_MODE')}")
@@ -273,6 +266,6 @@ def test_ray_executor_on_our_cluster(kernel, setup, raw, figures):
     assert "1 / 2 (0 in use)" in out, out  # the unloads gave the GPUs back to Ray
     kernel.run("%vllm_cluster --down")
     deadline = time.monotonic() + 30
-    while _ray_processes() and time.monotonic() < deadline:
+    while ray_processes() and time.monotonic() < deadline:
         time.sleep(0.3)
-    assert not _ray_processes(), _ray_processes()
+    assert not ray_processes(), ray_processes()
