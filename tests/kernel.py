@@ -34,6 +34,15 @@ def ray_processes() -> list[str]:
     return processes_running(("raylet", "gcs_server", "vllm_notebook._raynode"))
 
 
+def ray_gone(timeout: float = 30) -> list[str]:
+    """Wait up to ``timeout`` s for no Ray process of ours (a stopped cluster's daemons take seconds to exit);
+    what is still running then."""
+    deadline = time.monotonic() + timeout
+    while (left := ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return left
+
+
 def processes_running(names: tuple[str, ...]) -> list[str]:
     """Command lines (cut to 120 characters) of processes whose command line holds one of ``names``,
     pytest's own excepted (e.g. Ray's: raylet, gcs_server)."""

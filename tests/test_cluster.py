@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from kernel import Kernel, kernel_manager, ray_processes
+from kernel import Kernel, kernel_manager, ray_gone, ray_processes
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).parent.parent
@@ -132,13 +132,6 @@ def slurm_kernel(job, tmp_path_factory):
         os.environ["JUPYTER_PATH"] = old
 
 
-def _wait_gone(timeout: float = 20) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    return ray_processes()
-
-
 def test_allocation_reads_what_slurm_set(job):
     code = ("import json; from vllm_notebook.cluster.allocation import Allocation; a = Allocation.from_env(); "
             "print(json.dumps(dict(nodes=a.nodes, gpus=a.gpus_per_node, ids=a.gpu_ids, job=a.job_id, node=a.node_name, "
@@ -207,18 +200,18 @@ def test_kernel_in_allocation_plans_and_runs_ray(job, slurm_kernel, demo_path):
         assert "stopped the Ray cluster" in out
         cleared = k.run("import os; print(*[k in os.environ for k in ('RAY_ADDRESS', 'RAY_AUTH_TOKEN_PATH')])")
         assert cleared.split() == ["False", "False"], "--down takes the cluster's settings out of the kernel"
-        assert not _wait_gone(), ray_processes()
+        assert not (left := ray_gone(20)), left
 
         k.run("%vllm_cluster --up", timeout=240)
         assert ray_processes()
         k.run("%unload_ext vllm_notebook")
-        assert not _wait_gone(), f"left behind after %unload_ext: {ray_processes()}"
+        assert not (left := ray_gone(20)), f"left behind after %unload_ext: {left}"
 
         k.run("%load_ext vllm_notebook\n%vllm_cluster --up", timeout=240)
         assert ray_processes()
     finally:
         k.shutdown()
-    assert not _wait_gone(30), f"left behind after kernel shutdown: {ray_processes()}"
+    assert not (left := ray_gone()), f"left behind after kernel shutdown: {left}"
     print(f"Ray head + worker up in {up_seconds:.1f} s")
 
 
@@ -230,7 +223,7 @@ def test_multi_node_notebook_runs_in_the_allocation(slurm_kernel, demo_path, sha
                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "n1, n2" in text and "ray" in text and "2 / 4" in text and "stopped the Ray cluster" in text
     assert "Traceback" not in text
-    assert not _wait_gone(), ray_processes()
+    assert not (left := ray_gone(20)), left
 
 
 def _alloc(job: str, nodes: list[str]):
@@ -254,7 +247,7 @@ def test_attached_cluster_is_never_stopped(job, monkeypatch):
         assert st["reachable"] and st["nodes"] == 2 and st["gpus"] == 4 and st["gpus_used"] == 0
     finally:
         owned.stop()
-    assert not _wait_gone(), ray_processes()
+    assert not (left := ray_gone(20)), left
 
 
 @pytest.mark.slow
@@ -277,7 +270,7 @@ def test_a_cluster_brought_up_by_hand_stays_until_down_one_a_load_started_stops_
         loader._stop_ray_when_unused(SimpleNamespace(ray_cluster=by_hand))
         assert ray_cluster.current() is by_hand and by_hand.status()["reachable"]
         assert "stopped the Ray cluster" in ray_cluster.down()
-        assert not _wait_gone(), ray_processes()
+        assert not (left := ray_gone(20)), left
 
         for_a_load = ray_cluster.up(alloc)
         assert not for_a_load.kept
@@ -285,7 +278,7 @@ def test_a_cluster_brought_up_by_hand_stays_until_down_one_a_load_started_stops_
         assert ray_cluster.current() is None and "RAY_ADDRESS" not in os.environ
     finally:
         ray_cluster.down()
-    assert not _wait_gone(), ray_processes()
+    assert not (left := ray_gone(20)), left
 
 
 def test_a_node_that_cannot_join_is_named_with_its_log(job):
@@ -294,7 +287,7 @@ def test_a_node_that_cannot_join_is_named_with_its_log(job):
     with pytest.raises(ray_cluster.RayClusterError, match="nosuchnode") as info:
         ray_cluster.start(_alloc(job, ["n1", "nosuchnode"]), timeout=60)
     assert "srun" in str(info.value) and "\n" not in str(info.value)
-    assert not _wait_gone(), ray_processes()
+    assert not (left := ray_gone(20)), left
 
 
 # ------------------------------------------------------------------ the CLI inside the allocation

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel import Kernel, engine_processes, ray_processes
+from kernel import Kernel, engine_processes, ray_gone, ray_processes
 
 from vllm_notebook.engine import gpus
 
@@ -443,7 +443,4 @@ def test_ray_executor_on_our_cluster_one_gpu(kernel, raw, idle, figures):
                               "cluster_after_unload": out.strip()[-300:]}
     assert "1 / 1 (0 in use)" in out, out  # the unload gave the GPU back to Ray
     kernel.run("%vllm_cluster --down")
-    deadline = time.monotonic() + 30
-    while ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert not ray_processes(), ray_processes()
+    assert not (left := ray_gone()), left

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from kernel import Kernel, engine_processes, ray_processes
+from kernel import Kernel, engine_processes, ray_gone, ray_processes
 
 from vllm_notebook.engine import gpus
 
@@ -285,7 +285,4 @@ def test_ray_executor_on_our_cluster(kernel, setup, raw, figures):
     figures["ray_after_unload"] = out.strip()[-300:]
     assert "1 / 2 (0 in use)" in out, out  # the unloads gave the GPUs back to Ray
     kernel.run("%vllm_cluster --down")
-    deadline = time.monotonic() + 30
-    while ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert not ray_processes(), ray_processes()
+    assert not (left := ray_gone()), left
