@@ -189,6 +189,29 @@ def test_request_output_accumulates_stream_chunks():
     assert chat.outputs[0].text == "Hi" and chat.finished and chat.prompt_token_ids == [3]
 
 
+def test_a_cut_stream_is_continued_from_its_last_token():
+    """What a chained Slurm engine sends for a stream that its job's end cut: test_slurm_jobs runs it for real."""
+    from vllm_notebook.engine.outputs import Completion, RequestOutput, continuation
+
+    fields = {"max_tokens": 10, "min_tokens": 4, "temperature": 0, "stream": True}
+    cut = RequestOutput("r", "p", outputs=[Completion()])
+    assert continuation(fields, None) is None and continuation(fields, cut) is None  # nothing made yet
+    cut.apply({"choices": [{"index": 0, "text": " Par", "token_ids": [1, 2, 3], "prompt_token_ids": [7, 8]}]}, False)
+    cut.apply({"choices": [{"index": 0, "text": "", "finish_reason": "abort"}]}, False)  # a dying server's answer
+    assert continuation({**fields, "prompt_logprobs": 1}, cut) is None  # they would cover the made tokens
+    prompt, sent = continuation(fields, cut)
+    assert prompt == {"prompt_token_ids": [7, 8, 1, 2, 3]} and fields["max_tokens"] == 10
+    assert sent == {"max_tokens": 7, "min_tokens": 1, "temperature": 0, "stream": True}
+    assert not cut.finished and cut.outputs[0].finish_reason is None
+    # the successor's chunks extend the cut output; its longer prompt does not replace the request's own
+    cut.apply({"choices": [{"index": 0, "text": "is.", "token_ids": [4], "prompt_token_ids": [7, 8, 1, 2, 3]}]}, False)
+    cut.apply({"choices": [{"index": 0, "text": "", "token_ids": [5], "finish_reason": "length"}]}, False)
+    assert cut.finished and cut.outputs[0].text == " Paris." and cut.outputs[0].token_ids == [1, 2, 3, 4, 5]
+    assert cut.prompt_token_ids == [7, 8]
+    two = RequestOutput("n", "p", [7], outputs=[Completion(token_ids=[1]), Completion(index=1, token_ids=[2])])
+    assert continuation(fields, two) is None  # n > 1: sent again whole
+
+
 def test_own_flags_need_server(capsys):
     from vllm_notebook.errors import UsageError
     from vllm_notebook.loader import load_from_argv

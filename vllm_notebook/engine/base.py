@@ -360,13 +360,16 @@ class Engine(TaskMethods, abc.ABC):
             record = self._record(params, adapters)
             self._journaled(run, book, {**record, "reused": 0},
                             self._from_journal(book, [prompt], adapters, record, resume=False)[0], [prompt])
-        seen = 0
+        shown = ""
         try:
             for _, out in self._events(run):
                 text = out.outputs[0].text
-                if len(text) > seen:
-                    yield text[seen:]
-                    seen = len(text)
+                if len(text) > len(shown) and text.startswith(shown):
+                    yield text[len(shown):]
+                    shown = text
+                elif not shown.startswith(text):  # a request sent again whole (a Slurm job's end) that went
+                    raise RequestError(f"engine '{self.name}': the request was sent again and its new text "
+                                       "differs from what was streamed; run it again")
         finally:
             closed_early = not run.done
             if closed_early:

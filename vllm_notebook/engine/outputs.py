@@ -30,7 +30,7 @@ class RequestOutput:
 
     def apply(self, data: dict, chat: bool) -> None:
         """Add one response (or one streamed chunk) of the completions or chat API."""
-        if data.get("prompt_token_ids"):
+        if data.get("prompt_token_ids") and not self.prompt_token_ids:  # a continuation keeps the first prompt
             self.prompt_token_ids = list(data["prompt_token_ids"])
         for ch in data.get("choices") or ():
             i = int(ch.get("index", 0))
@@ -42,7 +42,7 @@ class RequestOutput:
             else:
                 c.text += ch.get("text") or ""
             c.token_ids.extend(ch.get("token_ids") or ())
-            if ch.get("prompt_token_ids"):
+            if ch.get("prompt_token_ids") and not self.prompt_token_ids:
                 self.prompt_token_ids = list(ch["prompt_token_ids"])
             if ch.get("prompt_logprobs") is not None:
                 self.prompt_logprobs = [None if step is None else {int(t): float(v["logprob"] if isinstance(v, dict)
@@ -51,6 +51,24 @@ class RequestOutput:
             if ch.get("finish_reason"):
                 c.finish_reason, c.stop_reason = ch["finish_reason"], ch.get("stop_reason")
         self.finished = bool(self.outputs) and all(c.finish_reason for c in self.outputs)
+
+
+def continuation(fields: dict, cut: RequestOutput | None) -> tuple[dict, dict] | None:
+    """The completions request that continues ``cut``, a single streamed completion that a server's end broke off:
+    the prompt's tokens and those generated so far as the prompt, the tokens left as ``max_tokens``. ``cut`` is
+    reset to go on (its text and tokens stay first). None when it cannot be continued (nothing generated yet,
+    token ids unknown, prompt logprobs asked for); then the request is sent again whole."""
+    done = cut.outputs[0] if cut is not None and len(cut.outputs) == 1 else None
+    if done is None or not done.token_ids or not cut.prompt_token_ids or fields.get("prompt_logprobs") is not None:
+        return None
+    fields, made = dict(fields), len(done.token_ids)
+    if fields.get("max_tokens") is not None:
+        fields["max_tokens"] = max(1, int(fields["max_tokens"]) - made)
+    if fields.get("min_tokens"):
+        fields["min_tokens"] = max(0, int(fields["min_tokens"]) - made)
+    done.finish_reason = done.stop_reason = None  # e.g. "abort" from a dying server
+    cut.finished = False
+    return {"prompt_token_ids": cut.prompt_token_ids + done.token_ids}, fields
 
 
 def from_record(request_id: str, prompt: str | None, record: dict) -> RequestOutput:

@@ -206,8 +206,11 @@ class ServerEngine(Engine):
         body["prompt"] = _prompt_field(prompt)
         return "/v1/completions", body, False
 
-    async def _request(self, i: int, prompt, fields: dict | Pooling, rid: str, q, lora=None):
-        """Send one request; its outputs go to ``q`` as they come. Returns the final output."""
+    async def _request(self, i: int, prompt, fields: dict | Pooling, rid: str, q, lora=None,
+                       base: RequestOutput | None = None):
+        """Send one request; its outputs go to ``q`` as they come. Returns the final output.
+
+        ``base``: the output this request continues (its text and tokens stay first; see ``continuation``)."""
         if isinstance(fields, Pooling):
             return await self._embed_request(i, prompt, fields, rid, q, lora)
         path, body, chat = self._body(prompt, fields)
@@ -215,7 +218,7 @@ class ServerEngine(Engine):
         if lora is not None:
             body["model"] = lora.name  # vLLM serves each adapter as a model of its own name
         text = prompt if isinstance(prompt, str) else None
-        out = RequestOutput(rid, text, outputs=[Completion(index=k) for k in range(int(fields.get("n") or 1))])
+        out = base or RequestOutput(rid, text, outputs=[Completion(index=k) for k in range(int(fields.get("n") or 1))])
         if not fields.get("stream"):
             r = await self._client.post(path, json=body, headers={"X-Request-Id": rid})
             if r.status_code != 200:

@@ -33,6 +33,8 @@ from pathlib import Path
 from .. import logs, paths
 from ..cluster import slurm
 from ..engine import registry as engine_registry
+from ..engine.outputs import continuation
+from ..engine.pooling import Pooling
 from ..errors import EngineDiedError, EngineStartError, UsageError, VllmNotebookError
 from ..ui.display import LiveLine
 from ..ui.tables import Table, cell
@@ -447,27 +449,36 @@ class SlurmEngine(ServerEngine):
               "(walltime); load with --chain N to keep the model up across jobs", file=sys.stderr)
 
     async def _request(self, i: int, prompt, fields, rid: str, q, lora=None):
+        """A stream cut by the end of its job goes on from its last token on the successor's server, so what was
+        streamed stays and the text only grows (``continuation``); any other request is sent again whole."""
         send = super()._request
-        return await self._retried(lambda: send(i, prompt, fields, rid, q, lora), lambda out: out.outputs)
+        if isinstance(fields, Pooling) or not fields.get("stream"):
+            return await self._retried(lambda: send(i, prompt, fields, rid, q, lora), lambda out: out.outputs)
+        seen = _Latest(q)
+
+        def again():
+            cont = continuation(fields, seen.out)
+            return send(i, *cont, rid, q, lora, base=seen.out) if cont else send(i, prompt, fields, rid, q, lora)
+        return await self._retried(lambda: send(i, prompt, fields, rid, seen, lora), lambda out: out.outputs, again)
 
     async def _request_many(self, idx: list[int], prompts: list, fields: dict, rids: list[str], q, lora=None):
         send = super()._request_many
         return await self._retried(lambda: send(idx, prompts, fields, rids, q, lora),
                                    lambda outs: [c for out in outs for c in out.outputs])
 
-    async def _retried(self, send, completions):
-        """One retry on the successor's server for a request cut by the end of its job: the connection broke,
-        or the dying server answered ``finish_reason="abort"`` (its engine went first). Our own aborts
-        (Ctrl-C, Stop) cancel this task, so they never come here."""
+    async def _retried(self, send, completions, again=None):
+        """One retry (``again()``, else ``send()``) on the successor's server for a request cut by the end of its
+        job: the connection broke, or the dying server answered ``finish_reason="abort"`` (its engine went first).
+        Our own aborts (Ctrl-C, Stop) cancel this task, so they never come here."""
         url = self.url
         try:
             out = await send()
         except Exception:  # noqa: BLE001 - re-raised unless the job moved on
             if not await asyncio.to_thread(self._moved_on, url):
                 raise
-            return await send()
+            return await (again or send)()
         if any(c.finish_reason == "abort" for c in completions(out)) and await asyncio.to_thread(self._moved_on, url):
-            return await send()
+            return await (again or send)()
         return out
 
     def _moved_on(self, url: str, timeout: float = 900) -> bool:
@@ -549,3 +560,14 @@ def start(name: str, model: str, flags: list[str], options: list[str], *, chain:
             old.detach() if isinstance(old, SlurmEngine) and old.job.id == rec.id else old.unload()
     eng.watch()
     return eng
+
+
+class _Latest:
+    """A request's queue that also keeps the last output put on it (a stream's output so far)."""
+
+    def __init__(self, q):
+        self.q, self.out = q, None
+
+    def put(self, item) -> None:
+        self.out = item[1]
+        self.q.put(item)
