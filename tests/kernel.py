@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 from jupyter_client.manager import KernelManager
@@ -65,6 +67,10 @@ def kernel_manager(kernel_name: str = "python3") -> KernelManager:
                          connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.uuid4()}.json"))
 
 
+#: The autogroup nice of a test kernel's session (the kernel and its engines): see ``Kernel.yield_cpu``.
+KERNEL_NICE = 10
+
+
 class Kernel:
     def __init__(self, kernel_name: str = "python3", env: dict | None = None):
         self.km = kernel_manager(kernel_name)
@@ -72,6 +78,26 @@ class Kernel:
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
+        self.yield_cpu()
+
+    def yield_cpu(self) -> None:
+        """Lower the scheduler weight of the kernel's session (a Linux autogroup: the kernel and the engines it starts)
+        so that this process, the client that plays the Jupyter server, is not starved while they use every core.
+
+        Measured here (2 cores, kernel 6.18, a TP 2 CPU engine streaming, which asks for ~2.6 cores): a process of
+        another session that sleeps 10 ms at a time was held for up to 0.7-3.7 s, and this client read a stream's
+        first update, or sent its interrupt, only when the stream had ended (30 of 40 trials with two busy loops
+        beside it). With the kernel's autogroup at nice 10: at most 1.3 ms in 8 streams, and no throughput change
+        that this machine's noise shows. README's Troubleshooting gives users the same line.
+        """
+        with contextlib.suppress(OSError):  # no autogroups (kernel built without them, not Linux)
+            Path(f"/proc/{self.pid}/autogroup").write_text(str(KERNEL_NICE))
+
+    def restart(self) -> None:
+        """Kernel > Restart: a new kernel process (engines in servers live on)."""
+        self.km.restart_kernel(now=False)
+        self.kc.wait_for_ready(timeout=60)
+        self.yield_cpu()
 
     @property
     def pid(self) -> int:

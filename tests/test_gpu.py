@@ -276,8 +276,7 @@ def test_server_restart_reattach_sleep_unload(kernel, raw, idle, figures):
     kernel.run(f"%vllm_load {line}", timeout=500)
     figures["server_start_s"] = round(time.perf_counter() - t, 2)
     assert _greedy(kernel, PROMPTS[:1]) == [raw["single"]]
-    kernel.km.restart_kernel(now=False)
-    kernel.kc.wait_for_ready(timeout=60)
+    kernel.restart()
     kernel.run("%load_ext vllm_notebook")
     t = time.perf_counter()
     out = kernel.run(f"%vllm_load {line}")

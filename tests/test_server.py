@@ -307,8 +307,7 @@ def test_server_survives_kernel_restart_and_recovers_from_sigkill(demo_path):
         rec_id = k.run("print(__import__('vllm_notebook').get_engine().record.id)").strip()
         server_pid = int(k.run("print(__import__('vllm_notebook').get_engine().record.pid)"))
 
-        k.km.restart_kernel(now=False)
-        k.kc.wait_for_ready(timeout=60)
+        k.restart()
         out = k.run(f"import time\nt0 = time.perf_counter()\n%load_ext vllm_notebook\n{load}\n"
                     "print('reattach_s', round(time.perf_counter() - t0, 3))\n"
                     "import sys; print('vllm_imported', 'vllm' in sys.modules)")

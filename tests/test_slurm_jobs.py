@@ -96,8 +96,7 @@ def test_a_notebook_outside_any_allocation_gets_exact_completions_from_a_job(dem
         node_addr = k.run("print(eng.url)").strip()
         assert node_addr.startswith(("http://127.0.0.2:", "http://127.0.0.3:")), node_addr  # the job's node
 
-        k.km.restart_kernel(now=False)
-        k.kc.wait_for_ready(timeout=60)
+        k.restart()
         out = k.run(f"%load_ext vllm_notebook\neng = {load}", timeout=120)
         assert "found job" in out and _squeue() == [job], out  # no second submission
         out = k.run(gen, timeout=120)
