@@ -203,6 +203,7 @@ def test_a_cut_stream_is_continued_from_its_last_token():
     assert prompt == {"prompt_token_ids": [7, 8, 1, 2, 3]} and fields["max_tokens"] == 10
     assert sent == {"max_tokens": 7, "min_tokens": 1, "temperature": 0, "stream": True}
     assert not cut.finished and cut.outputs[0].finish_reason is None
+    assert continuation({**fields, "max_tokens": 3}, cut)[1]["max_tokens"] == 0  # made them all: nothing to ask
     # the successor's chunks extend the cut output; its longer prompt does not replace the request's own
     cut.apply({"choices": [{"index": 0, "text": "is.", "token_ids": [4], "prompt_token_ids": [7, 8, 1, 2, 3]}]}, False)
     cut.apply({"choices": [{"index": 0, "text": "", "token_ids": [5], "finish_reason": "length"}]}, False)

@@ -367,7 +367,7 @@ class Engine(TaskMethods, abc.ABC):
                 if len(text) > len(shown) and text.startswith(shown):
                     yield text[len(shown):]
                     shown = text
-                elif not shown.startswith(text):  # a request sent again whole (a Slurm job's end) that went
+                elif not shown.startswith(text):  # sent again whole (cut by a Slurm job's end), a different text
                     raise RequestError(f"engine '{self.name}': the request was sent again and its new text "
                                        "differs from what was streamed; run it again")
         finally:

@@ -55,15 +55,15 @@ class RequestOutput:
 
 def continuation(fields: dict, cut: RequestOutput | None) -> tuple[dict, dict] | None:
     """The completions request that continues ``cut``, a single streamed completion that a server's end broke off:
-    the prompt's tokens and those generated so far as the prompt, the tokens left as ``max_tokens``. ``cut`` is
-    reset to go on (its text and tokens stay first). None when it cannot be continued (nothing generated yet,
+    the prompt's tokens and those generated so far as the prompt, the tokens left as ``max_tokens`` (0: every token
+    was made, only the end was cut off). ``cut`` is reset to go on (its text and tokens stay first). None when it cannot be continued (nothing generated yet,
     token ids unknown, prompt logprobs asked for); then the request is sent again whole."""
     done = cut.outputs[0] if cut is not None and len(cut.outputs) == 1 else None
     if done is None or not done.token_ids or not cut.prompt_token_ids or fields.get("prompt_logprobs") is not None:
         return None
     fields, made = dict(fields), len(done.token_ids)
     if fields.get("max_tokens") is not None:
-        fields["max_tokens"] = max(1, int(fields["max_tokens"]) - made)
+        fields["max_tokens"] = max(0, int(fields["max_tokens"]) - made)
     if fields.get("min_tokens"):
         fields["min_tokens"] = max(0, int(fields["min_tokens"]) - made)
     done.finish_reason = done.stop_reason = None  # e.g. "abort" from a dying server

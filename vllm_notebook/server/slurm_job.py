@@ -456,9 +456,15 @@ class SlurmEngine(ServerEngine):
             return await self._retried(lambda: send(i, prompt, fields, rid, q, lora), lambda out: out.outputs)
         seen = _Latest(q)
 
-        def again():
+        async def again():
             cont = continuation(fields, seen.out)
-            return send(i, *cont, rid, q, lora, base=seen.out) if cont else send(i, prompt, fields, rid, q, lora)
+            if cont is None:
+                return await send(i, prompt, fields, rid, q, lora)
+            if cont[1].get("max_tokens") == 0:  # the job ended between the last token and the finish reason
+                seen.out.outputs[0].finish_reason, seen.out.finished = "length", True
+                q.put((i, seen.out))
+                return seen.out
+            return await send(i, *cont, rid, q, lora, base=seen.out)
         return await self._retried(lambda: send(i, prompt, fields, rid, seen, lora), lambda out: out.outputs, again)
 
     async def _request_many(self, idx: list[int], prompts: list, fields: dict, rids: list[str], q, lora=None):
