@@ -213,6 +213,52 @@ def test_a_cut_stream_is_continued_from_its_last_token():
     assert continuation(fields, two) is None  # n > 1: sent again whole
 
 
+def test_a_stop_string_across_the_cut_ends_a_continued_stream():
+    """Each server checks stop strings in its own text only: the continuation checks those that span the cut, and
+    shows the characters the first server held back (they could begin a stop string) once none can."""
+    from vllm_notebook.engine.outputs import Completion, RequestOutput, StopsAcrossCut, stop_strings
+
+    assert stop_strings({"stop": "##"}) == ["##"] and stop_strings({"stop": ["", "END"]}) == ["END"]
+    assert stop_strings({}) == []
+
+    def cut_at(text: str) -> RequestOutput:
+        return RequestOutput("r", "p", [7], outputs=[Completion(text=text, token_ids=[1, 2])])
+
+    def more(out: RequestOutput, text: str, finish: str | None = None) -> None:
+        out.apply({"choices": [{"index": 0, "text": text, "finish_reason": finish}]}, False)
+
+    out = cut_at("It was")  # the first server made "It was E" and held " E" (longest stop 3: 2 characters)
+    stops = StopsAcrossCut(out, " E", ["END", "!!"], include=False)
+    shown, ended = stops.check(out)
+    assert shown.outputs[0].text == "It was" and not ended  # nothing new yet: the held text stays held
+    more(out, "N")
+    shown, ended = stops.check(out)
+    assert shown.outputs[0].text == "It was" and not ended and out.outputs[0].text == "It was EN"
+    more(out, "D and more")  # "END" spans the cut: the text ends before it, as vLLM ends it
+    shown, ended = stops.check(out)
+    assert ended and shown is out and out.finished
+    assert (out.outputs[0].text, out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("It was ", "stop", "END")
+
+    out = cut_at("It was")
+    stops = StopsAcrossCut(out, " E", ["END"], include=False)
+    more(out, "gg and")  # two characters rule a stop across the cut out: all is shown
+    shown, ended = stops.check(out)
+    assert shown is out and not ended and out.outputs[0].text == "It was Egg and"
+    more(out, " END", "stop")  # one the successor found itself is its own
+    assert stops.check(out) == (out, False) and out.outputs[0].text == "It was Egg and END"
+
+    out = cut_at("a E")  # kept in the output: nothing was held, and the text ends after the stop
+    stops = StopsAcrossCut(out, "", ["END"], include=True)
+    more(out, "ND b")
+    shown, ended = stops.check(out)
+    assert ended and out.outputs[0].text == "a END" and out.outputs[0].stop_reason == "END"
+
+    out = cut_at("x")  # the successor finished (length) before two characters: the held text is shown
+    stops = StopsAcrossCut(out, "E", ["END"], include=False)
+    more(out, "N", "length")
+    assert stops.check(out) == (out, False) and out.outputs[0].text == "xEN"
+
+
 def test_own_flags_need_server(capsys):
     from vllm_notebook.errors import UsageError
     from vllm_notebook.loader import load_from_argv

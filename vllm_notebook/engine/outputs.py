@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -69,6 +69,41 @@ def continuation(fields: dict, cut: RequestOutput | None) -> tuple[dict, dict] |
     done.finish_reason = done.stop_reason = None  # e.g. "abort" from a dying server
     cut.finished = False
     return {"prompt_token_ids": cut.prompt_token_ids + done.token_ids}, fields
+
+
+def stop_strings(fields: dict) -> list[str]:
+    """The request's stop strings (``stop`` is one string or a list)."""
+    stop = fields.get("stop") or ()
+    return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+
+
+class StopsAcrossCut:
+    """What a continued stream checks itself: a stop string that begins in the text made before the cut and ends in
+    the successor's. Each server sees only its own text, so neither would find it.
+
+    ``held``: the end of the text made before the cut that the first server had not streamed yet (vLLM holds back
+    the last ``len(longest stop) - 1`` characters, which could begin a stop string). It joins the text here; the
+    text shown stays what was streamed until the successor's text rules out a stop across the cut.
+    """
+
+    def __init__(self, out: RequestOutput, held: str, stop: list[str], include: bool):
+        c = out.outputs[0]
+        self.shown, self.stop, self.include = len(c.text), stop, include
+        c.text += held
+        self.cut, self.longest = len(c.text), max(map(len, stop))
+
+    def check(self, out: RequestOutput) -> tuple[RequestOutput, bool]:
+        """``(what to show, whether the request ends here)``; a stop found ends the output as vLLM would."""
+        c = out.outputs[0]
+        found = [(p, s) for s in self.stop if -1 < (p := c.text.find(s, max(0, self.cut - len(s) + 1))) < self.cut]
+        if found:
+            p, s = min(found)
+            c.text = c.text[:p + len(s) if self.include else p]
+            c.finish_reason, c.stop_reason, out.finished = "stop", s, True
+            return out, True
+        if self.include or c.finish_reason or len(c.text) >= self.cut + self.longest - 1:
+            return out, False
+        return replace(out, outputs=[replace(c, text=c.text[:self.shown])]), False
 
 
 def from_record(request_id: str, prompt: str | None, record: dict) -> RequestOutput:

@@ -319,6 +319,11 @@ class ServerEngine(Engine):
                                                         "add_special_tokens": special}))
         return list(data.get("tokens") or ())
 
+    async def _text(self, token_ids: list[int]) -> str:
+        """The tokens as text, as this server's tokenizer decodes them (vLLM's ``/detokenize``)."""
+        data = await self._post_json("/detokenize", {"model": self.facts["model"], "tokens": list(token_ids)})
+        return data.get("prompt") or ""
+
     def _score(self, query: str, documents: list[str], lora) -> list[float]:
         """vLLM's ``/score``: cosine similarity for embedding models, the model's own score for cross-encoders."""
         self._check()
