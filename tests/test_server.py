@@ -7,6 +7,7 @@ give the same greedy text as the in-process engine does.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -81,6 +82,54 @@ def test_stream_yields_deltas(server):
     sampling = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
     parts = list(server.stream("Once upon a time", **sampling))
     assert len(parts) >= 2 and "".join(parts) == server.generate("Once upon a time", **sampling).text
+
+
+class _Snapshots:
+    """A request's queue that keeps a copy of every output put on it (put runs on the engine's loop, in order)."""
+
+    def __init__(self):
+        self.outs = []
+
+    def put(self, item) -> None:
+        self.outs.append(copy.deepcopy(item[1]))
+
+
+def _stream(server, prompt, sampling: dict, q=None, *, cut=None):
+    """One streamed request through the server client's own step (``cut``: the step a chained Slurm engine's
+    successor runs for a stream its job's end broke off); returns the final output and the outputs shown."""
+    q = q if q is not None else _Snapshots()
+    fields = server._prepare(server.params(None, sampling), True)
+    send = server._request(0, prompt, fields, "srv-cut", q) if cut is None else \
+        server._continue(0, prompt, fields, "srv-cut", q, None, cut)
+    return server._call(send, timeout=120), q.outs
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_a_cut_stream_goes_on_from_its_last_token_and_keeps_its_stop_strings(server, chat):
+    """A stream cut after 8 tokens (as its Slurm job's end cuts it; test_slurm_jobs does that for real) goes on
+    from there on a server. Each server checks stop strings in its own text only and streams all but the last
+    len(longest stop) - 1 characters: the text comes out as from one uncut request, a stop string across the cut
+    included (the old continuation lost the held characters and ran past such a stop)."""
+    prompt = server.chat_prompt([{"role": "user", "content": "Tell me a story."}]) if chat else "Once upon a time"
+    base = {"max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    whole, shown = _stream(server, prompt, base)
+    text = whole.outputs[0].text
+    at = next(o for o in shown if len(o.outputs[0].token_ids) == 8)
+    assert at.prompt_token_ids, "the stream gives its prompt's tokens: it can be continued"
+    cut_at = len(at.outputs[0].text)  # where the first 8 tokens' text ends (no stop string: nothing held)
+    across = next(text[p - 3:p + 3] for p in range(cut_at, cut_at - 8, -1) if text.find(text[p - 3:p + 3]) == p - 3)
+    for stop, expected in (["@@ never in it @@"], text), ([across], text[:text.find(across)]):
+        sampling = {**base, "stop": stop}
+        assert _stream(server, prompt, sampling)[0].outputs[0].text == expected  # vLLM's own, uncut
+        cut = next(o for o in _stream(server, prompt, sampling)[1] if len(o.outputs[0].token_ids) == 8)
+        assert len(cut.outputs[0].text) < cut_at  # the first server held characters back
+        first = cut.outputs[0].text
+        out, later = _stream(server, prompt, sampling, cut=copy.deepcopy(cut))
+        assert out.outputs[0].text == expected and out.finished, (stop, first, out.outputs[0].text, expected)
+        assert out.outputs[0].finish_reason == ("length" if expected == text else "stop")
+        assert out.prompt_token_ids == at.prompt_token_ids and len(out.outputs[0].token_ids) <= 40
+        texts = [first] + [o.outputs[0].text for o in later]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), texts  # what was shown stays
 
 
 def test_chat_matches_in_process(server, engine):

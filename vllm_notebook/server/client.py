@@ -18,7 +18,7 @@ from typing import Any
 from ..engine import registry as engine_registry
 from ..engine.base import Engine, Run, first_line, request_error, suppress_errors
 from ..engine.lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
-from ..engine.outputs import Completion, RequestOutput
+from ..engine.outputs import Completion, RequestOutput, StopsAcrossCut, continuation, stop_strings
 from ..engine.pooling import Pooled, Pooling
 from ..engine.sampling import request_fields
 from ..errors import (
@@ -244,6 +244,45 @@ class ServerEngine(Engine):
         if not out.finished:  # the stream ended without finish reasons (server shutting down)
             raise RequestError(f"the server at {self.url} closed the stream early")
         return out
+
+    async def _continue(self, i: int, prompt, fields: dict, rid: str, q, lora, cut: RequestOutput | None):
+        """Go on with the stream ``cut``, which another server's end broke off, from its last token on this server
+        (``continuation``; sent again whole when it cannot be). Stop strings hold as if nothing was cut. Sent once:
+        this class's own ``_request``, not a subclass's retrying one."""
+        send = ServerEngine._request.__get__(self)
+        cont = continuation(fields, cut)
+        if cont is None:
+            return await send(i, prompt, fields, rid, q, lora)
+        if cont[1].get("max_tokens") == 0:  # the end came between the last token and the finish reason
+            cut.outputs[0].finish_reason, cut.finished = "length", True
+            q.put((i, cut))
+            return cut
+        stops = await self._stops_across_cut(fields, cut)
+        if stops is None:
+            return await send(i, *cont, rid, q, lora, base=cut)
+        try:
+            return await send(i, *cont, rid, _Checked(q, stops), lora, base=cut)
+        except _StopFound:  # leaving the stream closes it, and the server aborts the request
+            return cut
+
+    async def _stops_across_cut(self, fields: dict, cut) -> StopsAcrossCut | None:
+        """The check of stop strings across the cut, with the text the first server held back (decoded by the
+        successor: the made tokens' text after the prompt's); None when the request has no stop strings."""
+        stop = stop_strings(fields)
+        made = cut.outputs[0]
+        if not stop or len(made.token_ids) < int(fields.get("min_tokens") or 0):
+            return None
+        include, held = bool(fields.get("include_stop_str_in_output")), ""
+        if not include:  # vLLM streams all but the last len(longest stop) - 1 characters
+            try:
+                before = await self._text(cut.prompt_token_ids)
+                after = await self._text(cut.prompt_token_ids + made.token_ids)
+            except (VllmNotebookError, OSError, ValueError):  # the text stays short by what was held
+                before = after = ""
+            text = after[len(before):] if after.startswith(before) else ""
+            if text.startswith(made.text) and len(text) - len(made.text) < max(map(len, stop)):
+                held = text[len(made.text):]
+        return StopsAcrossCut(cut, held, stop, include)
 
     def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
         """A batch (no streaming, completions API) goes as lists of prompts, ``CHUNK`` per request: vLLM's server
@@ -475,3 +514,20 @@ def connect(name: str, url: str, api_key: str | None, record=None, model: str | 
         else:
             old.unload()
     return eng
+
+
+class _StopFound(Exception):
+    """A stop string across the cut ended a continued stream (its final output is on the queue)."""
+
+
+class _Checked:
+    """A continued stream's queue: what it shows is checked for stop strings across the cut (``StopsAcrossCut``)."""
+
+    def __init__(self, q, stops: StopsAcrossCut):
+        self.q, self.stops = q, stops
+
+    def put(self, item) -> None:
+        shown, ended = self.stops.check(item[1])
+        self.q.put((item[0], shown))
+        if ended:
+            raise _StopFound

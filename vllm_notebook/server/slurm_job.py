@@ -33,7 +33,6 @@ from pathlib import Path
 from .. import logs, paths
 from ..cluster import slurm
 from ..engine import registry as engine_registry
-from ..engine.outputs import StopsAcrossCut, continuation, stop_strings
 from ..engine.pooling import Pooling
 from ..errors import EngineDiedError, EngineStartError, UsageError, VllmNotebookError
 from ..ui.display import LiveLine
@@ -457,40 +456,8 @@ class SlurmEngine(ServerEngine):
         seen = _Latest(q)
 
         async def again():
-            cont = continuation(fields, seen.out)
-            if cont is None:
-                return await send(i, prompt, fields, rid, q, lora)
-            if cont[1].get("max_tokens") == 0:  # the job ended between the last token and the finish reason
-                seen.out.outputs[0].finish_reason, seen.out.finished = "length", True
-                q.put((i, seen.out))
-                return seen.out
-            stops = await self._stops_across_cut(fields, seen.out)
-            if stops is None:
-                return await send(i, *cont, rid, q, lora, base=seen.out)
-            try:
-                return await send(i, *cont, rid, _Checked(q, stops), lora, base=seen.out)
-            except _StopFound:  # closing the stream aborts the successor's request
-                return seen.out
+            return await self._continue(i, prompt, fields, rid, q, lora, seen.out)
         return await self._retried(lambda: send(i, prompt, fields, rid, seen, lora), lambda out: out.outputs, again)
-
-    async def _stops_across_cut(self, fields: dict, cut) -> StopsAcrossCut | None:
-        """The check of stop strings across the cut, with the text the first server held back (decoded by the
-        successor: the made tokens' text after the prompt's); None when the request has no stop strings."""
-        stop = stop_strings(fields)
-        made = cut.outputs[0]
-        if not stop or len(made.token_ids) < int(fields.get("min_tokens") or 0):
-            return None
-        include, held = bool(fields.get("include_stop_str_in_output")), ""
-        if not include:  # vLLM streams all but the last len(longest stop) - 1 characters
-            try:
-                before = await self._text(cut.prompt_token_ids)
-                after = await self._text(cut.prompt_token_ids + made.token_ids)
-            except (VllmNotebookError, OSError, ValueError):  # the text stays short by what was held
-                before = after = ""
-            text = after[len(before):] if after.startswith(before) else ""
-            if text.startswith(made.text) and len(text) - len(made.text) < max(map(len, stop)):
-                held = text[len(made.text):]
-        return StopsAcrossCut(cut, held, stop, include)
 
     async def _request_many(self, idx: list[int], prompts: list, fields: dict, rids: list[str], q, lora=None):
         send = super()._request_many
@@ -591,23 +558,6 @@ def start(name: str, model: str, flags: list[str], options: list[str], *, chain:
             old.detach() if isinstance(old, SlurmEngine) and old.job.id == rec.id else old.unload()
     eng.watch()
     return eng
-
-
-class _StopFound(Exception):
-    """A stop string across the cut ended a continued stream (its final output is on the queue)."""
-
-
-class _Checked:
-    """A continued stream's queue: what it shows is checked for stop strings across the cut (``StopsAcrossCut``)."""
-
-    def __init__(self, q, stops: StopsAcrossCut):
-        self.q, self.stops = q, stops
-
-    def put(self, item) -> None:
-        shown, ended = self.stops.check(item[1])
-        self.q.put((item[0], shown))
-        if ended:
-            raise _StopFound
 
 
 class _Latest:
