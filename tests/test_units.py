@@ -253,6 +253,11 @@ def test_a_stop_string_across_the_cut_ends_a_continued_stream():
     shown, ended = stops.check(out)
     assert ended and out.outputs[0].text == "a END" and out.outputs[0].stop_reason == "END"
 
+    out = cut_at("It was")  # min_tokens not reached at the cut: no stop counts there, the held text is shown
+    stops = StopsAcrossCut(out, " E", ["END"], include=False, watch=False)
+    more(out, "ND")
+    assert stops.check(out) == (out, False) and out.outputs[0].text == "It was END"
+
     out = cut_at("x")  # the successor finished (length) before two characters: the held text is shown
     stops = StopsAcrossCut(out, "E", ["END"], include=False)
     more(out, "N", "length")

@@ -56,8 +56,9 @@ class RequestOutput:
 def continuation(fields: dict, cut: RequestOutput | None) -> tuple[dict, dict] | None:
     """The completions request that continues ``cut``, a single streamed completion that a server's end broke off:
     the prompt's tokens and those generated so far as the prompt, the tokens left as ``max_tokens`` (0: every token
-    was made, only the end was cut off). ``cut`` is reset to go on (its text and tokens stay first). None when it cannot be continued (nothing generated yet,
-    token ids unknown, prompt logprobs asked for); then the request is sent again whole."""
+    was made, only the end was cut off). ``cut`` is reset to go on (its text and tokens stay first). None when it
+    cannot be continued (nothing generated yet, token ids unknown, n > 1, prompt logprobs asked for); then the
+    request is sent again whole. Stop strings across the cut: ``StopsAcrossCut``."""
     done = cut.outputs[0] if cut is not None and len(cut.outputs) == 1 else None
     if done is None or not done.token_ids or not cut.prompt_token_ids or fields.get("prompt_logprobs") is not None:
         return None
@@ -83,12 +84,13 @@ class StopsAcrossCut:
 
     ``held``: the end of the text made before the cut that the first server had not streamed yet (vLLM holds back
     the last ``len(longest stop) - 1`` characters, which could begin a stop string). It joins the text here; the
-    text shown stays what was streamed until the successor's text rules out a stop across the cut.
+    text shown stays what was streamed until the successor's text rules out a stop across the cut. ``watch``: False
+    while fewer tokens than ``min_tokens`` were made (vLLM checks no stop string before), then only ``held`` counts.
     """
 
-    def __init__(self, out: RequestOutput, held: str, stop: list[str], include: bool):
+    def __init__(self, out: RequestOutput, held: str, stop: list[str], include: bool, watch: bool = True):
         c = out.outputs[0]
-        self.shown, self.stop, self.include = len(c.text), stop, include
+        self.shown, self.stop, self.include = len(c.text), stop if watch else [], include or not watch
         c.text += held
         self.cut, self.longest = len(c.text), max(map(len, stop))
 

@@ -269,9 +269,9 @@ class ServerEngine(Engine):
         """The check of stop strings across the cut, with the text the first server held back (decoded by the
         successor: the made tokens' text after the prompt's); None when the request has no stop strings."""
         stop = stop_strings(fields)
-        made = cut.outputs[0]
-        if not stop or len(made.token_ids) < int(fields.get("min_tokens") or 0):
+        if not stop:
             return None
+        made = cut.outputs[0]
         include, held = bool(fields.get("include_stop_str_in_output")), ""
         if not include:  # vLLM streams all but the last len(longest stop) - 1 characters
             try:
@@ -282,7 +282,7 @@ class ServerEngine(Engine):
             text = after[len(before):] if after.startswith(before) else ""
             if text.startswith(made.text) and len(text) - len(made.text) < max(map(len, stop)):
                 held = text[len(made.text):]
-        return StopsAcrossCut(cut, held, stop, include)
+        return StopsAcrossCut(cut, held, stop, include, watch=len(made.token_ids) >= int(fields.get("min_tokens") or 0))
 
     def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
         """A batch (no streaming, completions API) goes as lists of prompts, ``CHUNK`` per request: vLLM's server
