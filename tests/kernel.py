@@ -67,8 +67,22 @@ def kernel_manager(kernel_name: str = "python3") -> KernelManager:
                          connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.uuid4()}.json"))
 
 
-#: The autogroup nice of a test kernel's session (the kernel and its engines): see ``Kernel.yield_cpu``.
-KERNEL_NICE = 10
+#: The autogroup nice of a session whose engines compete with this test process for the cores: see ``yield_cpu``.
+YIELD_NICE = 10
+
+
+def yield_cpu(pid: int) -> None:
+    """Lower the scheduler weight of ``pid``'s session (a Linux autogroup: a kernel and the engines it starts, or a
+    server in its own session) so that this process, the client, is not starved while they use every core.
+
+    Measured here (2 cores, kernel 6.18, a TP 2 CPU engine streaming, which asks for ~2.6 cores): a process of
+    another session that sleeps 10 ms at a time was held for up to 0.7-3.7 s, and this client read a stream's
+    first update, or sent its interrupt, only when the stream had ended (30 of 40 trials with two busy loops
+    beside it). With the engine's autogroup at nice 10: at most 1.3 ms in 8 streams, and no throughput change
+    that this machine's noise shows. README's Troubleshooting gives users the same line.
+    """
+    with contextlib.suppress(OSError):  # no autogroups (kernel built without them, not Linux)
+        Path(f"/proc/{pid}/autogroup").write_text(str(YIELD_NICE))
 
 
 class Kernel:
@@ -81,17 +95,8 @@ class Kernel:
         self.yield_cpu()
 
     def yield_cpu(self) -> None:
-        """Lower the scheduler weight of the kernel's session (a Linux autogroup: the kernel and the engines it starts)
-        so that this process, the client that plays the Jupyter server, is not starved while they use every core.
-
-        Measured here (2 cores, kernel 6.18, a TP 2 CPU engine streaming, which asks for ~2.6 cores): a process of
-        another session that sleeps 10 ms at a time was held for up to 0.7-3.7 s, and this client read a stream's
-        first update, or sent its interrupt, only when the stream had ended (30 of 40 trials with two busy loops
-        beside it). With the kernel's autogroup at nice 10: at most 1.3 ms in 8 streams, and no throughput change
-        that this machine's noise shows. README's Troubleshooting gives users the same line.
-        """
-        with contextlib.suppress(OSError):  # no autogroups (kernel built without them, not Linux)
-            Path(f"/proc/{self.pid}/autogroup").write_text(str(KERNEL_NICE))
+        """The kernel's session yields the cores to this client (``yield_cpu``)."""
+        yield_cpu(self.pid)
 
     def restart(self) -> None:
         """Kernel > Restart: a new kernel process (engines in servers live on)."""

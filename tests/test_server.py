@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from conftest import ENGINE_ARGS
+from kernel import yield_cpu
 
 PARIS = " Paris."
 
@@ -32,6 +33,7 @@ def server(demo_path):
     # 2048: room for a stream long enough to be stopped mid-way on any machine
     eng = vllm_notebook.load(demo_path, server=True, name="srv", progress=False,
                              **{**ENGINE_ARGS, "max_model_len": 2048})
+    yield_cpu(eng.record.pid)  # else this client is starved while it streams: a stream of 400 tokens came as one part
     yield eng
     if not eng._closed:
         eng.unload()
@@ -77,9 +79,10 @@ def test_choice_scores_over_the_server_equal_in_process(server, engine):
 
 
 def test_stream_yields_deltas(server):
-    # 400 tokens, so the stream has several chunks even on a fast machine where a busy reader lags behind
-    # (chunks that arrive while the reader is busy are shown together, as they should be).
-    sampling = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    # 1,000 tokens, so the stream has several chunks even on a fast machine where a busy reader lags behind
+    # (chunks that arrive while the reader is busy are shown together, as they should be). 400 (~0.8 s here) once
+    # came as one part in CI, before the server's session yielded the cores to this client (yield_cpu).
+    sampling = {"max_tokens": 1000, "temperature": 0, "ignore_eos": True}
     parts = list(server.stream("Once upon a time", **sampling))
     assert len(parts) >= 2 and "".join(parts) == server.generate("Once upon a time", **sampling).text
 
