@@ -59,7 +59,9 @@ def _wait(what, timeout: float = 120, every: float = 0.5):
 
 
 def _marked_servers() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["environ"]) if "VLLM_NOTEBOOK_SERVER" in (p.info["environ"] or {})]
+    """Servers of Slurm jobs (a server that another module's failed test left behind is not this module's)."""
+    return [p.pid for p in psutil.process_iter(["environ"])
+            if {"VLLM_NOTEBOOK_SERVER", "SLURM_JOB_ID"} <= set(p.info["environ"] or {})]
 
 
 def test_a_notebook_outside_any_allocation_gets_exact_completions_from_a_job(demo_path):
