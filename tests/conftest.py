@@ -77,9 +77,9 @@ def engine(demo_path):
 @pytest.fixture(scope="session")
 def ip(engine):
     """A real IPython shell with the extension loaded and the session engine registered."""
-    from IPython.testing.globalipapp import start_ipython
+    from IPython.testing.globalipapp import get_ipython, start_ipython
 
-    shell = start_ipython()
+    shell = start_ipython() or get_ipython()  # one global shell: another test may have started it
     shell.run_cell("%load_ext vllm_notebook", store_history=False)
     yield shell
     shell.run_cell("%unload_ext vllm_notebook", store_history=False)

@@ -155,3 +155,29 @@ def test_panel_in_a_real_kernel(kernel, demo_path):
         "a.wait(60); b.wait(60)\n"
         "print(both, a.text.startswith(' meow.'), b.text.startswith(' moo.'))")
     assert out.split() == ["True", "True", "True"]
+
+
+def test_doctor_names_a_tcp_kernel_on_a_shared_node_and_the_private_folder(kernel):
+    """Issue 28: a kernel on TCP publishes its output to anyone on the node; the doctor says how to move to IPC."""
+    out = kernel.run("%load_ext vllm_notebook\nfrom vllm_notebook import doctor\n"
+                     "doctor.other_users = lambda: {4242}  # as on a login node\n"
+                     "print(doctor.diagnose(in_kernel=True, check_hub=False))")
+    assert "transport" in out and " tcp" in out
+    assert "any user of this node can subscribe to its output" in out and "vllm-notebook kernel install" in out
+    assert "private folder" in out and "vllm-notebook" in out
+
+
+def test_a_secret_typed_on_a_line_leaves_no_trace_in_the_kernels_history(tmp_path):
+    """Issue 28: a refused --hf-token stayed in history.sqlite (under a 0755 home, readable by others)."""
+    k = Kernel(env={"IPYTHONDIR": str(tmp_path / "ipython")})
+    try:
+        k.run("%load_ext vllm_notebook")
+        _, error = k.collect(k.submit("%vllm_load some/model --hf-token hf_TypedByMistake0123"))
+        assert error["ename"] == "SecretOnLineError" and "removed from IPython's history" in error["evalue"]
+        shown = k.run("secret = 'Typed' + 'ByMistake'\n"
+                      "print(any(secret in s for s in In + [_i, _ii]), any('<secret removed>' in s for s in In))")
+        assert shown.split() == ["False", "True"]
+    finally:
+        k.shutdown()
+    db = next((tmp_path / "ipython").rglob("history.sqlite"))
+    assert b"TypedByMistake" not in db.read_bytes()

@@ -9,9 +9,9 @@ import signal
 import sys
 import time
 
-from . import __version__
+from . import __version__, private
 from .cluster.allocation import Allocation
-from .cluster.jobs import connection_lines, install_kernel, jupyter, sbatch_template
+from .cluster.jobs import configure_ipc_kernels, connection_lines, install_kernel, jupyter, sbatch_template
 from .doctor import diagnose
 from .errors import UsageError, VllmNotebookError
 from .loader import load_from_argv
@@ -72,6 +72,8 @@ def _kernel_install(args) -> int:
                           prefix=args.prefix or (sys.prefix if args.sys_prefix else None), env=env,
                           offline=args.offline, shared=args.sys_prefix or args.shared)
     print(f"installed kernelspec {args.name!r} in {path}")
+    config = configure_ipc_kernels(args.prefix or (sys.prefix if args.sys_prefix else None))
+    print(f"Jupyter's server starts kernels on IPC sockets (private to you, not TCP ports others can read): {config}")
     return 0
 
 
@@ -243,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_sbatch_template)
     args = parser.parse_args(argv)
     try:
+        if args.func in (_serve, _run, _jupyter):  # they start engines or kernels: temp files and caches private
+            private.protect_process()
         return args.func(args)
     except VllmNotebookError as exc:  # a user's mistake: one line, no traceback
         print(f"vllm-notebook: error: {exc}", file=sys.stderr)

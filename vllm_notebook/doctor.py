@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-from . import __version__
+from . import __version__, private
 from .cluster.allocation import Allocation
 from .models import hub
 from .models.hub import human_size
@@ -218,14 +218,51 @@ def diagnose(in_kernel: bool = False, check_hub: bool = True) -> Report:
             r.problem("CUDA is already initialised in this kernel: %vllm_load still works, but vLLM must spawn "
                       "its processes (a slower start, vLLM imported twice) and the kernel keeps GPU memory",
                       "restart the kernel and run %vllm_load before anything that touches torch.cuda")
+        _kernel_transport(r, shared=alloc.source == "slurm" or bool(other_users()))
     if os.environ.get("JUPYTERHUB_USER"):
         r.add("this kernel", "JupyterHub user", os.environ["JUPYTERHUB_USER"])
+    if os.environ.get(private.RUNTIME_ENV):
+        r.add("this kernel", "private folder", f"{os.environ[private.RUNTIME_ENV]} (temp files, sockets, torch's cache)")
     try:
         recs = servers.records()
         r.add("servers", "registered", f"{len(recs)} (%vllm_servers lists them)")
     except OSError:
         pass
     return r
+
+
+def kernel_transport() -> str | None:
+    """How this kernel talks to Jupyter's server (``tcp`` or ``ipc``); None outside a kernel."""
+    try:
+        from ipykernel.connect import get_connection_info
+
+        return get_connection_info(unpack=True).get("transport")
+    except Exception:  # noqa: BLE001 - not in a kernel, or an ipykernel without it
+        return None
+
+
+def _kernel_transport(r: Report, shared: bool) -> None:
+    transport = kernel_transport()
+    if transport is None:
+        return
+    r.add("this kernel", "transport", transport)
+    if transport == "tcp" and shared:
+        r.problem("this kernel talks to Jupyter over TCP: any user of this node can subscribe to its output "
+                  "(cells, printed and generated text) without a key",
+                  "run `vllm-notebook kernel install` once (Jupyter then starts kernels on IPC sockets only you can "
+                  "open) and restart Jupyter, or start it with `vllm-notebook jupyter`")
+
+
+def other_users() -> set[int]:
+    """The uids of other people with processes on this node (as far as /proc shows them)."""
+    import psutil
+
+    me, found = os.geteuid(), set()
+    for p in psutil.process_iter(["uids"]):
+        uids = p.info.get("uids")
+        if uids and uids.real >= 1000 and uids.real not in (me, 65534):
+            found.add(uids.real)
+    return found
 
 
 def _count(cache) -> int:

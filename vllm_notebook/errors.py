@@ -64,3 +64,17 @@ class AuthRefusedError(VllmNotebookError):
 
 class ServerError(VllmNotebookError):
     """Something about a registered server (not found, on another node, unreadable key or registry)."""
+
+
+class UnsafePathError(VllmNotebookError):
+    """A folder or file that another user of this machine could read or replace (made by them, a link, or open
+    to the group or others): refused, since what vLLM or torch put there could be read, forged or run."""
+
+
+class SecretOnLineError(UsageError):
+    """A token or key typed on a magic's line: refused (it would show in ``ps``, logs and the registry). ``secret``
+    is the value typed, so the magic can remove it from IPython's history."""
+
+    def __init__(self, message: str, secret: str = ""):
+        super().__init__(message)
+        self.secret = secret

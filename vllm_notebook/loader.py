@@ -20,7 +20,7 @@ from .cluster import ray as ray_cluster
 from .engine import registry as engine_registry
 from .engine import lora, vllm_import
 from .engine.local import LocalEngine
-from .errors import UsageError, VllmNotebookError
+from .errors import SecretOnLineError, UsageError, VllmNotebookError
 from .models import resolve
 from .prepare import LoadPlan, Prepared, engine_flags, scoped_env
 from .server import client, launch, slurm_job
@@ -300,10 +300,11 @@ def _refuse_secret_words(words: list[str]) -> None:
     for i, word in enumerate(words):
         name = word.split("=", 1)[0].replace("_", "-")
         has_value = "=" in word or (i + 1 < len(words) and not words[i + 1].startswith("-"))
+        value = word.split("=", 1)[1] if "=" in word else (words[i + 1] if has_value else "")
         if name == "--api-key":
-            raise UsageError(_NO_KEY)
+            raise SecretOnLineError(_NO_KEY, value)
         if name == "--hf-token" and has_value:
-            raise UsageError(_NO_TOKEN)
+            raise SecretOnLineError(_NO_TOKEN, value)
 
 
 def _refuse_secrets(ns: argparse.Namespace) -> None:

@@ -74,3 +74,41 @@ def value_of(shell, expr: str):
         return shell.ev(expr)
     except Exception as exc:  # noqa: BLE001 - the user's expression: one line
         raise UsageError(f"{expr}: {type(exc).__name__}: {exc}") from None
+
+
+SECRET_MASK = "<secret removed>"
+
+
+def forget_secret(shell, secret: str) -> bool:
+    """Remove ``secret`` (a token typed on a magic's line) from IPython's history: ``In``, ``_i``/``_iN``, the
+    lines not yet written and ``history.sqlite``. True when it was found somewhere."""
+    if len(secret) < 4:  # too short to be a token; replacing it would mangle unrelated history
+        return False
+    found = False
+    hm = shell.history_manager
+    for lines in (hm.input_hist_parsed, hm.input_hist_raw):
+        for i, src in enumerate(lines):
+            if secret in src:
+                lines[i], found = src.replace(secret, SECRET_MASK), True
+    for attr in ("_i00", "_i", "_ii", "_iii"):  # the next cell copies these into _i, _ii, _iii
+        value = getattr(hm, attr, None)
+        if isinstance(value, str) and secret in value:
+            setattr(hm, attr, value.replace(secret, SECRET_MASK))
+    ns = shell.user_ns
+    for name in [n for n in ns if n in ("_i", "_ii", "_iii") or (n.startswith("_i") and n[2:].isdigit())]:
+        if isinstance(ns[name], str) and secret in ns[name]:
+            ns[name] = ns[name].replace(secret, SECRET_MASK)
+    with hm.db_input_cache_lock:  # the saving thread writes the cache under this lock: nothing slips past
+        hm.db_input_cache = [tuple(v.replace(secret, SECRET_MASK) if isinstance(v, str) else v for v in row)
+                             for row in hm.db_input_cache]
+        db = getattr(hm, "db", None)
+        if getattr(hm, "enabled", False) and db is not None:
+            try:
+                with db:
+                    cur = db.execute("UPDATE history SET source = replace(source, ?1, ?2), "
+                                     "source_raw = replace(source_raw, ?1, ?2) "
+                                     "WHERE instr(source, ?1) > 0 OR instr(source_raw, ?1) > 0", (secret, SECRET_MASK))
+                    found = found or cur.rowcount > 0
+            except Exception:  # noqa: BLE001 - a locked or read-only history: the message still says to revoke
+                pass
+    return found

@@ -18,7 +18,7 @@ from IPython.core.magic import (
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import Bool, Float, Int, Unicode, observe
 
-from . import logs
+from . import logs, private
 from .cluster import ray as ray_cluster
 from .cluster.allocation import Allocation
 from .doctor import diagnose
@@ -27,9 +27,9 @@ from .engine.base import Engine
 from .engine.prompts import interpolate, prompts_from_rows, prompts_from_value, split
 from .engine.registry import engines, get_engine, shutdown, unload_all
 from .engine.sampling import parse_schema
-from .errors import UsageError
+from .errors import SecretOnLineError, UsageError
 from .loader import load_from_argv
-from .magic_args import line_words, parse_line, value_of
+from .magic_args import forget_secret, line_words, parse_line, value_of
 from .models.hub import models_table
 from .server import process as server_process
 from .server import registry as servers
@@ -143,7 +143,13 @@ class VllmMagics(Magics):
         """
         argv = line_words("vllm_load", line, self.shell.user_ns)
         default = self.default_model or os.environ.get("VLLM_NOTEBOOK_MODEL", "")
-        result = load_from_argv(argv, default_model=default)
+        try:
+            result = load_from_argv(argv, default_model=default)
+        except SecretOnLineError as exc:
+            forget_secret(self.shell, exc.secret)
+            raise SecretOnLineError(f"{exc}. The value was removed from IPython's history; it is still in this "
+                                    "cell: delete it there, and revoke it (anyone who saw the notebook has it)",
+                                    exc.secret) from None
         if isinstance(result, Engine):
             result._announced_in = self.shell.execution_count
         return result
@@ -487,6 +493,7 @@ def register(ipython) -> None:
     """Register the magics once (loading the extension twice is harmless)."""
     if "VllmMagics" in ipython.magics_manager.registry:
         return
+    private.protect_process()  # before torch or vLLM is imported: temp files, sockets and caches private
     ipython.register_magics(VllmMagics(shell=ipython))
     ipython.register_magics(TaskMagics(shell=ipython))
 

@@ -44,6 +44,16 @@ _watchdog: subprocess.Popen | None = None
 
 def guard(pgid: int, add: bool = True) -> None:
     """Have the watchdog kill process group ``pgid`` if this process dies first (``add=False``: stop guarding)."""
+    _tell_watchdog(f"{'+' if add else '-'}{pgid}")
+
+
+def remove_at_exit(folder, since: float = 0.0, add: bool = True) -> None:
+    """Have the watchdog remove an engine's private ``folder`` (and the ``/dev/shm`` segments its processes
+    made after ``since``) if this process dies first (``add=False``: it was removed already)."""
+    _tell_watchdog(f"{'+' if add else '-'}D{since:.3f} {folder}")
+
+
+def _tell_watchdog(line: str) -> None:
     global _watchdog
     with _lock:
         if _watchdog is None or _watchdog.poll() is not None:
@@ -52,7 +62,7 @@ def guard(pgid: int, add: bool = True) -> None:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, text=True,
             )
         try:
-            _watchdog.stdin.write(f"{'+' if add else '-'}{pgid}\n")
+            _watchdog.stdin.write(line + "\n")
             _watchdog.stdin.flush()
         except OSError:  # pragma: no cover - watchdog died; the next call restarts it
             pass

@@ -21,6 +21,10 @@ CARRIED = ("PATH", "LD_LIBRARY_PATH", "CUDA_HOME", "HF_HOME", "HF_HUB_CACHE", "H
 # libraries or cache folders, which would run the installer's programs or write into their folders.
 SHARED = ("CUDA_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "SLURM_CONF")
 SECRET = ("HF_TOKEN", "VLLM_API_KEY", "JUPYTER_TOKEN")
+# Kernels talk to Jupyter's server over Unix sockets beside their 0600 connection file, in Jupyter's 0700 runtime
+# folder: on TCP (Jupyter's default) any user of the node can subscribe to a kernel's output (iopub needs no key).
+KERNEL_TRANSPORT = "ipc"
+SERVER_CONFIG = {"KernelManager": {"transport": KERNEL_TRANSPORT}}
 
 
 def kernel_env(extra: dict[str, str] | None = None, offline: bool = False, shared: bool = False) -> dict[str, str]:
@@ -49,6 +53,26 @@ def install_kernel(name: str = "vllm-notebook", display_name: str | None = None,
     display = display_name or f"Python {sys.version_info.major}.{sys.version_info.minor} (vllm-notebook, {venv})"
     return install(user=user and prefix is None, prefix=prefix, kernel_name=name, display_name=display,
                    env=kernel_env(env, offline, shared=shared))
+
+
+def configure_ipc_kernels(prefix: str | None = None) -> Path:
+    """Have Jupyter's servers that read this config start kernels on IPC (``KERNEL_TRANSPORT``): the user's
+    ``~/.jupyter``, or ``PREFIX/etc/jupyter`` for an environment's. Other settings in the file are kept."""
+    import json
+
+    from jupyter_core.paths import jupyter_config_dir
+
+    folder = Path(prefix) / "etc" / "jupyter" if prefix else Path(jupyter_config_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "jupyter_server_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as exc:
+        raise VllmNotebookError(f"{path} is not valid JSON ({exc}); mend it, or add "
+                                f'"KernelManager": {{"transport": "{KERNEL_TRANSPORT}"}} to it yourself') from None
+    config.setdefault("KernelManager", {})["transport"] = KERNEL_TRANSPORT
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------ jupyter on a compute node
@@ -99,7 +123,8 @@ def jupyter(port: int | None = None, lab_args: list[str] | None = None, dry_run:
     print(f"the URL with its token is in {url_file} (only you can read it): cat {url_file}")
     sys.stdout.flush()
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ip={addr}", f"--port={port}",
-           "--ServerApp.port_retries=0", *(["--allow-root"] if os.geteuid() == 0 else []), *(lab_args or [])]
+           "--ServerApp.port_retries=0", f"--KernelManager.transport={KERNEL_TRANSPORT}",
+           *(["--allow-root"] if os.geteuid() == 0 else []), *(lab_args or [])]
     if dry_run:
         print("would run:", shlex.join(cmd))
         return 0
@@ -147,7 +172,8 @@ def sbatch_template(*, nodes: int = 1, gpus_per_node: int = 1, time_limit: str =
         if os.environ.get(key):
             lines.append(f"export {key}={shlex.quote(os.environ[key])}")
     lines += ["export HF_HUB_OFFLINE=1   # compute nodes have no internet: models come from the cache",
-              'export TMPDIR="${SLURM_TMPDIR:-/tmp}"   # node-local, for Ray and vLLM sockets']
+              "umask 077   # the job's files (sockets, caches, logs) for you alone",
+              'export TMPDIR="${SLURM_TMPDIR:-/tmp}"   # node-local; vllm-notebook keeps a private folder in it']
     exe = shlex.quote(os.path.join(os.path.dirname(sys.executable), "vllm-notebook"))
     if server:
         lines.append(f"exec {exe} serve {shlex.join(server)}")

@@ -298,7 +298,7 @@ class Engine(TaskMethods, abc.ABC):
         if not (resume and journal.reusable(record["sampling"])):
             return keys, {}
         try:
-            found = book.lookup(keys)
+            found = book.lookup(keys, run={k: record.get(k) for k in ("model", "revision", "flags", "sampling")})
         except VllmNotebookError as exc:  # the batch runs whole; appending will tell the same in its line
             print(f"vllm-notebook: nothing is resumed: {first_line(exc)}")
             return keys, {}

@@ -9,8 +9,14 @@ only the ones with no finished result (``Engine.run``'s ``resume``).
 Why JSONL and not SQLite: each line goes out in one ``write`` on an ``O_APPEND`` descriptor, so two kernels
 can append to one journal, a crash tears at most the last line (the reader skips it, and the next append
 starts a fresh line), and it works on the NFS and Lustre home folders of clusters, where SQLite's locking
-does not. pandas reads the records as they are. The file is created 0600: prompts and outputs may be
-private data on a shared machine.
+does not. pandas reads the records as they are.
+
+Prompts and outputs may be private data on a shared machine, and a journal feeds results back into runs: the
+file is created 0600 (``O_EXCL``) and opened without following links (``O_NOFOLLOW``); one that is not the user's
+own regular file, or that the group or others may write, is neither read nor appended to (another user could have
+made it first, to read what is appended or to forge results), and results go to a private journal in the cache
+instead, which one line names. A result read back counts only if its run record (in the same file) is of the same
+model, revision, engine flags and sampling.
 
 The journal is on unless ``$VLLM_NOTEBOOK_JOURNAL`` is ``off`` (or ``configure(enabled=False)``,
 ``%config VllmMagics.journal = False``); ``$VLLM_NOTEBOOK_JOURNAL`` (or ``configure(path=...)``) may also
@@ -20,22 +26,27 @@ from ``$JPY_SESSION_NAME``, which Jupyter's server gives kernels), else in the w
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from .. import paths
+from ..errors import UnsafePathError, UsageError
 
 SUFFIX = ".vllm-journal.jsonl"
+_MISSING = object()
 OFF_WORDS = ("off", "0", "false", "no")  # what turns a $VLLM_NOTEBOOK_... switch off, or on
 ON_WORDS = ("on", "1", "true", "yes")
 _settings: dict[str, Any] = {"enabled": None, "path": None, "notebook": None}
 _open: dict[str, Journal] = {}
 _lock = threading.Lock()
+_told: set[str] = set()  # unsafe journals already named in a line
 
 
 # ------------------------------------------------------------------ which journal
@@ -81,10 +92,74 @@ def default_path() -> Path:
 
 
 def current() -> Journal | None:
-    """The journal results go to now, or None when it is off."""
+    """The journal results go to now, or None when it is off. A journal another user could read or forge is
+    replaced by a private one (see the module's docstring), and one line says so, once."""
     if not enabled():
         return None
-    return at(default_path())
+    path = default_path()
+    why = unsafe(path)
+    if why is None:
+        return at(path)
+    instead = private_fallback(path)
+    if str(path) not in _told:
+        _told.add(str(path))
+        print(f"vllm-notebook: the results journal {path} {why}: it is neither read nor appended to "
+              f"(another user could read or forge it); results go to {instead}")
+    return at(instead)
+
+
+def unsafe(path: Path) -> str | None:
+    """Why ``path`` may not be used as a journal (a link, not a file, another user's, writable by others);
+    None when it is safe or does not exist yet."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot be checked ({exc.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return None  # a mistake, not a trap: reading it says so in one line
+    return _why_unsafe(st)
+
+
+def _why_unsafe(st: os.stat_result) -> str | None:
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        import pwd
+
+        try:
+            owner = f"user {pwd.getpwuid(st.st_uid).pw_name!r}"
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        return f"belongs to {owner}"
+    if st.st_mode & 0o022:
+        who = "others" if st.st_mode & 0o002 else "the group"
+        return f"can be written by {who} (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def private_fallback(path: Path) -> Path:
+    """Where results go when the journal at ``path`` is unsafe: a 0600 file in the user's private cache."""
+    tag = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    name = path.name.removesuffix(SUFFIX).removesuffix(".jsonl") or "vllm"
+    return paths.private_dir(paths.cache_root() / "journals") / f"{name}-{tag}{SUFFIX}"
+
+
+def _open_checked(path: Path, flags: int) -> int:
+    """A descriptor of ``path`` (never through a link), checked to be the user's own file closed to others."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    st = os.fstat(fd)
+    why = _why_unsafe(st)
+    if why is not None:
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        raise UnsafePathError(f"the results journal {path} {why}: it is neither read nor appended to (another user "
+                              "could read or forge it); choose a file of your own with %config VllmMagics.journal_path")
+    return fd
 
 
 def at(path: str | os.PathLike) -> Journal:
@@ -161,7 +236,10 @@ class Journal:
         if self._fd is None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:  # a new journal is ours alone; an existing one must already be
+                    fd = _open_checked(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+                except FileExistsError:
+                    fd = _open_checked(self.path, os.O_WRONLY | os.O_APPEND)
             except OSError as exc:
                 raise self._unusable("write", exc) from None
             size = os.fstat(fd).st_size
@@ -173,9 +251,13 @@ class Journal:
         return self._fd
 
     def _last_byte(self) -> bytes:
-        with open(self.path, "rb") as f:
+        with self._reader() as f:
             f.seek(-1, os.SEEK_END)
             return f.read(1)
+
+    def _reader(self):
+        """The journal opened for reading, checked as ``_open_checked`` checks it."""
+        return os.fdopen(_open_checked(self.path, os.O_RDONLY), "rb")
 
     def close(self) -> None:
         with self._lock:
@@ -199,14 +281,14 @@ class Journal:
 
     def _read_new(self) -> None:
         """Index the lines appended since the last read."""
-        size = self.path.stat().st_size
-        if size < self._read_to:  # replaced or truncated: start over
-            self._index.clear()
-            self._runs.clear()
-            self._read_to = 0
-        if size == self._read_to:
-            return
-        with open(self.path, "rb") as f:
+        with self._reader() as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < self._read_to:  # replaced or truncated: start over
+                self._index.clear()
+                self._runs.clear()
+                self._read_to = 0
+            if size == self._read_to:
+                return
             f.seek(self._read_to)
             data = f.read(size - self._read_to)
         end = data.rfind(b"\n") + 1  # a line still being written is read next time
@@ -230,16 +312,22 @@ class Journal:
             return None
         return record if isinstance(record, dict) else None
 
-    def lookup(self, keys: list[str]) -> dict[str, dict]:
-        """The finished results the journal holds for ``keys``."""
+    def lookup(self, keys: list[str], run: dict | None = None) -> dict[str, dict]:
+        """The finished results the journal holds for ``keys``; with ``run`` (fields of a run record), only those
+        whose own run record has the same values for them."""
         with self._lock:
             self._catch_up()
-            return {k: self._index[k] for k in keys if k in self._index}
+            found = {k: self._index[k] for k in keys if k in self._index}
+            if run is not None:
+                want = json.loads(dumps(run))
+                found = {k: r for k, r in found.items()
+                         if all(self._runs.get(r.get("run", ""), {}).get(f, _MISSING) == v for f, v in want.items())}
+            return found
 
     def records(self) -> list[dict]:
         """Every readable line, oldest first (torn lines skipped)."""
         try:
-            with open(self.path, "rb") as f:
+            with self._reader() as f:
                 lines = f.read().splitlines()
         except FileNotFoundError:
             return []

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import logs, procs
+from .. import logs, private, procs
 from ..errors import (
     EngineDiedError,
     EngineStartError,
@@ -51,6 +51,8 @@ class LocalEngine(Engine):
         self._defaults: dict[str, Any] | None = None
         self._groups: list[int] = []
         self._base = None  # the all-zero adapter base-model requests use on vLLM's CPU build (lora.BASE_NAME)
+        self.tmp: Path | None = None  # the engine's private folder: its sockets and rendezvous files
+        self._started_at = time.time()
 
     def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
         self._start_loop()
@@ -76,9 +78,11 @@ class LocalEngine(Engine):
             with suppress_errors():
                 fut.result(timeout=30)
             self._stop_loop()
+            self._forget_folder()
             raise VllmNotebookError("load interrupted; the half-started engine was stopped") from None
         except BaseException as exc:
             self._stop_loop()
+            self._forget_folder()
             if isinstance(exc, VllmNotebookError):
                 raise
             lines = logs.root_cause(self.log_path, exc)
@@ -88,7 +92,9 @@ class LocalEngine(Engine):
         self._groups = [g for g in procs.started_groups() if g not in groups_before]
 
     async def _create(self) -> None:
-        with logs.capture_output(self.log_path), procs.own_process_group():
+        self.tmp = private.engine_dir("kernel", self.name)
+        procs.remove_at_exit(self.tmp, self._started_at)  # if the kernel dies first: the watchdog removes it
+        with logs.capture_output(self.log_path), procs.own_process_group(), private.engine_environment(self.tmp):
             from . import vllm_api
 
             logs.route_vllm_logs(self.log_path, vllm_api.vllm_loggers())
@@ -327,12 +333,20 @@ class LocalEngine(Engine):
             procs.stop_group(pgid)
         for callback in self.on_unload:  # e.g. stop the Ray cluster started for this engine
             callback(self)
+        self._forget_folder()
         gc.collect()
         with suppress_errors():
             from . import vllm_api
 
             vllm_api.free_memory()
         return f"unloaded engine '{self.name}' ({self.model})"
+
+
+    def _forget_folder(self) -> None:
+        """Remove the engine's private folder (sockets, rendezvous files) and the /dev/shm segments it left."""
+        if self.tmp is not None:
+            private.remove(self.tmp, since=self._started_at)
+            procs.remove_at_exit(self.tmp, add=False)
 
 
 async def _shutdown(llm) -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 
-from .. import logs, paths
+from .. import logs, paths, private
 from .journal import ON_WORDS
 
 _API = "vllm_notebook.engine.vllm_api"
@@ -93,6 +93,8 @@ class _ThreadOutput:
 
 
 def _environment() -> None:
+    # Before torch and vLLM fix their temp folders (torch inductor's at import): ours, private to the user.
+    private.protect_process()
     # Log files are read by people and by root_cause(): no colour codes. Compute nodes
     # are usually offline: do not try to send usage statistics.
     os.environ.setdefault("VLLM_LOGGING_COLOR", "0")

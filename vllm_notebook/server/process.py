@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import logs, procs
+from .. import logs, private, procs
 from ..errors import EngineStartError, ServerError, UsageError
 from . import http, registry
 from .registry import MARKER, ServerRecord, new_key_file, normalize, read_key
@@ -68,7 +68,9 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
                        node=socket.gethostname(), job_id=os.environ.get("SLURM_JOB_ID"),
                        log=str(logs.new_log_path(f"server-{port}")), started=time.time(), plan=dict(plan or {}),
                        key_file=new_key_file(rec_id) if own_key else str(Path(key_file).expanduser()))
-    child_env = {**os.environ, **(env or {}), MARKER: rec_id, "VLLM_API_KEY": read_key(rec.key_file),
+    rec.tmp = str(private.engine_dir("server", rec_id))  # its sockets and rendezvous files; removed by forget()
+    child_env = {**os.environ, **(env or {}), **private.environment(Path(rec.tmp)), MARKER: rec_id,
+                 "VLLM_API_KEY": read_key(rec.key_file),
                  "VLLM_LOGGING_COLOR": "0", "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
     if any(t.split("=", 1)[0] in SLEEP_FLAGS for t in argv):
         # Sleep and wake are vLLM's dev endpoints; the guard above keeps them (and the rest) keyed.
@@ -81,7 +83,7 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=os.getcwd())
+                                start_new_session=True, cwd=os.getcwd(), umask=private.UMASK)
     rec.pid = proc.pid
     try:
         registry.update(rec)  # nothing runs unregistered: if this fails (or Ctrl-C comes), the server goes

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import paths, procs
+from .. import paths, private, procs
 from ..cluster import slurm
 from ..engine import registry as engine_registry
 from ..errors import ServerError
@@ -50,6 +50,7 @@ class ServerRecord:
     ray_groups: list[int] = field(default_factory=list)  # a Ray cluster started for this server
     asleep: int = 0  # the sleep level (sleep mode), 0 when awake
     ready: float = 0.0  # when it answered, with its own process holding the port (0: not yet)
+    tmp: str = ""  # its private temp folder (sockets, rendezvous files): removed with it
 
     @property
     def url(self) -> str:
@@ -186,6 +187,7 @@ def forget(rec: ServerRecord) -> None:
                 os.kill(pid, signal.SIGKILL)
         for pgid in rec.ray_groups:
             procs.terminate_group(pgid, grace=10)
+        private.remove(rec.tmp, since=rec.started)  # its sockets, rendezvous files and /dev/shm segments
     with contextlib.suppress(OSError):
         if Path(rec.key_file).parent == home():
             Path(rec.key_file).unlink()

@@ -122,6 +122,12 @@ def find(model: str, flags: list[str], options: list[str]) -> JobRecord | None:
 
 
 # ------------------------------------------------------------------ submitting
+# A job's files for its user alone; its temp folder (sockets, caches) private on its node: the submitting
+# kernel's folders, which sbatch would pass on in the environment, are not that node's.
+PRIVATE_LINES = ("umask 077", "unset VLLM_NOTEBOOK_RUNTIME_DIR",
+                 'export TMPDIR="${SLURM_TMPDIR:-${VLLM_NOTEBOOK_TMPDIR:-/tmp}}" VLLM_NOTEBOOK_TMPDIR=')
+
+
 def script_text(rec: JobRecord, *, job_name: str) -> str:
     """The batch script: ``vllm-notebook serve`` on the job's first node, its output in the private folder."""
     for word in (*rec.flags, rec.model, job_name):
@@ -135,7 +141,7 @@ def script_text(rec: JobRecord, *, job_name: str) -> str:
              f"with: sbatch {shlex.join(rec.options)}",
              "set -euo pipefail", f"export VLLM_NOTEBOOK_CACHE={shlex.quote(str(paths.cache_root()))}",
              "export HF_HUB_OFFLINE=1   # compute nodes have no internet: models come from the cache",
-             f"exec {shlex.join(serve)}"]
+             *PRIVATE_LINES, f"exec {shlex.join(serve)}"]
     return "\n".join(ln for ln in lines if ln) + "\n"
 
 
