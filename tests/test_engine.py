@@ -74,6 +74,19 @@ def test_params_merge(engine):
     assert len(gen.texts) == 3 and gen.params.n == 3 and gen.params.max_tokens == 4
 
 
+def test_a_streamed_prompt_with_n_samples_keeps_every_completion(engine, cell):
+    """Issue 29, item 1: `%%generate -n 4 --temperature 1` streamed returned 3, 1 and 3 completions in three
+    runs (vLLM streams each sample's steps as outputs of their own); `--no-stream` always gave 4."""
+    for trial in range(3):
+        params = engine.params(None, {"n": 4, "temperature": 1.0, "max_tokens": 24, "seed": trial})
+        gen = engine.run(["Once upon a time"], params, stream=True)
+        whole = engine.run(["Once upon a time"], params)
+        assert [c.index for c in gen.outputs[0].outputs] == [0, 1, 2, 3]
+        assert gen.texts == whole.texts and all(c.finish_reason for c in gen.outputs[0].outputs)
+    result, _ = cell("%%generate -n 4 --temperature 1 --max-tokens 16 --seed 7\nOnce upon a time")
+    assert len(result.result.texts) == 4
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"regex": "(["}, RequestError, "regex"),
     ({"json_schema": '{"type": "nonsense"}'}, RequestError, "nonsense"),

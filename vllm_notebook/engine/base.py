@@ -38,7 +38,7 @@ from . import gpus, journal
 from . import sleep as sleep_mode
 from .generation import Generation
 from .lora import Adapters
-from .outputs import from_record
+from .outputs import from_record, merged
 from .pooling import Pooling
 from .sleep import SleepReport
 from .tasks import TaskMethods
@@ -425,7 +425,7 @@ class Engine(TaskMethods, abc.ABC):
                 raise self._translate(out) from None
             if run.first_token_at is None:
                 run.first_token_at = time.monotonic()
-            run.outputs[i] = out
+            run.outputs[i] = out = merged(run.outputs[i], out)
             if run.book is not None and out.finished and not aborted(out):
                 self._journal(run, i, out)
             yield i, out

@@ -117,3 +117,19 @@ def from_record(request_id: str, prompt: str | None, record: dict) -> RequestOut
                                finish_reason=c.get("finish_reason"), stop_reason=c.get("stop_reason"),
                                logprobs=logprobs))
     return RequestOutput(request_id, prompt, list(record.get("prompt_token_ids") or ()), outs, finished=True)
+
+
+def merged(previous, out):
+    """``out`` with every completion of the request so far: a streamed request with ``n > 1`` comes from vLLM as
+    one output per step of each sample (only that sample's completion in it), so the request's state keeps the
+    latest of each sample, by index. Outputs that already hold every sample are returned as they are."""
+    if previous is None or previous is out:
+        return out
+    by_index = {getattr(c, "index", k): c for k, c in enumerate(previous.outputs)}
+    new = {getattr(c, "index", k): c for k, c in enumerate(out.outputs)}
+    if set(new) >= set(by_index):
+        return out
+    by_index.update(new)
+    out.outputs = [by_index[k] for k in sorted(by_index)]
+    return out
+
