@@ -325,6 +325,41 @@ def test_gpu_memory_is_none_without_nvml_and_respects_visible_devices(monkeypatc
     assert gpus._visible(2) == [0, 1]
 
 
+def test_magic_lines_follow_ipythons_habits():
+    """Issue 29, items 6 and 7: `%vllm_load $MODEL` was not expanded, a trailing `;` became part of a flag,
+    `-i ['a','b']` split at the comma's space, and nested inline JSON lost a brace (`}}` became `}`)."""
+    from vllm_notebook.magic_args import line_words
+
+    ns = {"MODEL": "/models/m", "rows": ["a", "b"]}
+    assert line_words("vllm_load", "$MODEL --enforce-eager;", ns) == ["/models/m", "--enforce-eager"]
+    assert line_words("generate", "-i ['a', 'b'] --max-tokens 3", ns) == ["-i", "['a', 'b']", "--max-tokens", "3"]
+    assert line_words("generate", "-i dict(a=1, b=[2, 3])", ns) == ["-i", "dict(a=1, b=[2, 3])"]
+    nested = '{"type":"object","properties":{"a":{"type":"object","properties":{"b":{"type":"string"}}}}}'
+    assert line_words("generate", f"--json-schema '{nested}'", ns) == ["--json-schema", nested]
+    assert line_words("generate", f"--json-schema {nested}", ns) == ["--json-schema", nested]  # unquoted too
+    assert line_words("generate", "--stop ';' --x 'a;'", ns) == ["--stop", ";", "--x", "a;"]
+
+
+def test_a_trailing_semicolon_shows_no_result(tmp_path, monkeypatch):
+    """IPython's `;` (issue 29, item 6): the magic runs and its value can be bound; nothing is displayed. It was
+    `unknown flag --enforce-eager;`."""
+    from IPython.testing.globalipapp import get_ipython, start_ipython
+
+    monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))  # an empty server registry
+    shell = start_ipython() or get_ipython()
+    shell.run_cell("%load_ext vllm_notebook", store_history=False)
+    try:
+        shown = shell.run_cell("%vllm_servers", store_history=True)
+        quiet = shell.run_cell("%vllm_servers ;", store_history=True)
+        bound = shell.run_cell("listing = %vllm_servers ;", store_history=True)
+        after = shell.run_cell("%vllm_servers", store_history=True)
+        assert shown.result is not None and quiet.success and quiet.result is None
+        assert bound.success and shell.user_ns["listing"] is not None
+        assert after.result is not None  # only that cell was quiet
+    finally:
+        shell.run_cell("%unload_ext vllm_notebook", store_history=False)
+
+
 def test_magic_lines_reach_our_parser_as_typed():
     """IPython's expansion would turn \\d{2,4} into \\d(2, 4) and let a value add flags (issue 13, item 6)."""
     from IPython.core.magic import MAGIC_NO_VAR_EXPAND_ATTR
@@ -336,7 +371,8 @@ def test_magic_lines_reach_our_parser_as_typed():
     assert line_words("generate", r"--regex '\d{3}-\d{2,4}'", ns) == ["--regex", r"\d{3}-\d{2,4}"]
     assert line_words("vllm_load", "--attach {obj.url} --name '{country} x'", ns) == ["--attach", "http://h:1", "--name",
                                                                                 "France x"]
-    assert line_words("vllm_load", "{{literal}} $country", ns) == ["{literal}", "$country"]
+    assert line_words("vllm_load", "{{literal}} $country ${n}x $$HOME $unknown", ns) == [
+        "{literal}", "France", "3x", "$HOME", "$unknown"]  # IPython's rules (issue 29, item 6)
     # a --template is filled per row: a notebook variable of the same name as a column must not fill it first
     assert line_words("generate", "-i df --template 'The capital of {country} is' --out-col {country}", ns) == [
         "-i", "df", "--template", "The capital of {country} is", "--out-col", "France"]

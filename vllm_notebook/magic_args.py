@@ -6,6 +6,8 @@ Shared by ``magics.py`` and ``task_magics.py``.
 from __future__ import annotations
 
 import difflib
+import json
+import re
 import shlex
 
 from IPython.core.error import UsageError as IPythonUsageError
@@ -20,28 +22,138 @@ VERBATIM = ("--template",)
 
 
 def line_words(name: str, line: str, namespace) -> list[str]:
-    """A magic's line as typed, split with shell quoting; then ``{name}`` in each word is replaced.
+    """A magic's line as typed, split into words; then ``$name`` and ``{name}`` in each word are replaced.
 
-    IPython's own expansion (``{...}`` and ``$name`` on the whole line) is off for our magics
-    (``@no_var_expand``): it rewrote regexes such as ``\\d{2,4}`` and let a value add flags. Here a
-    value fills one word only, and a value that would read as a flag is refused. The values of
-    ``VERBATIM`` flags are left as typed.
+    IPython's own expansion of the whole line is off for our magics (``@no_var_expand``): it rewrote regexes
+    such as ``\\d{2,4}`` and JSON, and let a value add flags. Here, per word and with IPython's rules, ``$name``,
+    ``${name}`` and ``{name}`` (or ``{obj.attr}``) give a variable's value and ``$$``, ``{{``, ``}}`` literal
+    characters; unknown names and a word that is JSON stay as written. A value fills one word only, and a
+    value that would read as a flag is refused. The values of ``VERBATIM`` flags are left as typed.
+
+    Words are split with shell quoting, except that a bracket (``[``, ``(``, ``{``) runs to the one that closes
+    it, quotes and spaces inside kept (``-i ['a', 'b']``, ``-i f(a, b)``, inline JSON). A trailing ``;`` means
+    what it means in IPython: no displayed result for the cell.
     """
-    try:
-        words = shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"%{name}: {exc}") from None
+    line = _quiet_if_semicolon(line)
+    words = split_words(name, line)
     argv = []
     for k, word in enumerate(words):
         if ("=" in word and word.split("=", 1)[0] in VERBATIM) or (k > 0 and words[k - 1] in VERBATIM):
             argv.append(word)
             continue
-        value = interpolate(word, namespace)
+        value = expand(word, namespace)
         if value != word and value.startswith("-") and not word.startswith("-"):
             raise UsageError(f"%{name}: {word} gives {value!r}, which would read as a flag; "
                              "write the flag itself on the line")
         argv.append(value)
     return argv
+
+
+_DOLLAR = re.compile(r"\$\$|\$\{([A-Za-z_]\w*)\}|\$([A-Za-z_]\w*)")
+
+
+def expand(word: str, namespace) -> str:
+    """``$name``/``${name}``/``$$`` and ``{name}``/``{{``/``}}`` in one word (IPython's rules); JSON as typed."""
+    if word[:1] in "[{" and _is_json(word):
+        return word
+
+    def dollar(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        key = m.group(1) or m.group(2)
+        return str(namespace[key]) if key in namespace else m.group(0)
+
+    return interpolate(_DOLLAR.sub(dollar, word), namespace)
+
+
+def _is_json(word: str) -> bool:
+    try:
+        json.loads(word)
+    except ValueError:
+        return False
+    return True
+
+
+_CLOSE = {"[": "]", "(": ")", "{": "}"}
+
+
+def split_words(name: str, line: str) -> list[str]:
+    """Shell-quoted words, with bracketed words kept whole (see ``line_words``)."""
+    spans: list[str] = []
+    kept, i, quote = [], 0, ""
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\" and quote == '"':
+                kept.append(line[i:i + 2])
+                i += 2
+                continue
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in _CLOSE and (end := _closing(line, i)) is not None:
+            while end < len(line) and not line[end].isspace():
+                end += 1
+            kept.append(f"\0{len(spans)}\0")
+            spans.append(line[i:end])
+            i = end
+            continue
+        kept.append(c)
+        i += 1
+    try:
+        words = shlex.split("".join(kept))
+    except ValueError as exc:
+        raise UsageError(f"%{name}: {exc}") from None
+    return [re.sub(r"\0(\d+)\0", lambda m: spans[int(m.group(1))], w) for w in words]
+
+
+def _closing(line: str, start: int) -> int | None:
+    """The index after the bracket that closes the one at ``start`` (Python strings skipped); None if none."""
+    depth, i, quote = 0, start, ""
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def _quiet_if_semicolon(line: str) -> str:
+    """A line ending in ``;``: the ``;`` off, and the cell's result not displayed (IPython's habit)."""
+    stripped = line.rstrip()
+    if not stripped.endswith(";") or stripped.endswith("\\;"):
+        return line
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None:
+        quiet_this_cell(shell)
+    return stripped[:-1]
+
+
+def quiet_this_cell(shell) -> None:
+    """No displayed result for the cell now running (as a trailing ``;`` gives in IPython)."""
+    hook = shell.displayhook
+    if "quiet" in vars(hook):
+        return
+    hook.quiet = lambda: True
+
+    def restore(*_args) -> None:
+        vars(hook).pop("quiet", None)
+        shell.events.unregister("post_run_cell", restore)
+
+    shell.events.register("post_run_cell", restore)
 
 
 def parse_line(magic, line: str, namespace):
