@@ -121,11 +121,32 @@ def test_batch_is_tokenized_in_one_call_and_matches_single_requests(engine):
     singles = [engine.generate(p, **GREEDY, max_tokens=12) for p in prompts]  # vLLM's per-request path
     assert batch.texts == [s.text for s in singles]
     assert [o.prompt_token_ids for o in batch.outputs] == [s.outputs[0].prompt_token_ids for s in singles]
-    # One prompt too long: the batch cannot be rendered at once, and the error is that prompt's, in one line.
+    # One prompt too long: the batch cannot be rendered at once; the error is that prompt's (next test).
     assert vllm_api.render_batch(engine._llm, ["hi", "word " * 600]) is None
-    with pytest.raises(RequestError, match="max-model-len"):
-        engine.generate(["The capital of France is", "word " * 600], **GREEDY)
     assert engine.generate(["The capital of France is", "A dog says"], **GREEDY).texts == [" Paris.", " woof."]
+
+
+def test_a_prompt_that_fails_fails_alone_and_the_others_are_journaled(engine, tmp_path):
+    """Issue 29, item 8: one over-long prompt failed the whole batch, without naming it; the good prompts got
+    no result."""
+    from vllm_notebook.engine import journal
+
+    path = tmp_path / "j.vllm-journal.jsonl"
+    journal.configure(enabled=True, path=str(path))
+    try:
+        gen = engine.generate(["The capital of France is", "word " * 600, "A dog says"], **GREEDY)
+        assert gen.first_texts() == [" Paris.", "", " woof."] and list(gen.errors) == [1]
+        assert "max-model-len" in gen.errors[1] and "\n" not in gen.errors[1]
+        assert "1 prompt(s) failed (.errors), e.g. prompt 1:" in gen.footer()
+        df = gen.to_pandas()
+        assert list(df.finish_reason)[1] == "error" and "max-model-len" in df.error[1] and len(df) == 3
+        results = [r for r in journal.at(path).records() if r["kind"] == "result"]
+        assert sorted(r["prompt"] for r in results) == ["A dog says", "The capital of France is"]
+        with pytest.raises(RequestError, match="every prompt failed; prompt 0: .*max-model-len"):
+            engine.generate(["word " * 600, "word " * 700], **GREEDY)
+        assert engine.stats.running == 0
+    finally:
+        journal.reset()
 
 
 def test_a_stopped_batch_keeps_partial_outputs_and_leaves_no_request(engine):

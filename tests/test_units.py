@@ -678,3 +678,18 @@ def test_slurm_load_mistakes_are_one_line(argv, match):
     with pytest.raises(UsageError, match=match) as err:
         load_from_argv(argv)
     assert "\n" not in str(err.value)
+
+
+def test_a_failed_prompt_shows_its_error_in_its_row():
+    """Issue 29, item 8: the table, the text form and the DataFrame name the failed prompt and why."""
+    from vllm_notebook.engine.generation import Generation
+    from vllm_notebook.engine.outputs import Completion, RequestOutput
+    from vllm_notebook.ui import render
+
+    ok = RequestOutput("r", "a", [1], [Completion(0, " x", [1], "stop")], True)
+    gen = Generation(["a", "b"], [ok, None], None, "e", 1.0, errors={1: "too long: 600 tokens, max-model-len 512"})
+    assert gen.finish_reasons == ["stop", "error"] and gen.first_texts() == [" x", ""]
+    assert "'error: too long: 600 tokens, max-model-len 512' (0 tokens, error)" in render.plain(gen)
+    assert "<td style='text-align:left'>error: too long" in render.table_html(gen)
+    records = gen.to_records()
+    assert [r["finish_reason"] for r in records] == ["stop", "error"] and records[1]["error"].startswith("too long")

@@ -75,6 +75,7 @@ class Run:
     keys: list[str] = field(default_factory=list)  # each request's journal key
     texts: list[str] = field(default_factory=list)  # each request's prompt as text
     run_id: str = ""
+    errors: dict[int, str] = field(default_factory=dict)  # a prompt's own error (too long, refused), by index
 
 
 class Engine(TaskMethods, abc.ABC):
@@ -259,7 +260,7 @@ class Engine(TaskMethods, abc.ABC):
         interrupted = False
         try:
             with _ctrl_c_flag() as ctrl_c:
-                for j, out in self._events(run, stop_event=_AnyOf(stop_event, ctrl_c)):
+                for j, out in self._events(run, stop_event=_AnyOf(stop_event, ctrl_c), keep_going=len(todo) > 1):
                     if on_output is not None:
                         on_output(todo[j], out)
         except (KeyboardInterrupt, _Stopped):
@@ -269,6 +270,10 @@ class Engine(TaskMethods, abc.ABC):
             self._stop_run(run)
             self._result(run, [prompts[i] for i in todo], interrupted=True)
             raise
+        if run.errors and len(run.errors) == len(todo) and not restored:  # nothing came back: the error itself
+            self._result(run, [prompts[i] for i in todo], interrupted=False)
+            first = min(run.errors)
+            raise RequestError(f"every prompt failed; prompt {first}: {run.errors[first]}")
         return self._merged(run, prompts, todo, restored, record, interrupted)
 
     def _record(self, params: Any, adapters: list) -> dict[str, Any]:
@@ -316,9 +321,11 @@ class Engine(TaskMethods, abc.ABC):
             for j, i in enumerate(todo):
                 outputs[i] = sent.outputs[j]
             gen = Generation(prompts=[prompt_text(p) for p in prompts], outputs=outputs,
-                             params=run.params if run else record.get("sampling"), engine=self.name, elapsed=sent.metrics["elapsed_s"] if sent else 0.0,
+                             params=run.params if run else record.get("sampling"),
+                             engine=self.name, elapsed=sent.metrics["elapsed_s"] if sent else 0.0,
                              ttft=sent.metrics["ttft_s"] if sent else None, interrupted=interrupted,
-                             aborted=sent.aborted if sent else 0, reused=list(restored))
+                             aborted=sent.aborted if sent else 0, reused=list(restored),
+                             errors={todo[j]: e for j, e in sent.errors.items()} if sent else None)
         gen.provenance = record
         return gen
 
@@ -401,9 +408,11 @@ class Engine(TaskMethods, abc.ABC):
         run.future = asyncio.run_coroutine_threadsafe(self._drive(items, params, run), self._loop)
         return run
 
-    def _events(self, run: Run, deadline: float | None = None,
-                stop_event: threading.Event | None = None) -> Iterator[tuple[int, Any]]:
-        """Yield ``(index, output)`` until the run ends (or ``deadline``); one-line errors on failure."""
+    def _events(self, run: Run, deadline: float | None = None, stop_event: threading.Event | None = None,
+                keep_going: bool = False) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, output)`` until the run ends (or ``deadline``); one-line errors on failure. With
+        ``keep_going`` a request's own error (a prompt too long, refused) goes to ``run.errors`` and the others
+        go on; an engine's death still raises."""
         while True:
             if stop_event is not None and stop_event.is_set():
                 raise _Stopped
@@ -422,7 +431,11 @@ class Engine(TaskMethods, abc.ABC):
                 return
             i, out = item
             if isinstance(out, BaseException):
-                raise self._translate(out) from None
+                error = self._translate(out)
+                if not (keep_going and isinstance(error, RequestError)):
+                    raise error from None
+                run.errors[i] = str(error)  # this prompt's alone: the others go on (run() raises if all fail)
+                continue
             if run.first_token_at is None:
                 run.first_token_at = time.monotonic()
             run.outputs[i] = out = merged(run.outputs[i], out)
@@ -462,10 +475,11 @@ class Engine(TaskMethods, abc.ABC):
         elapsed = time.monotonic() - run.started
         ttft = (run.first_token_at - run.started) if run.first_token_at else None
         unfinished = sum(1 for o in run.outputs if o is None or not o.finished or aborted(o))
+        failed = set(run.errors)
         gen = Generation(
             prompts=[prompt_text(p) for p in prompts], outputs=run.outputs, params=run.params,
             engine=self.name, elapsed=elapsed, ttft=ttft, interrupted=interrupted,
-            aborted=unfinished if interrupted else 0,
+            aborted=unfinished - len(failed) if interrupted else 0, errors=run.errors,
         )
         self._account(run, gen.aborted)
         return gen

@@ -18,7 +18,7 @@ class Generation:
     """
 
     def __init__(self, prompts, outputs, params, engine, elapsed, ttft=None, interrupted=False, aborted=0,
-                 reused=()):
+                 reused=(), errors=None):
         self.prompts: list[str] = list(prompts)
         self.outputs: list[Any] = list(outputs)
         self.params = params
@@ -26,6 +26,7 @@ class Generation:
         self.interrupted = interrupted
         self.aborted = aborted
         self.reused = len(reused)  # results taken from the journal instead of generated again
+        self.errors: dict[int, str] = dict(errors or {})  # prompts that failed on their own: index -> one line
         self.provenance: dict[str, Any] = {}  # what made it: model, revision, versions, flags, sampling, node, job
         self.format = "auto"
         self._live = None  # a display handle showing this result while it streamed
@@ -65,9 +66,9 @@ class Generation:
     @property
     def finish_reasons(self) -> list[str]:
         out = []
-        for o in self.outputs:
+        for i, o in enumerate(self.outputs):
             if o is None:
-                out.append("aborted")
+                out.append("error" if i in self.errors else "aborted")
             else:
                 out.extend((c.finish_reason or ("aborted" if self.interrupted else "running")) for c in o.outputs)
         return out
@@ -87,10 +88,17 @@ class Generation:
                 f"{m['output_tokens']} tokens, finish={','.join(sorted(set(self.finish_reasons)))}>")
 
     def to_records(self) -> list[dict]:
+        """One row per completion, in prompt order; a prompt that failed has one row with its ``error``."""
         rows = []
+        done = {i: [] for i in range(len(self.prompts))}
         for i, c in self.completions:
-            rows.append({"prompt": self.prompts[i], "text": c.text, "tokens": len(c.token_ids),
-                         "finish_reason": c.finish_reason or ("aborted" if self.interrupted else None)})
+            done[i].append({"prompt": self.prompts[i], "text": c.text, "tokens": len(c.token_ids),
+                            "finish_reason": c.finish_reason or ("aborted" if self.interrupted else None)})
+        for i in range(len(self.prompts)):
+            if i in self.errors:
+                done[i] = [{"prompt": self.prompts[i], "text": None, "tokens": 0, "finish_reason": "error",
+                            "error": self.errors[i]}]
+            rows += done[i]
         return rows
 
     def to_pandas(self):
@@ -114,6 +122,9 @@ class Generation:
         parts.append(f"finish: {reasons_text(m['finish_reasons'])}")
         if self.reused:
             parts.append(f"{self.reused:,} of {m['prompts']:,} from the journal")
+        if self.errors:
+            first = min(self.errors)
+            parts.append(f"{len(self.errors)} prompt(s) failed (.errors), e.g. prompt {first}: {self.errors[first]}")
         if self.interrupted:
             parts.append(f"interrupted: {self.aborted} request(s) aborted")
         return " · ".join(parts)

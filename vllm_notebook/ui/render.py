@@ -17,7 +17,7 @@ def plain(gen) -> str:
         return json.dumps(gen.to_records(), indent=2, ensure_ascii=False)
     if gen._single():
         return f"{gen.text}\n\n[{gen.footer()}]"
-    rows = [f"[{i}] {r['prompt']!r} -> {r['text']!r} ({r['tokens']} tokens, {r['finish_reason']})"
+    rows = [f"[{i}] {r['prompt']!r} -> {_shown(r)!r} ({r['tokens']} tokens, {r['finish_reason']})"
             for i, r in enumerate(gen.to_records())]
     return "\n".join(rows + [f"[{gen.footer()}]"])
 
@@ -47,8 +47,13 @@ def markdown(gen) -> str:
     return f"{safe_markdown(gen.text)}\n\n<sub>{html.escape(gen.footer())}</sub>"
 
 
+def _shown(record: dict) -> str:
+    """A row's output: the text, or a failed prompt's one-line error."""
+    return record["text"] if record.get("text") is not None else f"error: {record.get('error', '')}"
+
+
 def table_html(gen) -> str:
-    rows = [(i, r["prompt"], r["text"], r["tokens"], r["finish_reason"]) for i, r in enumerate(gen.to_records())]
+    rows = [(i, r["prompt"], _shown(r), r["tokens"], r["finish_reason"]) for i, r in enumerate(gen.to_records())]
     return (html_table(rows, ("#", "prompt", "output", "tokens", "finish"), limit=_MAX_CELL)
             + f"<p><sub>{html.escape(gen.footer())}</sub></p>")
 
