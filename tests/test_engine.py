@@ -287,3 +287,18 @@ def test_dry_run_starts_nothing(demo_path):
     assert plan.engine_args == {"max_model_len": 256}
     assert plan.plan.devices == "CPU" and plan.plan.tensor_parallel_size == 1 and plan.plan.executor is None
     assert "tensor parallel" in str(plan) and "source" in str(plan)
+
+
+def test_the_api_works_in_a_plain_script_without_a_main_guard(demo_path, tmp_path):
+    """Issue 29, item 9: without `if __name__ == "__main__":` vLLM's spawned processes ran the script again and
+    the load failed with a doubled, truncated "An attempt has been made to start a new process before the"."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "analysis.py"
+    script.write_text("import vllm_notebook\n"
+                      f"eng = vllm_notebook.load({demo_path!r}, enforce_eager=True, max_model_len=256)\n"
+                      "print('TEXT', repr(eng.generate('The capital of France is', temperature=0, max_tokens=4).text))\n"
+                      "eng.unload()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0 and "TEXT ' Paris.'" in done.stdout, done.stderr[-2000:]

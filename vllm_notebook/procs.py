@@ -137,6 +137,28 @@ def own_process_group():
                 mp_fork.Popen._launch = _ORIGINAL_LAUNCH
 
 
+@contextlib.contextmanager
+def main_script_hidden():
+    """Processes that multiprocessing *spawns* inside this block do not run the user's script again.
+
+    A spawned child re-imports the parent's ``__main__`` from its file, so in a plain script without
+    ``if __name__ == "__main__":`` the child ran ``vllm_notebook.load()`` again and failed ("An attempt has been
+    made to start a new process before the current process has finished its bootstrapping phase"). vLLM's
+    processes need nothing from the script, so its file is hidden while they start (as in a kernel, whose
+    ``__main__`` has none). A script run with ``python -m`` (a named module) is left alone.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    hide = main is not None and path is not None and getattr(main, "__spec__", None) is None
+    if hide:
+        del main.__file__
+    try:
+        yield
+    finally:
+        if hide:
+            main.__file__ = path
+
+
 def started_groups() -> list[int]:
     return list(_groups)
 

@@ -94,7 +94,8 @@ class LocalEngine(Engine):
     async def _create(self) -> None:
         self.tmp = private.engine_dir("kernel", self.name)
         procs.remove_at_exit(self.tmp, self._started_at)  # if the kernel dies first: the watchdog removes it
-        with logs.capture_output(self.log_path), procs.own_process_group(), private.engine_environment(self.tmp):
+        with (logs.capture_output(self.log_path), procs.own_process_group(), procs.main_script_hidden(),
+              private.engine_environment(self.tmp)):
             from . import vllm_api
 
             logs.route_vllm_logs(self.log_path, vllm_api.vllm_loggers())
