@@ -181,3 +181,20 @@ def test_a_secret_typed_on_a_line_leaves_no_trace_in_the_kernels_history(tmp_pat
         k.shutdown()
     db = next((tmp_path / "ipython").rglob("history.sqlite"))
     assert b"TypedByMistake" not in db.read_bytes()
+
+
+def test_a_failed_replacement_leaves_the_old_engine_serving(kernel, demo_path):
+    """Issue 29, item 2: re-running %vllm_load with flags that cannot start left no engine at all."""
+    kernel.run(f"%load_ext vllm_notebook\nold = %vllm_load {demo_path} {LOAD_FLAGS} --name tx")
+    # Checked before the old engine is touched: one line in the user's units, with the flag to use.
+    _, error = kernel.collect(kernel.submit(f"%vllm_load {demo_path} {LOAD_FLAGS} --max-model-len 100000 --name tx"))
+    assert error["ename"] == "UsageError" and "use --max-model-len 2048" in error["evalue"]
+    assert kernel.run("from vllm_notebook import get_engine\nprint(get_engine('tx') is old, old.alive)").split() == [
+        "True", "True"]
+    # Fails only once started: the old engine is started again from its own settings, and serves.
+    _, error = kernel.collect(kernel.submit(f"%vllm_load {demo_path} {LOAD_FLAGS} --quantization awq "
+                                            "--name tx"), timeout=300)
+    assert error["ename"] == "EngineStartError" and "is serving again" in error["evalue"], error
+    out = kernel.run("print(get_engine('tx').generate('The capital of France is', temperature=0, max_tokens=3).text)")
+    assert "Paris" in out
+    kernel.run("%vllm_unload --name tx")

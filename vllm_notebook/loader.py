@@ -378,11 +378,42 @@ def start_local(prep: Prepared, progress: bool = True, ray_address: str | None =
             return old
         line.update(f"vllm-notebook: unloading the previous '{prep.name}' engine ({old.model}) …")
         old.unload()
+    try:
+        eng = _start_new(prep, args, line, t0, ray_address)
+    except VllmNotebookError as exc:
+        if old is None or old.key == prep.key:
+            raise
+        raise _restored(old, exc, line) from None
+    for name, path in loras:
+        eng.add_lora(name, path)
+    line.done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
+    return eng
+
+
+def _restored(old: LocalEngine, exc: VllmNotebookError, line: LiveLine) -> VllmNotebookError:
+    """A replacement that failed to start: the engine it replaced, started again from its own settings (its
+    adapters too), so the kernel is left as it was. The error to raise, saying which way it went."""
+    line.update(f"vllm-notebook: the new engine failed; starting the previous one ({old.model}) again …")
+    try:
+        again = _start_new(old.prepared, old.prepared.args, line, time.monotonic(), None)
+        for adapter in list(old.adapters):
+            if adapter.name != lora.BASE_NAME:
+                again.add_lora(adapter.name, adapter.path)
+    except VllmNotebookError as second:
+        line.done("vllm-notebook: the previous engine could not be started again either")
+        return type(exc)(f"{exc}; the previous engine ({old.model}) could not be started again: {second}")
+    line.done(f"vllm-notebook: the previous engine is serving again — {summary(again)}")
+    return type(exc)(f"{exc}; the previous engine '{old.name}' ({old.model}) is serving again")
+
+
+def _start_new(prep: Prepared, args, line: LiveLine, t0: float, ray_address: str | None) -> LocalEngine:
+    """Start the engine ``prep`` describes, register it and return it (one line and the error if it fails)."""
     cluster = None
     if prep.plan.needs_ray:
         line.update(f"vllm-notebook: starting the Ray cluster on {prep.allocation.num_nodes} nodes …")
         cluster = ray_cluster.up(prep.allocation, ray_address)
     eng = LocalEngine(prep.name, args, prep.key, logs.new_log_path(prep.name), plan=prep.plan.as_dict())
+    eng.prepared = prep  # what it was started from: a failed replacement starts it again (_restored)
     eng.ray_cluster = cluster
     if cluster is not None and cluster.owned:
         eng.on_unload.append(_stop_ray_when_unused)
@@ -400,9 +431,6 @@ def start_local(prep: Prepared, progress: bool = True, ray_address: str | None =
     if prep.hub_id is not None:
         eng.facts.update(model=prep.hub_id, path=prep.path)
     engine_registry.register(eng)
-    for name, path in loras:
-        eng.add_lora(name, path)
-    line.done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
     return eng
 
 

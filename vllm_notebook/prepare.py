@@ -20,6 +20,7 @@ from typing import Any
 
 from .cluster.allocation import Allocation
 from .cluster.plan import Plan, make_plan
+from .errors import UsageError
 from .models import resolve
 from .ui.tables import html_pairs, text_pairs
 
@@ -53,7 +54,9 @@ class Prepared:
 def prepare(name: str, args: Any, path: str, explicit: set[str], *, gpu_count: int, cpu_build: bool) -> Prepared:
     """Allocation, plan, environment and configuration key for loading ``args`` (model at ``path``)."""
     alloc = Allocation.from_env(gpu_count=gpu_count)
-    plan = make_plan(alloc, resolve.read_config(path), explicit, args)
+    config = resolve.read_config(path)
+    check_max_model_len(args, config)
+    plan = make_plan(alloc, config, explicit, args)
     model = str(args.model)
     hub_id = model if resolve.from_cache(model, path) else None
     env = dict(HUB_OFFLINE) if hub_id else {}
@@ -61,6 +64,20 @@ def prepare(name: str, args: Any, path: str, explicit: set[str], *, gpu_count: i
         env["VLLM_CPU_KVCACHE_SPACE"] = "4"  # vLLM's CPU build would take half the node's RAM
     return Prepared(name=name, model=model, path=path, args=args, explicit=set(explicit), allocation=alloc,
                     plan=plan, hub_id=hub_id, env=env, key=engine_key(args))
+
+
+def check_max_model_len(args: Any, config: dict) -> None:
+    """Refuse a ``--max-model-len`` over the model's own limit before anything starts (or stops: a running engine
+    it would replace stays), in the user's units, with the flag to use. Models that stretch their context
+    (``rope_scaling``) are left to vLLM, which knows their arithmetic."""
+    wanted = getattr(args, "max_model_len", None)
+    allowed = config.get("max_position_embeddings")
+    if (not isinstance(wanted, int) or not isinstance(allowed, int) or config.get("rope_scaling")
+            or os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").lower() in ("1", "true")):
+        return
+    if wanted > allowed:
+        raise UsageError(f"--max-model-len {wanted:,} is more than this model allows ({allowed:,} tokens, its "
+                         f"max_position_embeddings): use --max-model-len {allowed}")
 
 
 def engine_key(args: Any) -> tuple:

@@ -52,6 +52,7 @@ class LocalEngine(Engine):
         self._groups: list[int] = []
         self._base = None  # the all-zero adapter base-model requests use on vLLM's CPU build (lora.BASE_NAME)
         self.tmp: Path | None = None  # the engine's private folder: its sockets and rendezvous files
+        self.prepared: Any = None  # the loader's Prepared it was started from (to start it again)
         self._started_at = time.time()
 
     def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
