@@ -280,3 +280,17 @@ def test_a_refused_secret_is_removed_from_ipythons_history(line):
         assert not any("TypedSecret123" in s for s in stored)
     finally:
         shell.run_cell("%unload_ext vllm_notebook", store_history=False)
+
+
+def test_the_engine_folder_is_never_this_processs_temp_folder(runtime):
+    """Found by the benchmark: a tempfile call in the kernel while an engine started cached the engine's folder
+    as the kernel's temp folder, and once the engine was unloaded every TemporaryDirectory() failed."""
+    import tempfile
+
+    root = private.protect_process()
+    folder = private.engine_dir("kernel", "e")
+    with private.engine_environment(folder):
+        assert os.environ["TMPDIR"] == str(folder) and tempfile.gettempdir() == str(root)
+    private.remove(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        assert tmp.startswith(str(root))

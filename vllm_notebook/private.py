@@ -163,6 +163,7 @@ def engine_environment(folder: Path):
     """Inside the block, this process starts engine processes with ``folder`` as their temp and socket folder
     and umask 077 (restored after)."""
     env = environment(folder)
+    tempfile.gettempdir()  # this process's own temp folder fixed first: never the engine's (removed at unload)
     old = {k: os.environ.get(k) for k in env}
     old_umask = os.umask(UMASK)
     os.environ.update(env)
