@@ -229,32 +229,31 @@ def sweep_shm(since: float) -> list[str]:
             with contextlib.suppress(OSError):
                 st = entry.stat(follow_symlinks=False)
                 if st.st_uid == me and st.st_ctime >= since - 1:
-                    candidates[entry.path] = entry.name
+                    candidates[st.st_ino] = (entry.path, entry.name)
     if not candidates:
         return []
-    for path in _in_use():
-        candidates.pop(path, None)
-    for path in candidates:
+    for inode in _in_use():
+        candidates.pop(inode, None)
+    for path, _ in candidates.values():
         with contextlib.suppress(OSError):
             os.unlink(path)
-    return sorted(candidates.values())
+    return sorted(name for _, name in candidates.values())
 
 
-def _in_use() -> set[str]:
-    """``/dev/shm`` paths mapped or open in any process this user can inspect."""
-    used: set[str] = set()
+def _in_use() -> set[int]:
+    """Inodes of ``/dev/shm`` files mapped or open in any process this user can inspect. By inode, not name: a
+    POSIX semaphore is mapped under the temporary name glibc made it with (``sem.XXXXXX (deleted)``)."""
+    used: set[int] = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             with open(f"/proc/{pid}/maps") as f:
                 for line in f:
-                    i = line.find("/dev/shm/")
-                    if i >= 0:
-                        used.add(line[i:].strip().removesuffix(" (deleted)"))
+                    if "/dev/shm/" in line:
+                        used.add(int(line.split()[4]))
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("/dev/shm/"):
-                        used.add(target)
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"):
+                        used.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
     return used
 
