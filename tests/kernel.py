@@ -79,7 +79,7 @@ def yield_cpu(pid: int, nice: int = YIELD_NICE) -> None:
     another session that sleeps 10 ms at a time was held for up to 0.7-3.7 s, and this client read a stream's
     first update, or sent its interrupt, only when the stream had ended (30 of 40 trials with two busy loops
     beside it). With the engine's autogroup at nice 10: at most 1.3 ms in 8 streams, and no throughput change
-    that this machine's noise shows. README's Troubleshooting gives users the same line.
+    that this machine's noise shows. docs/cluster.md's Troubleshooting gives users the same line.
     """
     with contextlib.suppress(OSError):  # no autogroups (kernel built without them, not Linux)
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))

