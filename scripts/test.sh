@@ -4,6 +4,20 @@
 # Debian's Chromium. As root it installs the Debian packages it needs (slurm, munge,
 # chromium). Extra arguments go to pytest.
 set -euo pipefail
+case "${1:-}" in -h|--help)
+  cat <<'USAGE'
+usage: bash scripts/test.sh [PYTEST ARGS...]
+
+Runs the whole test suite: the fast tier (pytest -m "not slow"), then the slow tier against real parts
+(vLLM's CPU engine, kernels, a two-node Slurm cluster with Ray, JupyterLab in Chromium, two user accounts).
+First it creates or updates .venv (scripts/setup.sh), installs Debian's chromium, slurm and munge as root,
+and starts the dev Slurm cluster (scripts/dev-cluster up; stopped again at the end).
+Selecting tests (-k, -m, a path or a node id) runs just those, in one pytest call.
+  bash scripts/test.sh -m "not slow"        the fast tier alone
+  bash scripts/test.sh tests/test_units.py  one file
+USAGE
+  exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${VLLM_NOTEBOOK_VENV:-.venv}

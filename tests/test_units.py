@@ -693,3 +693,17 @@ def test_a_failed_prompt_shows_its_error_in_its_row():
     assert "<td style='text-align:left'>error: too long" in render.table_html(gen)
     records = gen.to_records()
     assert [r["finish_reason"] for r in records] == ["stop", "error"] and records[1]["error"].startswith("too long")
+
+
+def test_the_test_script_help_only_prints_usage():
+    """Issue 29, item 10: `scripts/test.sh --help` installed Chromium, started the shared dev cluster and tore
+    it down (another checkout's with it)."""
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    t0 = time.monotonic()
+    done = subprocess.run(["bash", str(root / "scripts" / "test.sh"), "--help"], capture_output=True, text=True,
+                          timeout=30, env={"PATH": "/usr/bin:/bin"})  # no venv, no apt on PATH's terms: nothing runs
+    assert done.returncode == 0 and done.stdout.startswith("usage: bash scripts/test.sh")
+    assert time.monotonic() - t0 < 5 and done.stderr == ""
