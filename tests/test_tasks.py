@@ -229,7 +229,7 @@ def test_choice_scores_equal_a_direct_computation_with_raw_vllm(engine, raw_choi
 
     result, _ = cell('%%score --choices " Paris., Tokyo., woof."\nThe capital of France is')
     one = result.result
-    assert one.best(0) == " Paris." and [r[0] for r in one.rows()] == [" Paris.", " Tokyo.", " woof."]
+    assert one.best == one.best_of(0) == " Paris." and [r[0] for r in one.rows()] == [" Paris.", " Tokyo.", " woof."]
     assert "total" in one._repr_html_()
     ip.user_ns["quiz"] = pd.DataFrame({"country": ["France", "Japan"]})
     ip.user_ns["country"] = "France"  # a variable named like the column must not fill the template (a CI failure)

@@ -707,3 +707,22 @@ def test_the_test_script_help_only_prints_usage():
                           timeout=30, env={"PATH": "/usr/bin:/bin"})  # no venv, no apt on PATH's terms: nothing runs
     assert done.returncode == 0 and done.stdout.startswith("usage: bash scripts/test.sh")
     assert time.monotonic() - t0 < 5 and done.stderr == ""
+
+
+def test_a_mistyped_compare_setting_is_named():
+    """Issue 29, item 10: `--compare temprature=0` answered `needs two columns`."""
+    from vllm_notebook.engine.compare import parse_setting
+
+    with pytest.raises(UsageError, match=r"unknown setting 'temprature' \(did you mean temperature\?\)"):
+        parse_setting("temprature=0")
+    assert parse_setting("temperature=0.8 seed=1 system='Be terse.'") == {"temperature": 0.8, "seed": 1,
+                                                                          "system": "Be terse."}
+
+
+def test_an_error_whose_first_line_announces_the_rest_keeps_it():
+    """Issue 29, item 10: a bad regex's error was cut at `regex parse error:`."""
+    from vllm_notebook.engine.base import first_line
+
+    bad = ValueError("regex parse error:\n    ([\n     ^\nerror: unclosed character class")
+    assert first_line(bad) == "regex parse error: ([ ^ error: unclosed character class"
+    assert first_line(ValueError("one line\nand a traceback")) == "one line"

@@ -666,11 +666,17 @@ def _not_journaled(run: Run, exc: BaseException) -> None:
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of the innermost cause of ``exc`` (or its type's name)."""
+    """The first line of the innermost cause of ``exc`` (or its type's name); a first line that ends in ``:``
+    announces what follows (``regex parse error:`` then the pattern and the error), so the rest is joined to it."""
     cause = exc
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(cause).__name__
+    if lines[0].endswith(":") and len(lines) > 1 and not lines[0].startswith("Traceback"):
+        return " ".join(lines)[:400]
+    return lines[0]
 
 
 def request_error(msg: str) -> RequestError:

@@ -8,6 +8,7 @@ columns and keeps what they made.
 
 from __future__ import annotations
 
+import difflib
 import json
 import shlex
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..ui import render
+from . import sampling
 from .base import Engine, as_batch
 from .generation import Generation, reasons_text
 from .registry import get_engine
@@ -48,6 +50,13 @@ def parse_setting(spec: str) -> dict[str, Any]:
             out[key.replace("-", "_")] = value
     if not out:
         raise UsageError("--compare needs at least one NAME=VALUE setting")
+    # A mistyped name is told here; another vLLM field (extra_args, ...) goes on to the engine, which checks it.
+    known = sampling.REQUEST_FIELDS | set(sampling.STRUCTURED) | {"json_schema", "system", "lora"}
+    for key in out:
+        near = difflib.get_close_matches(key, sorted(known), n=1) if key not in known else []
+        if near:
+            raise UsageError(f"--compare {spec!r}: unknown setting {key!r} (did you mean {near[0]}?); settings are "
+                             "sampling parameters (temperature, top_p, max_tokens, seed, ...), system or lora")
     return out
 
 

@@ -134,7 +134,13 @@ class ChoiceScores(Table):
     def per_token(self, q: int) -> list[float]:
         return [lp / n if n else math.nan for lp, n in zip(self.logprobs[q], self.tokens[q])]
 
-    def best(self, q: int = 0, normalized: bool = False) -> str | None:
+    @property
+    def best(self) -> str | None:
+        """The first question's best choice (as ``Ranking.best`` is the best document); ``answers`` has every
+        question's, ``best_of(q, normalized=True)`` the per-token one."""
+        return self.best_of(0)
+
+    def best_of(self, q: int = 0, normalized: bool = False) -> str | None:
         """The choice with the highest total (or, ``normalized``, per-token) log-probability."""
         values = self.per_token(q) if normalized else self.logprobs[q]
         scored = [(v, i) for i, v in enumerate(values) if not math.isnan(v)]
@@ -143,7 +149,7 @@ class ChoiceScores(Table):
     @property
     def answers(self) -> list[str | None]:
         """The best choice (by total log-probability) of each question."""
-        return [self.best(q) for q in range(len(self.questions))]
+        return [self.best_of(q) for q in range(len(self.questions))]
 
     @property
     def COLUMNS(self) -> tuple[str, ...]:  # noqa: N802 - Table's name
@@ -156,18 +162,18 @@ class ChoiceScores(Table):
 
     def rows(self) -> list[tuple]:
         if len(self.questions) == 1:
-            best, best_norm = self.best(0), self.best(0, normalized=True)
+            best, best_norm = self.best_of(0), self.best_of(0, normalized=True)
             return [(c, f"{lp:.4f}", n, f"{pt:.4f}", _mark(c == best, c == best_norm))
                     for c, lp, n, pt in zip(self.choices[0], self.logprobs[0], self.tokens[0], self.per_token(0))]
         shared = bool(self._shared_choices())
-        return [(q, _cut(text), self.best(q), self.best(q, normalized=True),
+        return [(q, _cut(text), self.best_of(q), self.best_of(q, normalized=True),
                  *([f"{lp:.4f}" for lp in self.logprobs[q]] if shared else []))
                 for q, text in enumerate(self.questions)]
 
     def title(self) -> str:
         note = " (interrupted: unscored choices are NaN)" if self.interrupted else ""
         if len(self.questions) == 1:
-            return f"{_cut(self.questions[0], 120)!r}: best {self.best(0)!r}{note}"
+            return f"{_cut(self.questions[0], 120)!r}: best {self.best_of(0)!r}{note}"
         return f"{len(self.questions)} questions{note}"
 
     def to_pandas(self, long: bool = False):
@@ -181,7 +187,7 @@ class ChoiceScores(Table):
             return pd.DataFrame.from_records(rows, columns=["question", "choice", "logprob", "tokens", "per_token"])
         rows = []
         for q, text in enumerate(self.questions):
-            row = {"question": text, "best": self.best(q), "best_per_token": self.best(q, normalized=True)}
+            row = {"question": text, "best": self.best_of(q), "best_per_token": self.best_of(q, normalized=True)}
             row.update({f"logprob[{c}]": lp for c, lp in zip(self.choices[q], self.logprobs[q])})
             rows.append(row)
         return pd.DataFrame.from_records(rows)
