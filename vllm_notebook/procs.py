@@ -164,11 +164,21 @@ def started_groups() -> list[int]:
 
 
 def group_alive(pgid: int) -> bool:
+    """A process of group ``pgid`` still runs (zombies, exited but not yet reaped, do not count: they hold
+    nothing, and waiting for them to go cost an unload its whole grace period)."""
     try:
         os.killpg(pgid, 0)
-        return True
     except OSError:
         return False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
 
 
 def terminate_groups(pgids, grace: float = 10.0) -> None:

@@ -38,6 +38,7 @@ from .sampling import as_dict, build_params
 RENDER_CHUNK = 512
 #: How often a batch waiting on one request also takes the final outputs of the others (``LocalEngine._batch``).
 SWEEP_S = 0.1
+SHUTDOWN_GRACE_S = 0.5  # what vLLM's own shutdown gets before the engine's processes are stopped by us
 
 
 class LocalEngine(Engine):
@@ -327,8 +328,16 @@ class LocalEngine(Engine):
         llm, self._llm, self._tokenizer = self._llm, None, None
         if llm is not None and self._loop is not None and self._loop.is_running():
             fut = asyncio.run_coroutine_threadsafe(_shutdown(llm), self._loop)
-            with suppress_errors():
-                fut.result(timeout=60)
+            try:
+                fut.result(timeout=SHUTDOWN_GRACE_S)
+            except TimeoutError:
+                # vLLM has told its processes to stop and waits ~4 s for them (measured on CPU); nothing they
+                # hold outlives them (memory, GPU memory; the /dev/shm segments are swept below): stop them now.
+                procs.terminate_groups(self._groups, grace=0.3)
+                with suppress_errors():
+                    fut.result(timeout=60)
+            except Exception:  # noqa: BLE001 - a shutdown that failed: the groups are stopped below all the same
+                pass
         del llm
         self._stop_loop()
         for pgid in self._groups:  # anything vLLM's shutdown left behind
@@ -336,8 +345,7 @@ class LocalEngine(Engine):
         for callback in self.on_unload:  # e.g. stop the Ray cluster started for this engine
             callback(self)
         self._forget_folder()
-        gc.collect()
-        with suppress_errors():
+        with suppress_errors():  # collects garbage (gc.collect) and frees cached device memory
             from . import vllm_api
 
             vllm_api.free_memory()
