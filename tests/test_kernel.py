@@ -198,3 +198,24 @@ def test_a_failed_replacement_leaves_the_old_engine_serving(kernel, demo_path):
     out = kernel.run("print(get_engine('tx').generate('The capital of France is', temperature=0, max_tokens=3).text)")
     assert "Paris" in out
     kernel.run("%vllm_unload --name tx")
+
+
+def test_ctrl_c_while_vllm_is_imported_is_one_line_and_the_next_load_works(demo_path):
+    """Issue 29, item 3: Ctrl-C in the first seconds of a cold %vllm_load printed a 21-42 line traceback, and
+    once the next load failed with `partially initialized module 'ray' has no attribute '_private'`."""
+    k = Kernel()
+    try:
+        k.run("%load_ext vllm_notebook")
+        msg_id = k.submit(f"%vllm_load {demo_path} {LOAD_FLAGS}")
+        time.sleep(1.5)  # a cold import of vLLM takes ~10 s here
+        k.km.interrupt_kernel()
+        out, error = k.collect(msg_id, timeout=120)
+        assert error is not None and error["ename"] == "VllmNotebookError", (error, out)
+        assert "interrupted while vLLM was being imported" in error["evalue"] and len(error["traceback"]) == 1
+        out = k.run(f"import vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
+        assert "ready in" in out
+        assert "Paris" in k.run("print(vllm_notebook.get_engine().generate('The capital of France is', "
+                                "temperature=0, max_tokens=3).text)")
+        k.run("%vllm_unload")
+    finally:
+        k.shutdown()

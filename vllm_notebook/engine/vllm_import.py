@@ -9,19 +9,34 @@ import sys
 import threading
 
 from .. import logs, paths, private
+from ..errors import VllmNotebookError
 from .journal import ON_WORDS
 
 _API = "vllm_notebook.engine.vllm_api"
 _preload: threading.Thread | None = None
+_imported = threading.Event()  # set when the background import has ended (done or failed)
 
 
 def vllm_api():
-    """``engine/vllm_api.py`` (which imports vLLM and torch), imported with its output sent to a session log."""
-    if _preload is not None:
-        _preload.join()  # a background import under way: its module, not a half-imported one
+    """``engine/vllm_api.py`` (which imports vLLM and torch), imported with its output sent to a session log.
+
+    The import runs in a thread of its own and this one waits for it: Ctrl-C during the ~10 s import stops the
+    wait, in one line, not the import. An import cut by KeyboardInterrupt would leave half-initialised modules
+    in ``sys.modules`` (seen: ``partially initialized module 'ray' has no attribute '_private'`` at the next
+    load), and nothing but a kernel restart mends that; this way the next ``%vllm_load`` finds it done.
+    """
+    if _API in sys.modules and not preloading():
+        return sys.modules[_API]
+    preload()
+    try:
+        while preloading():
+            _imported.wait(0.1)  # not Thread.join: interrupted, it can mark the thread stopped while it runs
+    except KeyboardInterrupt:
+        raise VllmNotebookError("interrupted while vLLM was being imported (it goes on in the background, "
+                                "~10 s): run the line again") from None
     if _API in sys.modules:
         return sys.modules[_API]
-    _environment()
+    _environment()  # the import in the thread failed (its log says why): again here, to raise its error
     path = _log_path()
     with logs.capture_output(path):
         from . import vllm_api as api
@@ -36,9 +51,10 @@ def preload() -> bool:
     What the import prints goes to the session log; the notebook's own output is untouched. False when
     vLLM is imported already (or being imported)."""
     global _preload
-    if _preload is not None or _API in sys.modules:
+    if preloading() or _API in sys.modules:
         return False
     _environment()
+    _imported.clear()
     _preload = threading.Thread(target=_import_quietly, name="vllm-notebook:preload", daemon=True)
     _preload.start()
     return True
@@ -51,10 +67,17 @@ def preload_by_environment() -> bool:
 
 def preloading() -> bool:
     """True while a background import runs."""
-    return _preload is not None and _preload.is_alive()
+    return _preload is not None and not _imported.is_set()
 
 
 def _import_quietly() -> None:
+    try:
+        _import_logged()
+    finally:
+        _imported.set()
+
+
+def _import_logged() -> None:
     path = _log_path()
     me = threading.current_thread()
     with open(path, "a", buffering=1) as log:
