@@ -318,8 +318,17 @@ class ServerEngine(Engine):
             body["model"] = model.name
         r = await self._client.post(path, json=body, headers={"X-Request-Id": rids[0]})
         if r.status_code == 400:
-            return list(await asyncio.gather(*(self._request(i, p, fields, rid, q, lora)
-                                               for i, p, rid in zip(idx, prompts, rids))))
+            async def alone(i: int, p, rid: str):
+                try:
+                    return await self._request(i, p, fields, rid, q, lora)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this prompt's error, under its own index
+                    q.put((i, exc))
+                    return None
+
+            outs = await asyncio.gather(*(alone(i, p, rid) for i, p, rid in zip(idx, prompts, rids)))
+            return [o for o in outs if o is not None]
         if r.status_code != 200:
             raise self._http_error(r.status_code, r.content)
         n = int(fields.get("n") or 1)
