@@ -78,6 +78,15 @@ class Run:
     errors: dict[int, str] = field(default_factory=dict)  # a prompt's own error (too long, refused), by index
 
 
+class PromptRejected(Exception):
+    """A back-end's word that ``error`` concerns one prompt alone (refused when it was added: too long, invalid),
+    not the engine: in a batch, the other prompts go on (``Engine._events``' ``keep_going``)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 class Engine(TaskMethods, abc.ABC):
     """A running vLLM engine, in this kernel or behind a server. Create one with ``vllm_notebook.loader``."""
 
@@ -431,8 +440,9 @@ class Engine(TaskMethods, abc.ABC):
                 return
             i, out = item
             if isinstance(out, BaseException):
-                error = self._translate(out)
-                if not (keep_going and isinstance(error, RequestError)):
+                rejected = isinstance(out, PromptRejected)
+                error = self._translate(out.error if rejected else out)
+                if not (keep_going and rejected and isinstance(error, RequestError)):
                     raise error from None
                 run.errors[i] = str(error)  # this prompt's alone: the others go on (run() raises if all fail)
                 continue

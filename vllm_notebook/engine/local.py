@@ -9,7 +9,6 @@ aborts requests instead (``Engine.run``).
 from __future__ import annotations
 
 import asyncio
-import gc
 import queue
 import time
 from collections import deque
@@ -27,7 +26,7 @@ from ..errors import (
 )
 from ..ui import render
 from . import registry
-from .base import Engine, Run, first_line, request_error, suppress_errors
+from .base import Engine, PromptRejected, Run, first_line, request_error, suppress_errors
 from .lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
 from .pooling import Pooled, Pooling
 from .sampling import as_dict, build_params
@@ -222,7 +221,7 @@ class LocalEngine(Engine):
                     except vllm_api.EngineDeadError:
                         raise
                     except Exception as exc:  # noqa: BLE001 - this prompt's error, handed to the caller
-                        q.put((i, exc))
+                        q.put((i, PromptRejected(exc)))
                 await asyncio.sleep(0)  # outputs and other runs' requests between chunks
             while pending:
                 i, collector = pending[0]

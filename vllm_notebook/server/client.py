@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from ..engine import registry as engine_registry
-from ..engine.base import Engine, Run, first_line, request_error, suppress_errors
+from ..engine.base import Engine, PromptRejected, Run, first_line, request_error, suppress_errors
 from ..engine.lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
 from ..engine.outputs import Completion, RequestOutput, StopsAcrossCut, continuation, stop_strings
 from ..engine.pooling import Pooled, Pooling
@@ -324,7 +324,8 @@ class ServerEngine(Engine):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - this prompt's error, under its own index
-                    q.put((i, exc))
+                    refused = isinstance(self._translate(exc), RequestError)  # a 400; not a server gone
+                    q.put((i, PromptRejected(exc) if refused else exc))
                     return None
 
             outs = await asyncio.gather(*(alone(i, p, rid) for i, p, rid in zip(idx, prompts, rids)))
