@@ -173,10 +173,14 @@ def test_default_model_from_config(cell, ip, engine, demo_path, monkeypatch):
 
 
 def test_failed_start_shows_root_cause(cell, demo_path, engine):
+    # A --max-model-len over the model's limit is refused before anything starts (issue 29), in tokens.
     result, out = cell(f"%vllm_load {demo_path} --name broken --enforce-eager --max-model-len 100000",
                        expect_error=VllmNotebookError)
+    assert "use --max-model-len 2048" in str(result.error_in_exec) and "Traceback" not in out
+    result, out = cell(f"%vllm_load {demo_path} --name broken --enforce-eager --quantization awq",
+                       expect_error=VllmNotebookError)
     msg = str(result.error_in_exec)
-    assert "engine failed to start" in msg and "max_model_len" in msg.lower().replace("-", "_")
+    assert "engine failed to start" in msg and "awq" in msg.lower()
     assert "full log:" in msg and "Traceback" not in out
     assert engine.generate("The capital of France is", temperature=0).text == " Paris."
 

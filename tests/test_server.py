@@ -314,16 +314,20 @@ def test_registry_drops_dead_and_ended_servers(server):
 def test_failed_start_shows_root_cause(demo_path, cell):
     from vllm_notebook.errors import EngineStartError
 
-    t0 = time.monotonic()
+    from vllm_notebook.errors import UsageError
+
     _, out = cell(f"%vllm_load {demo_path} --server --name broken --enforce-eager --max-model-len 100000",
+                  expect_error=UsageError)  # refused before anything starts (issue 29)
+    t0 = time.monotonic()
+    _, out = cell(f"%vllm_load {demo_path} --server --name broken --enforce-eager --quantization awq",
                   expect_error=EngineStartError)
-    assert "max_model_len" in out or "max-model-len" in out, out
+    assert "awq" in out.lower(), out
     assert "Traceback" not in out and "full log:" in out
     assert time.monotonic() - t0 < 120
     from vllm_notebook import servers
 
     assert not [r for r in servers.records() if r.model == demo_path and r.argv == servers.normalize(
-        ["--enforce-eager", "--max-model-len", "100000"])]
+        ["--enforce-eager", "--quantization", "awq"])]
 
 
 # ------------------------------------------------------------------ a real kernel: restart, SIGKILL, unload
