@@ -33,12 +33,11 @@ GUARD = "vllm_notebook.server.guard.RequireKey"
 SLEEP_FLAGS = ("--enable-sleep-mode",)
 
 
-def stop(rec: ServerRecord, timeout: float = 3.0) -> None:
-    """Stop a server we started: SIGTERM its session, then SIGKILL what is left; forget it.
+def stop(rec: ServerRecord, timeout: float = 30.0) -> None:
+    """Stop a server we started: SIGTERM its session, then SIGKILL what is left after ``timeout`` s; forget it.
 
-    vLLM's server takes its time to stop (uvicorn's shutdown, then the engine's: 32 s measured here); nothing
-    it holds outlives its processes (memory, GPU memory; ``forget`` sweeps its /dev/shm segments and folder),
-    so after ``timeout`` seconds what is left is killed."""
+    It returns as soon as the server's processes have exited (0.6 s measured here for the demo model); the 32 s
+    a stop took came from counting its exited, not yet reaped processes as alive (``procs.group_alive``)."""
     if not rec.here:
         raise ServerError(f"server {rec.id} runs on {rec.node}; stop it from there")
     if rec.alive():  # the server leads its session, so its group is its pid
