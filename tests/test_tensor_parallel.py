@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from kernel import Kernel, engine_processes, ray_gone, ray_processes
 
