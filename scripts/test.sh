@@ -44,4 +44,4 @@ if [ -n "$selected" ]; then
   exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
 fi
 "$VENV/bin/python" -m pytest -p no:cacheprovider -q -m "not slow" -x
-"$VENV/bin/python" -m pytest -p no:cacheprovider -m slow "$@"
+"$VENV/bin/python" -m pytest -p no:cacheprovider -m slow --durations=40 "$@"

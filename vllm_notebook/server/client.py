@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from typing import Any
 
@@ -274,14 +275,24 @@ class ServerEngine(Engine):
         made = cut.outputs[0]
         include, held = bool(fields.get("include_stop_str_in_output")), ""
         if not include:  # vLLM streams all but the last len(longest stop) - 1 characters
-            try:
-                before = await self._text(cut.prompt_token_ids)
-                after = await self._text(cut.prompt_token_ids + made.token_ids)
-            except (VllmNotebookError, OSError, ValueError):  # the text stays short by what was held
-                before = after = ""
-            text = after[len(before):] if after.startswith(before) else ""
-            if text.startswith(made.text) and len(text) - len(made.text) < max(map(len, stop)):
+            text, why = "", ""
+            for attempt in range(3):  # a successor just up can fail its first request: ask again
+                try:
+                    before = await self._text(cut.prompt_token_ids)
+                    after = await self._text(cut.prompt_token_ids + made.token_ids)
+                except Exception as e:  # noqa: BLE001 - the text stays short by what was held (said below)
+                    why = f"{type(e).__name__}: {e}"
+                    await asyncio.sleep(0.5 * (attempt + 1))
+                    continue
+                # the made tokens' own text: after the prompt's, else decoded alone (a tokenizer that joins the two)
+                text = after[len(before):] if after.startswith(before) else await self._text(made.token_ids)
+                why = "" if text.startswith(made.text) else f"the successor decodes the tokens as {text[:40]!r}…"
+                break
+            if not why and len(text) - len(made.text) < max(map(len, stop)):
                 held = text[len(made.text):]
+            elif why:
+                print(f"vllm-notebook: warning: up to {max(map(len, stop)) - 1} characters made before the cut "
+                      f"may be missing from the continued text ({why})", file=sys.stderr)
         return StopsAcrossCut(cut, held, stop, include, watch=len(made.token_ids) >= int(fields.get("min_tokens") or 0))
 
     def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:

@@ -387,16 +387,19 @@ class SlurmEngine(ServerEngine):
         """Use the server of job ``p.job_id`` from now on (the first one, or a chain's successor)."""
         key = registry.read_key(self.job.key_file)
         old_client, old_job = self._client, self._job_id
-        self.url, self._api_key, self.record = p.server.url, key, p.server
-        self.plan = dict(p.server.plan)
         if old_client is None:
+            self.url, self._api_key, self.record = p.server.url, key, p.server
+            self.plan = dict(p.server.plan)
             self._start()
         else:  # the successor: same loop, a new connection pool; the old one closes in the background
             import httpx
 
-            self._client = httpx.AsyncClient(base_url=self.url, headers=auth_header(key), trust_env=False,
+            # the client first: a request that sees the new url (another thread's _moved_on) must get its client
+            self._client = httpx.AsyncClient(base_url=p.server.url, headers=auth_header(key), trust_env=False,
                                              timeout=httpx.Timeout(None, connect=10.0),
                                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+            self.url, self._api_key, self.record = p.server.url, key, p.server
+            self.plan = dict(p.server.plan)
             asyncio.run_coroutine_threadsafe(old_client.aclose(), self._loop)
         self._job_id, self._gone = p.job_id, None
         if old_job is not None and self.stats.running == 0:
