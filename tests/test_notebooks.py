@@ -49,13 +49,11 @@ def test_notebook_runs(path, demo_path, tmp_path):
         if c.cell_type == "code" and not c.source.startswith("%vllm_logs"):
             assert not LOG_LINE.search(_texts(c)), f"vLLM log lines leaked into the output of {c.source!r}"
     assert "Traceback" not in everything
-    if path.stem == "quickstart":
-        assert "ready in" in everything
-        assert " Paris." in everything and " Tokyo." in everything
-        assert "['The capital of Germany is', 'A cat says']" not in everything
-        assert "[' Berlin.', ' meow.']" in everything
-        assert "The capital of France is Paris." in everything and "A dog says woof." in everything
-        assert "Two plus two is four." in everything
+    if path.stem == "quickstart":  # the starter model: a real model, so only its surest answers are checked
+        assert "ready in" in everything and "smollm2-135m-instruct" in everything
+        assert " Paris" in outputs[2] and " Tokyo" in outputs[4] and "Rome" in outputs[5]
+        assert "Paris" in outputs[8] and "Rome" in outputs[9]  # the second turn remembers the first
+        assert "['The capital of Germany is', 'A cat says']" not in everything and " Berlin" in everything
     if path.stem == "research_runs":
         assert "6 of 6 from the journal" in everything and "(6, [' Paris." in everything
         assert "'vllm_notebook': '0.1.0'" in everything and "journal: " in everything

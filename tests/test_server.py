@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import stat
 import threading
@@ -211,8 +212,9 @@ def test_magics_over_server(server, cell):
     _, out = cell("%%generate --name srv --json-schema '{\"type\": \"object\"}' --max-tokens 24\nA JSON object:")
     res, _ = cell("_.text.strip().startswith('{')")
     assert res.result is True
-    _, out = cell("%vllm_status")
-    assert "srv" in out
+    _, out = cell("%vllm_status")  # the server's own facts: its dtype and KV cache (once "None" and "0")
+    assert "srv" in out and re.search(r"dtype\s+float32 \(auto\)", out) and not re.search(r"KV cache tokens\s+0\b", out)
+    assert re.search(r"KV cache tokens\s+[1-9][\d,]+", out), out
     _, out = cell("%vllm_logs --name srv -n 5")
     assert "server-" in out
     _, out = cell("%vllm_servers")
@@ -311,23 +313,29 @@ def test_registry_drops_dead_and_ended_servers(server):
         assert "test-ended" not in {r.id for r in servers.records()}
 
 
-def test_failed_start_shows_root_cause(demo_path, cell):
-    from vllm_notebook.errors import EngineStartError
+def test_failed_start_shows_root_cause_and_a_failed_replacement_serves_the_old_one_again(demo_path, cell):
+    """A server that fails to start says why in one line; when it was to replace a server of that name, the old
+    one is started again from its own flags and serves (issue 29, item 2: a typo cost the working engine)."""
+    from vllm_notebook import get_engine, servers
+    from vllm_notebook.errors import EngineStartError, UsageError
 
-    from vllm_notebook.errors import UsageError
-
-    _, out = cell(f"%vllm_load {demo_path} --server --name broken --enforce-eager --max-model-len 100000",
-                  expect_error=UsageError)  # refused before anything starts (issue 29)
+    cell(f"%vllm_load {demo_path} --server --name swap --enforce-eager --max-model-len 512")
+    first = get_engine("swap").record.id
+    _, out = cell(f"%vllm_load {demo_path} --server --name swap --enforce-eager --max-model-len 100000",
+                  expect_error=UsageError)  # refused before anything starts or stops
+    assert "use --max-model-len 2048" in out and get_engine("swap").record.id == first and get_engine("swap").alive
     t0 = time.monotonic()
-    _, out = cell(f"%vllm_load {demo_path} --server --name broken --enforce-eager --quantization awq",
+    _, out = cell(f"%vllm_load {demo_path} --server --name swap --enforce-eager --quantization awq",
                   expect_error=EngineStartError)
-    assert "awq" in out.lower(), out
+    assert "awq" in out.lower() and "is serving again" in out, out
     assert "Traceback" not in out and "full log:" in out
-    assert time.monotonic() - t0 < 120
-    from vllm_notebook import servers
-
+    assert time.monotonic() - t0 < 240
+    again = get_engine("swap")
+    assert again.record.id != first and again.facts["max_model_len"] == 512
+    assert again.generate("The capital of France is", temperature=0, max_tokens=3).text.startswith(" Paris")
     assert not [r for r in servers.records() if r.model == demo_path and r.argv == servers.normalize(
         ["--enforce-eager", "--quantization", "awq"])]
+    cell("%vllm_unload --name swap")
 
 
 # ------------------------------------------------------------------ a real kernel: restart, SIGKILL, unload

@@ -116,6 +116,26 @@ def test_a_notebook_outside_any_allocation_gets_exact_completions_from_a_job(dem
         subprocess.run(["scancel", blocker])
 
 
+def test_a_refused_submission_leaves_the_engine_of_that_name_serving(engine, demo_path):
+    """Issue 29, item 2: a --slurm submission that sbatch refuses (or a --max-model-len the model cannot take)
+    left no engine at all. Both are refused now before the engine of that name is touched, in one line."""
+    from vllm_notebook import get_engine
+    from vllm_notebook.cluster.slurm import SlurmError
+    from vllm_notebook.errors import UsageError
+    from vllm_notebook.loader import load_from_argv
+
+    with pytest.raises(UsageError) as err:  # checked before the queue
+        load_from_argv([demo_path, "--max-model-len", "100000", "--slurm", "-t 1"], progress=False)
+    assert "use --max-model-len 2048" in str(err.value)
+    with pytest.raises(SlurmError) as err:
+        load_from_argv([demo_path, *FLAGS.split(), "--slurm", "-p no-such-partition -t 1"], progress=False)
+    text = str(err.value)
+    assert "partition" in text.lower() and "engine 'default'" in text and "still serves" in text and "\n" not in text
+    assert get_engine("default") is engine and engine.alive
+    assert engine.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
+    assert not _squeue()
+
+
 def test_a_job_that_fails_at_start_shows_its_root_cause(demo_path):
     import vllm_notebook
     from vllm_notebook.errors import EngineStartError

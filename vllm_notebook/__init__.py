@@ -18,7 +18,8 @@ _LAZY = {  # public name -> the module that defines it (imported on first use)
     "engines": "engine.registry", "get_engine": "engine.registry", "unload_all": "engine.registry",
     "servers": "server", "errors": "errors",
     "Generation": "engine.generation", "SleepReport": "engine.sleep",
-    "demo_model": "models.demo", "demo_adapter": "models.demo", "history": "engine.journal",
+    "demo_model": "models.demo", "demo_adapter": "models.demo", "starter_model": "models.starter",
+    "history": "engine.journal",
     "embed": "engine.shortcuts", "score": "engine.shortcuts", "score_choices": "engine.shortcuts",
     "compare": "engine.compare", "Comparison": "engine.compare",
     "panel": "ui.panel", "PromptPanel": "ui.panel",
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import VllmNotebookError
     from .loader import attach, load, submit
     from .models.demo import demo_adapter, demo_model
+    from .models.starter import starter_model
     from .prepare import LoadPlan
     from .server.client import ServerEngine
     from .server.slurm_job import SlurmEngine

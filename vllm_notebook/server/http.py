@@ -65,6 +65,26 @@ def metrics(url: str, timeout: float = 2.0, api_key: str | None = None) -> dict[
     return out
 
 
+def cache_facts(url: str, timeout: float = 5.0, api_key: str | None = None) -> dict[str, int]:
+    """The KV cache's size from ``vllm:cache_config_info`` of ``/metrics``: ``kv_cache_tokens`` (blocks x block
+    size, summed over data-parallel engines) and ``block_size``; empty when the server does not say."""
+    try:
+        with _NO_PROXY.open(urllib.request.Request(f"{url}/metrics", headers=auth_header(api_key)), timeout=timeout) as r:
+            text = r.read().decode(errors="replace")
+    except OSError:
+        return {}
+    tokens, block = 0, 0
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            try:
+                block = int(labels.get("block_size") or 0)
+                tokens += int(labels.get("num_gpu_blocks") or 0) * block
+            except ValueError:
+                continue
+    return {"kv_cache_tokens": tokens, "block_size": block} if tokens else {}
+
+
 def error_message(body: bytes | str) -> str:
     """The first useful line of an error response of vLLM's server."""
     try:

@@ -46,9 +46,16 @@ def start(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: st
     rec = registry.find(prep.model, key=key)
     if rec is not None:  # the same configuration, spelled differently
         return attach_record(rec, prep.name, progress)
-    old = engine_registry.engines().get(prep.name)
-    if old is not None:  # free its devices before the new server claims them
-        old.unload()
+    return _start(prep, user_flags, listen, ray_address, progress)
+
+
+def started_alike(prep: Prepared) -> bool:
+    """A server of this configuration runs already (``start`` attaches to it)."""
+    return registry.find(prep.model, key=[list(pair) for pair in prep.key]) is not None
+
+
+def _start(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
+           progress: bool) -> ServerEngine:
     target, flags = server_flags(prep, user_flags)
     env = dict(prep.env)
     line = LiveLine(enabled=progress)

@@ -553,11 +553,14 @@ def start(name: str, model: str, flags: list[str], options: list[str], *, chain:
         LiveLine(enabled=progress).done(f"vllm-notebook: engine '{name}' already follows job {', '.join(rec.jobs)} "
                                         f"(reused): {current.state}")
         return current
-    if rec is None:
-        old = engine_registry.engines().get(name)
-        if old is not None:
-            old.unload()
-        rec = submit(name, model, flags, options, chain)
+    if rec is None:  # submitted first: a submission sbatch refuses leaves the engine of this name serving
+        try:
+            rec = submit(name, model, flags, options, chain)
+        except VllmNotebookError as exc:
+            old = engine_registry.engines().get(name)
+            if old is None or not old.alive:
+                raise
+            raise type(exc)(f"{exc}; engine '{name}' ({old.model}) still serves") from None
     eng = SlurmEngine(name, rec, wait=wait, progress=progress)
     eng.progress = Progress("pending", rec.jobs[0], f"{'found' if earlier else 'submitted'} job "
                             f"{', '.join(rec.jobs)}{' (submitted earlier)' if earlier else ''}")

@@ -96,9 +96,9 @@ def show(gen) -> None:
 def engine_markdown(engine) -> str:
     f = engine.facts
     rows = [
-        ("model", f.get("model")), ("dtype", f.get("dtype")), ("max_model_len", f.get("max_model_len")),
+        ("model", f.get("model")), ("dtype", f.get("dtype") or "unknown"), ("max_model_len", f.get("max_model_len")),
         ("tensor / pipeline parallel", f"{f.get('tensor_parallel_size')} / {f.get('pipeline_parallel_size')}"),
-        ("device", f.get("device")), ("KV cache", f"{f.get('kv_cache_tokens', 0):,} tokens"),
+        ("device", f.get("device")), ("KV cache", f"{f['kv_cache_tokens']:,} tokens" if f.get("kv_cache_tokens") else "unknown"),
         ("loaded in", f"{engine.load_seconds:.1f} s" if engine.load_seconds else "-"),
         ("log", engine.log_path),
     ]

@@ -48,10 +48,10 @@ class Status:
             rows.append({
                 "engine": name, "model": eng.model, "state": eng.state,
                 "TP/PP": f"{f.get('tensor_parallel_size')}/{f.get('pipeline_parallel_size')}",
-                "device": f.get("device"), "dtype": f.get("dtype"), "max_model_len": f.get("max_model_len"),
+                "device": f.get("device"), "dtype": f.get("dtype") or "unknown", "max_model_len": f.get("max_model_len"),
                 "runner": eng.runner or "?",
                 "LoRA adapters": ", ".join(eng.adapters.names()) or ("none" if eng.adapters.enabled else "off"),
-                "KV cache tokens": f"{f.get('kv_cache_tokens', 0):,}",
+                "KV cache tokens": f"{f['kv_cache_tokens']:,}" if f.get("kv_cache_tokens") else "unknown",
                 **_usage(eng),
                 "requests": st.requests, "prompt tokens": st.prompt_tokens, "output tokens": st.output_tokens,
                 "plan": ", ".join(f"{k}={v}" for k, v in eng.plan.items()), "log": eng.log_path,

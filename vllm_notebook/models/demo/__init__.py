@@ -58,7 +58,7 @@ def demo_model(path: str | os.PathLike | None = None, *, rebuild: bool = False) 
     at once: one builds, the others wait for it.
     """
     target = Path(path) if path else paths.cache_root() / f"demo-llama-{_fingerprint()}"
-    return _cached(target, "config.json", build, rebuild)
+    return build_once(target, "config.json", build, rebuild)
 
 
 def demo_adapter(path: str | os.PathLike | None = None, *, base: str | None = None, rebuild: bool = False) -> str:
@@ -70,10 +70,10 @@ def demo_adapter(path: str | os.PathLike | None = None, *, base: str | None = No
     """
     base = base or demo_model()
     target = Path(path) if path else paths.cache_root() / f"demo-lora-{_fingerprint()}"
-    return _cached(target, "adapter_config.json", lambda out: build_adapter(base, out), rebuild)
+    return build_once(target, "adapter_config.json", lambda out: build_adapter(base, out), rebuild)
 
 
-def _cached(target: Path, marker: str, builder, rebuild: bool) -> str:
+def build_once(target: Path, marker: str, builder, rebuild: bool) -> str:
     """``target``, built by ``builder`` into a temporary folder first (one process builds, others wait)."""
     if (target / marker).exists() and not rebuild:
         return str(target)
