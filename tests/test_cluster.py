@@ -6,6 +6,7 @@ inside it on n1 (as JupyterHub's batch spawner runs one), started through srun.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +24,10 @@ from kernel import Kernel, kernel_manager, ray_gone, ray_processes
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).parent.parent
-SLURM_CONF = os.environ.get("SLURM_CONF") or "/var/tmp/vnb-cluster/etc/slurm.conf"
+# scripts/dev-cluster's cluster of this checkout (its folder named by a hash of the checkout's path)
+_CHECKOUT = str(Path(__file__).resolve().parent.parent).encode()
+_DEV_CLUSTER = os.environ.get("VLLM_NOTEBOOK_DEV_CLUSTER") or f"/var/tmp/vnb-cluster-{hashlib.sha256(_CHECKOUT).hexdigest()[:8]}"
+SLURM_CONF = os.environ.get("SLURM_CONF") or f"{_DEV_CLUSTER}/etc/slurm.conf"
 
 
 def _nodes_ready(env: dict) -> bool | None:
