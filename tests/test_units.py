@@ -338,6 +338,11 @@ def test_magic_lines_follow_ipythons_habits():
     assert line_words("generate", f"--json-schema '{nested}'", ns) == ["--json-schema", nested]
     assert line_words("generate", f"--json-schema {nested}", ns) == ["--json-schema", nested]  # unquoted too
     assert line_words("generate", "--stop ';' --x 'a;'", ns) == ["--stop", ";", "--x", "a;"]
+    # a comment after the flags, as README writes them: once read as "unrecognized arguments: # a batch"
+    assert line_words("generate", "-i ['a', 'b'] --max-tokens 8   # a batch", ns) == [
+        "-i", "['a', 'b']", "--max-tokens", "8"]
+    assert line_words("generate", "--stop a#b --stop '# x' --regex \"#\\d+\"  #", ns) == [
+        "--stop", "a#b", "--stop", "# x", "--regex", "#\\d+"]
 
 
 def test_a_trailing_semicolon_shows_no_result(tmp_path, monkeypatch):

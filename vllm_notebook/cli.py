@@ -202,6 +202,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.func in (_serve, _run, _jupyter):  # they start engines or kernels: temp files and caches private
+            private.protect_process()
+        return args.func(args)
+    except VllmNotebookError as exc:  # a user's mistake: one line, no traceback
+        print(f"vllm-notebook: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The ``vllm-notebook`` command's parser (every subcommand; ``func`` runs it)."""
     parser = _Parser(prog="vllm-notebook", description="Drive vLLM from Jupyter on HPC clusters.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("version", help="versions of vllm-notebook, vLLM, torch and Ray").set_defaults(func=_version)
@@ -271,16 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", metavar="'MODEL [FLAGS]'", help="run a vLLM server for this model instead of JupyterLab")
     p.add_argument("-o", "--output", default="vllm-notebook.sbatch", help="file to write ('-': print it)")
     p.set_defaults(func=_sbatch_template)
-    args = parser.parse_args(argv)
-    try:
-        if args.func in (_serve, _run, _jupyter):  # they start engines or kernels: temp files and caches private
-            private.protect_process()
-        return args.func(args)
-    except VllmNotebookError as exc:  # a user's mistake: one line, no traceback
-        print(f"vllm-notebook: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return parser
 
 
 if __name__ == "__main__":  # pragma: no cover

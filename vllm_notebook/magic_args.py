@@ -31,8 +31,9 @@ def line_words(name: str, line: str, namespace) -> list[str]:
     value that would read as a flag is refused. The values of ``VERBATIM`` flags are left as typed.
 
     Words are split with shell quoting, except that a bracket (``[``, ``(``, ``{``) runs to the one that closes
-    it, quotes and spaces inside kept (``-i ['a', 'b']``, ``-i f(a, b)``, inline JSON). A trailing ``;`` means
-    what it means in IPython: no displayed result for the cell.
+    it, quotes and spaces inside kept (``-i ['a', 'b']``, ``-i f(a, b)``, inline JSON). A ``#`` that begins a word
+    (outside quotes) begins a comment, as in Python. A trailing ``;`` means what it means in IPython: no displayed
+    result for the cell.
     """
     line = _quiet_if_semicolon(line)
     words = split_words(name, line)
@@ -91,6 +92,8 @@ def split_words(name: str, line: str) -> list[str]:
             quote = "" if c == quote else quote
         elif c in "'\"":
             quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):  # a comment, as in Python: the rest of the line
+            break
         elif c in _CLOSE and (end := _closing(line, i)) is not None:
             while end < len(line) and not line[end].isspace():
                 end += 1
