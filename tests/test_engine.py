@@ -303,3 +303,20 @@ def test_the_api_works_in_a_plain_script_without_a_main_guard(demo_path, tmp_pat
                       "eng.unload()\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0 and "TEXT ' Paris.'" in done.stdout, done.stderr[-2000:]
+
+
+def test_logprob_ranks_are_counted_eagerly_on_the_cpu_build(engine):
+    """The first request with logprobs stalled 1.5-20 s while vLLM compiled its rank count (issue 29, item 4);
+    the CPU build counts eagerly now (``_vllm_plugin.eager_ranks``), with the same ranks."""
+    import torch
+    from vllm.v1.sample.ops import logprobs as ops
+
+    from vllm_notebook._vllm_plugin import _count_greater_than, eager_ranks
+
+    eager_ranks()  # as the plugin does in every vLLM process
+    assert ops.batched_count_greater_than is _count_greater_than
+    x, v = torch.tensor([[0.1, 0.5, 0.3], [1.0, 0.0, 2.0]]), torch.tensor([[0.3], [2.0]])
+    assert _count_greater_than(x, v).tolist() == [2, 1]
+    out = engine.generate("The capital of France is", **GREEDY, logprobs=3).outputs[0].outputs[0]
+    steps = [step[token] for step, token in zip(out.logprobs, out.token_ids)]
+    assert steps and all(lp.rank == 1 for lp in steps), steps  # greedy: each token is the most likely

@@ -121,9 +121,10 @@ def _train_tokenizer(texts: list[str]):
     return tok
 
 
-def build(out: Path, *, steps: int = 600, seed: int = 0) -> None:
-    """Train the demo model and write it to ``out`` (a Hugging Face model folder)."""
+def build(out: Path, *, steps: int = 600, seed: int = 0, progress: bool = True) -> None:
+    """Train the demo model and write it to ``out`` (a Hugging Face model folder), with a progress bar."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     lines, pairs = _sources()
@@ -150,12 +151,15 @@ def build(out: Path, *, steps: int = 600, seed: int = 0) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
-    for _ in range(steps):
-        loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    with tqdm(total=steps, desc="training the demo model (once per machine)", unit="step",
+              disable=not progress) as bar:
+        for _ in range(steps):
+            loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
