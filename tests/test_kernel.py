@@ -212,6 +212,7 @@ def test_ctrl_c_while_vllm_is_imported_is_one_line_and_the_next_load_works(demo_
         out, error = k.collect(msg_id, timeout=120)
         assert error is not None and error["ename"] == "VllmNotebookError", (error, out)
         assert "interrupted while vLLM was being imported" in error["evalue"] and len(error["traceback"]) == 1
+        assert "importing vLLM and torch (once per kernel)" in out  # the first seconds are no longer silent
         out = k.run(f"import vllm_notebook\n%vllm_load {demo_path} {LOAD_FLAGS}", timeout=300)
         assert "ready in" in out
         assert "Paris" in k.run("print(vllm_notebook.get_engine().generate('The capital of France is', "

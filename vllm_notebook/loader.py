@@ -160,7 +160,7 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
         if rec is not None:  # the fast path: no vLLM import at all
             return launch.attach_record(rec, ours.name, progress)
     early = None if ours.help else _resolve_early(rest)  # a missing model fails in a second, before vLLM loads
-    _vllm = vllm_import.vllm_api()
+    _vllm = vllm_import.vllm_api(_import_line(progress and not ours.help))
     if ours.server:
         parser = _vllm.serve_arg_parser("%vllm_load --server")
     else:
@@ -248,6 +248,18 @@ def restored(old, exc: VllmNotebookError, progress: bool) -> VllmNotebookError:
         return type(exc)(f"{exc}; the previous server ({old.model}) could not be started again: {second}")
     line.done(f"vllm-notebook: the previous server ({old.model}) is serving again")
     return type(exc)(f"{exc}; the previous engine '{old.name}' ({old.model}) is serving again, as a new server")
+
+
+def _import_line(enabled: bool):
+    """A progress line for vLLM's first import in this process (~10 s, silent before)."""
+    line = LiveLine(enabled=enabled)
+
+    def waiting(seconds: float, done: bool) -> None:
+        if done:
+            line.done(f"vllm-notebook: vLLM and torch imported in {seconds:.1f} s (once per kernel)")
+        else:
+            line.update(f"vllm-notebook: importing vLLM and torch (once per kernel) … {seconds:.0f} s", key="import")
+    return waiting
 
 
 def _resolve_early(rest: list[str]) -> tuple[tuple, str] | None:

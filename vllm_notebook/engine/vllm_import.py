@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 
 from .. import logs, paths, private
 from ..errors import VllmNotebookError
@@ -17,20 +18,28 @@ _preload: threading.Thread | None = None
 _imported = threading.Event()  # set when the background import has ended (done or failed)
 
 
-def vllm_api():
+def vllm_api(waiting=None):
     """``engine/vllm_api.py`` (which imports vLLM and torch), imported with its output sent to a session log.
 
     The import runs in a thread of its own and this one waits for it: Ctrl-C during the ~10 s import stops the
     wait, in one line, not the import. An import cut by KeyboardInterrupt would leave half-initialised modules
     in ``sys.modules`` (seen: ``partially initialized module 'ray' has no attribute '_private'`` at the next
     load), and nothing but a kernel restart mends that; this way the next ``%vllm_load`` finds it done.
+    ``waiting(seconds, done)`` is called every 0.1 s of the wait, and once at its end (a progress line).
     """
     if _API in sys.modules and not preloading():
         return sys.modules[_API]
+    t0 = time.monotonic()
+    if waiting is not None:  # before the import starts: loading torch's libraries holds the GIL for seconds
+        waiting(0.0, False)
     preload()
     try:
         while preloading():
             _imported.wait(0.1)  # not Thread.join: interrupted, it can mark the thread stopped while it runs
+            if waiting is not None:
+                waiting(time.monotonic() - t0, False)
+        if waiting is not None:
+            waiting(time.monotonic() - t0, True)
     except KeyboardInterrupt:
         raise VllmNotebookError("interrupted while vLLM was being imported (it goes on in the background, "
                                 "~10 s): run the line again") from None
