@@ -391,16 +391,19 @@ def raw_tasks(idle, kernel, tmp_path_factory):
 def test_lora_and_choice_scores_equal_raw(kernel, raw_tasks, idle, figures):
     seconds = _timed_load(kernel, f"{MODEL} --enforce-eager --enable-lora --max-lora-rank 8 --name tasks "
                                   f"--lora-modules rand={raw_tasks['adapter']}")
-    kernel.run(f"_prompts = {PROMPTS!r}\n_b = %generate -i _prompts --name tasks --temperature 0 --max-tokens {TOKENS}"
-               f"\n_t = %generate -i _prompts --name tasks --lora rand --temperature 0 --max-tokens {TOKENS}")
-    base, tuned = _value(kernel, "_b.texts"), _value(kernel, "_t.texts")
-    assert base == raw_tasks["base"] and tuned == raw_tasks["tuned"] and tuned != base
-    kernel.run(f"import vllm_notebook\n_s = vllm_notebook.score_choices({QUESTIONS!r}, {CHOICES!r}, name='tasks')")
-    ours = _value(kernel, "_s.logprobs")
-    diff = max(abs(a - b) for r, s in zip(ours, raw_tasks["scores"]) for a, b in zip(r, s))
-    figures["tasks"] = {"lora_load_s": round(seconds, 2), "choice_logprob_max_diff": diff}
-    assert diff < 1e-3, (ours, raw_tasks["scores"])
-    kernel.run("%vllm_unload --name tasks")
+    try:  # unloaded whatever happens: the next test needs the GPU's memory
+        kernel.run(f"_prompts = {PROMPTS!r}\n_b = %generate -i _prompts --name tasks --temperature 0 "
+                   f"--max-tokens {TOKENS}\n_t = %generate -i _prompts --name tasks --lora rand --temperature 0 "
+                   f"--max-tokens {TOKENS}")
+        base, tuned = _value(kernel, "_b.texts"), _value(kernel, "_t.texts")
+        assert base == raw_tasks["base"] and tuned == raw_tasks["tuned"] and tuned != base
+        kernel.run(f"import vllm_notebook\n_s = vllm_notebook.score_choices({QUESTIONS!r}, {CHOICES!r}, name='tasks')")
+        ours = _value(kernel, "_s.logprobs")
+        diff = max(abs(a - b) for r, s in zip(ours, raw_tasks["scores"]) for a, b in zip(r, s))
+        figures["tasks"] = {"lora_load_s": round(seconds, 2), "choice_logprob_max_diff": diff}
+        assert diff < 1e-3, (ours, raw_tasks["scores"])
+    finally:
+        kernel.run("%vllm_unload --name tasks")
 
 
 def test_embeddings_equal_raw(kernel, raw_tasks, figures):

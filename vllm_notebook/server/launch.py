@@ -42,8 +42,7 @@ def command_for(prep: Prepared, user_flags: list[str], listen: Listen) -> list[s
 def start(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
           progress: bool) -> ServerEngine:
     """Attach to a running server with the same configuration, or start one and attach."""
-    key = [list(pair) for pair in prep.key]
-    rec = registry.find(prep.model, key=key)
+    rec = registry.find(prep.model, key=[list(pair) for pair in prep.key])
     if rec is not None:  # the same configuration, spelled differently
         return attach_record(rec, prep.name, progress)
     return _start(prep, user_flags, listen, ray_address, progress)
@@ -56,6 +55,7 @@ def started_alike(prep: Prepared) -> bool:
 
 def _start(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
            progress: bool) -> ServerEngine:
+    key = [list(pair) for pair in prep.key]
     target, flags = server_flags(prep, user_flags)
     env = dict(prep.env)
     line = LiveLine(enabled=progress)
