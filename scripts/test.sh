@@ -41,7 +41,9 @@ fi
 selected=
 for a in "$@"; do case "$a" in -k|-m|tests/*|*.py|*::*) selected=1 ;; esac; done
 if [ -n "$selected" ]; then
-  exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+  status=0
+  "$VENV/bin/python" -m pytest -p no:cacheprovider "$@" || status=$?
+  exit "$status"  # not exec: the EXIT trap stops the dev cluster
 fi
 "$VENV/bin/python" -m pytest -p no:cacheprovider -q -m "not slow" -x
 "$VENV/bin/python" -m pytest -p no:cacheprovider -m slow --durations=40 "$@"
