@@ -208,11 +208,14 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
 def start_server(prep: Prepared, user_flags: list[str], listen, ray_address: str | None, progress: bool):
     """Start (or find) the server ``prep`` describes; the engine it replaces goes first where it holds devices
     here, and is started again if the new one fails (``restored``)."""
+    found = launch.alike(prep)
+    if found is not None:  # the same configuration runs: attach (the old engine of this name goes as it does)
+        return launch.attach_record(found, prep.name, progress)
     old = engine_registry.engines().get(prep.name)
-    if old is not None and shares_devices(old) and not launch.started_alike(prep):
+    if old is not None and shares_devices(old):
         old.unload()
     try:
-        eng = launch.start(prep, user_flags, listen, ray_address, progress)
+        eng = launch.start_new(prep, user_flags, listen, ray_address, progress)
     except VllmNotebookError as exc:
         if old is None or isinstance(exc, UsageError) or not shares_devices(old) or old.alive:
             raise

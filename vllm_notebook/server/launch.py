@@ -42,19 +42,20 @@ def command_for(prep: Prepared, user_flags: list[str], listen: Listen) -> list[s
 def start(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
           progress: bool) -> ServerEngine:
     """Attach to a running server with the same configuration, or start one and attach."""
-    rec = registry.find(prep.model, key=[list(pair) for pair in prep.key])
+    rec = alike(prep)
     if rec is not None:  # the same configuration, spelled differently
         return attach_record(rec, prep.name, progress)
-    return _start(prep, user_flags, listen, ray_address, progress)
+    return start_new(prep, user_flags, listen, ray_address, progress)
 
 
-def started_alike(prep: Prepared) -> bool:
-    """A server of this configuration runs already (``start`` attaches to it)."""
-    return registry.find(prep.model, key=[list(pair) for pair in prep.key]) is not None
+def alike(prep: Prepared) -> registry.ServerRecord | None:
+    """The running server of this configuration, if any (``start`` attaches to it)."""
+    return registry.find(prep.model, key=[list(pair) for pair in prep.key])
 
 
-def _start(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
-           progress: bool) -> ServerEngine:
+def start_new(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
+              progress: bool) -> ServerEngine:
+    """Start the server ``prep`` describes and attach to it (no search for a running one: ``start``)."""
     key = [list(pair) for pair in prep.key]
     target, flags = server_flags(prep, user_flags)
     env = dict(prep.env)
