@@ -100,7 +100,7 @@ async def _raw(prompts, params, show):
     counts = [0] * len(prompts)
     async def one(i):
         seen = 0
-        async for out in _eng._llm.generate(prompts[i], params[i], f"raw-{i}-{_t.monotonic_ns()}"):
+        async for out in _eng.backend._llm.generate(prompts[i], params[i], f"raw-{i}-{_t.monotonic_ns()}"):
             text = out.outputs[0].text
             if show and len(text) > seen:
                 print(text[seen:], end="", flush=True)
@@ -150,7 +150,7 @@ print("RUN", _t.perf_counter() - _s, _n)
 SERVER_URL = """%vllm_unload
 %vllm_load --server {line}
 _srv = _vn.get_engine()
-print("URL", _srv.url, _srv.record.key_file, _srv.model)
+print("URL", _srv.backend.url, _srv.backend.record.key_file, _srv.model)
 """
 OPENAI = """import time as _t, openai
 from pathlib import Path

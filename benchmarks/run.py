@@ -146,7 +146,7 @@ def measure_stream(sh: Shell, engine, max_tokens: int, trials: int) -> dict:
 
     rows = {"raw": [], "magic": [], "panel": []}
     for _ in range(trials):
-        firsts, n, wall = _on_loop(engine, _raw_requests(engine._llm, [prompt], [_sampling(max_tokens, True)], "s"))
+        firsts, n, wall = _on_loop(engine, _raw_requests(engine.backend._llm, [prompt], [_sampling(max_tokens, True)], "s"))
         rows["raw"].append({"ttft_s": firsts[0], "tokens_per_s": n / wall})
 
         first.clear()
@@ -211,7 +211,7 @@ def measure_concurrency(sh: Shell, engine, n_batch: int, max_tokens: int, trials
     ours, raw = [], []
     for _ in range(trials):
         params = [_sampling(max_tokens, True)] * 3 + [_sampling(max_tokens, False)] * n_batch
-        _, n, wall = _on_loop(engine, _raw_requests(engine._llm, streams + batch, params, "c"))
+        _, n, wall = _on_loop(engine, _raw_requests(engine.backend._llm, streams + batch, params, "c"))
         raw.append(n / wall)
 
         panels = [PromptPanel(engine, temperature=0.0, max_tokens=max_tokens, ignore_eos=True) for _ in streams]

@@ -104,3 +104,48 @@ def cell(ip, engine, capsys):
         return result, text
 
     return run
+
+
+@pytest.fixture
+def fake_ip(monkeypatch):
+    """The global IPython shell with the extension loaded and a fake engine as the only one, for the fast tier
+    (``fake_backend.py``); the engines registered before come back afterwards."""
+    from fake_backend import fake_engine
+    from IPython.testing.globalipapp import get_ipython, start_ipython
+
+    from vllm_notebook.engine import registry
+
+    monkeypatch.setenv("VLLM_NOTEBOOK_JOURNAL", "off")
+    shell = start_ipython() or get_ipython()
+    shell.run_cell("%load_ext vllm_notebook", store_history=False)
+    before = registry.engines()
+    for eng in before.values():
+        registry.unregister(eng)
+    fake = fake_engine("default")
+    registry.register(fake)
+    shell.user_ns["fake"] = fake
+    yield shell
+    for eng in registry.engines().values():
+        if eng not in before.values():
+            eng.unload()
+    for eng in before.values():
+        registry.register(eng)
+
+
+@pytest.fixture
+def fake_cell(fake_ip, capsys):
+    """Run a cell on the fake engine; return (ExecutionResult, printed text). Fails on an unexpected error."""
+
+    def run(code: str, *, expect_error: type | None = None):
+        capsys.readouterr()
+        result = fake_ip.run_cell(code, store_history=True)
+        out = capsys.readouterr()
+        text = out.out + out.err
+        if expect_error is None:
+            if result.error_in_exec or result.error_before_exec:
+                raise result.error_in_exec or result.error_before_exec
+        else:
+            assert isinstance(result.error_in_exec or result.error_before_exec, expect_error), (result, text)
+        return result, text
+
+    return run

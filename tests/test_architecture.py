@@ -17,6 +17,8 @@ LAZY_OK = {"vllm_notebook.engine.vllm_api", "vllm_notebook.ui.panel", "vllm_note
 LAYERS = {  # a folder may import from the folders listed for it (and from the leaves), never upwards
     "engine": set(), "models": {"engine"}, "cluster": set(),
     "server": {"engine", "cluster", "models"},
+    "backends": {"engine", "server", "cluster", "models"},
+    "ui": {"engine"},  # display: it shows what the engine layer returns, which never imports it
 }
 
 
@@ -133,3 +135,71 @@ def test_nothing_imports_ipython_below_the_magics_and_ui():
             if "import IPython" in text or "from IPython" in text:
                 bad.append(name)
     assert not bad, bad
+
+
+# ---------------------------------------------------------------- one Engine over back-ends of one contract
+def _tree(name: str) -> ast.Module:
+    return ast.parse(MODULES[name].read_text())
+
+
+def _classes() -> dict[str, tuple[str, list[str]]]:
+    """Every class of the package: name -> (module, base names)."""
+    out = {}
+    for name in MODULES:
+        for node in ast.walk(_tree(name)):
+            if isinstance(node, ast.ClassDef):
+                out[node.name] = (name, [ast.unparse(b).split(".")[-1] for b in node.bases])
+    return out
+
+
+def test_every_back_end_implements_the_one_contract_and_nothing_subclasses_engine():
+    """``backends/base.py``'s ``Backend`` is the contract; each back-end implements it directly (the Slurm one
+    wraps a server back-end, it does not subclass it), and ``Engine`` is one concrete class."""
+    import inspect
+
+    from vllm_notebook.backends.base import Backend
+    from vllm_notebook.backends.local import LocalBackend
+    from vllm_notebook.backends.server import ServerBackend
+    from vllm_notebook.backends.slurm import SlurmBackend
+    from vllm_notebook.engine.core import Engine
+
+    classes = _classes()
+    backends = {k: v for k, v in classes.items() if k.endswith("Backend") and k != "Backend"}
+    assert set(backends) == {"LocalBackend", "ServerBackend", "SlurmBackend"}, backends
+    assert all(bases == ["Backend"] and mod.startswith("vllm_notebook.backends.") for mod, bases in backends.values()), \
+        backends
+    for cls in (LocalBackend, ServerBackend, SlurmBackend):
+        assert not inspect.isabstract(cls), (cls, cls.__abstractmethods__)
+        assert cls.kind and cls.kind in Engine.kind.__doc__
+    assert not [k for k, (_, bases) in classes.items() if "Engine" in bases], "Engine is one concrete class"
+    assert not inspect.isabstract(Engine) and Backend.__abstractmethods__
+
+
+def test_nothing_outside_the_back_ends_tells_them_apart():
+    """No ``isinstance``/``issubclass`` on a back-end's class, no ``hasattr``/``getattr`` of a field only one
+    back-end has, no test of ``kind`` or of a class's name: what differs is asked of the contract
+    (``holds_devices_here``, ``outlives_kernel``, ``same_as``, ``uses_server``, ``origin``)."""
+    one_backend_only = {"record", "job", "prepared", "ray_cluster", "url", "server", "args", "_llm", "progress"}
+    bad = []
+    for name, path in MODULES.items():
+        if name.startswith("vllm_notebook.backends"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = ast.unparse(node)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id in ("isinstance", "issubclass") and "Backend" in text:
+                    bad.append(f"{name}: {text}")
+                if node.func.id in ("hasattr", "getattr") and len(node.args) > 1 and \
+                        isinstance(node.args[1], ast.Constant) and node.args[1].value in one_backend_only:
+                    bad.append(f"{name}: {text}")
+            elif isinstance(node, ast.Compare) and (".kind" in ast.unparse(node.left) or (
+                    "__name__" in text and ("Engine" in text or "Backend" in text))):
+                bad.append(f"{name}: {text}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_engine_layer_knows_no_back_end():
+    """``engine/`` names the contract for type hints only; the back-ends import the engine, never the reverse."""
+    bad = [f"{name} imports {target}" for name, path in MODULES.items() if name.startswith("vllm_notebook.engine")
+           for target, _, _ in _imports(name, path) if target.startswith("vllm_notebook.backends")]
+    assert not bad, "\n".join(bad)

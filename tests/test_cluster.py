@@ -259,7 +259,6 @@ def test_a_cluster_brought_up_by_hand_stays_until_down_one_a_load_started_stops_
     """No Slurm (one machine): Ray started by ``%vllm_cluster --up`` outlives the last engine on it, its GPUs
     back with Ray, until ``--down``; one that a load started for itself stops when that engine unloads.
     The CPU build cannot run vLLM's Ray executor, so the engine here is only what unload hands the hook."""
-    from types import SimpleNamespace
 
     from vllm_notebook import loader
     from vllm_notebook.cluster import ray as ray_cluster
@@ -271,14 +270,14 @@ def test_a_cluster_brought_up_by_hand_stays_until_down_one_a_load_started_stops_
     try:
         by_hand = ray_cluster.up(alloc, keep=True)
         assert ray_cluster.up(alloc) is by_hand and by_hand.kept  # a load reuses it and keeps it kept
-        loader._stop_ray_when_unused(SimpleNamespace(ray_cluster=by_hand))
+        loader._stop_ray_when_unused(by_hand)
         assert ray_cluster.current() is by_hand and by_hand.status()["reachable"]
         assert "stopped the Ray cluster" in ray_cluster.down()
         assert not (left := ray_gone(20)), left
 
         for_a_load = ray_cluster.up(alloc)
         assert not for_a_load.kept
-        loader._stop_ray_when_unused(SimpleNamespace(ray_cluster=for_a_load))
+        loader._stop_ray_when_unused(for_a_load)
         assert ray_cluster.current() is None and "RAY_ADDRESS" not in os.environ
     finally:
         ray_cluster.down()

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import ENGINE_ARGS
 
+from vllm_notebook.ui import render
+
 PROMPTS = ["The capital of France is", "A cat says", "Once upon a time"]
 
 
@@ -50,7 +52,7 @@ def test_two_engines_side_by_side_give_each_engines_own_text(engine, other):
     long = cmp.to_pandas()
     assert len(long) == 6 and set(long.column) == {"default", "other"} and "tokens_per_s" in long
     assert long.attrs["provenance"]["other"]["model"] == other.model
-    html = cmp._repr_html_()
+    html = render.comparison_html(cmp)
     assert "tok/s" in html and "finish: " in html and "<th>other</th>" in html
 
 
@@ -72,7 +74,7 @@ def test_two_system_prompts_on_one_engine_and_the_magic(engine, other, cell):
     result, out = cell("%generate -i qs --name default,other --temperature 0 --max-tokens 6")
     cmp = result.result
     assert isinstance(cmp, vllm_notebook.Comparison) and cmp.labels == ["default", "other"]
-    assert "<b>bold" not in cmp._repr_html_()  # prompts and model output are text, never HTML
+    assert "<b>bold" not in render.comparison_html(cmp)  # prompts and model output are text, never HTML
     result, _ = cell("%generate -i qs --compare temperature=0 --compare 'temperature=0 max_tokens=2' --name default")
     assert result.result.labels == ["temperature=0", "temperature=0 max_tokens=2"]
     assert all(len(o.outputs[0].token_ids) <= 2 for o in result.result.generations[result.result.labels[1]].outputs)

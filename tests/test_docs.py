@@ -109,14 +109,11 @@ def test_every_magic_exists_and_takes_its_flags():
     from IPython.core.magic_arguments import UsageError as ArgUsageError
 
     from vllm_notebook.loader import _own_parser
-    from vllm_notebook.magic_args import line_words
-    from vllm_notebook.magics import VllmMagics
-    from vllm_notebook.task_magics import TaskMagics
+    from vllm_notebook.magics.args import line_words
+    from vllm_notebook.magics import MAGICS
 
-    known = {**VllmMagics.magics["line"], **VllmMagics.magics["cell"], **TaskMagics.magics["line"],
-             **TaskMagics.magics["cell"]}
-    classes = {n: VllmMagics if n in VllmMagics.magics["line"] or n in VllmMagics.magics["cell"] else TaskMagics
-               for n in known}
+    known = {n: m for cls in MAGICS for kind in ("line", "cell") for n, m in cls.magics[kind].items()}
+    classes = {n: cls for cls in MAGICS for kind in ("line", "cell") for n in cls.magics[kind]}
     ns = {"MODEL": "m", "prompts": [], "docs": [], "df": None}
     bad = [f"{page}: %{name}: no such magic" for page, name in _inline_magic_names()
            if name not in known and name not in ("load_ext", "unload_ext", "config")]
@@ -157,7 +154,7 @@ def test_vllm_load_lines_take_their_engine_flags_by_vllms_parser():
     """The flags after the model on each %vllm_load line, as vLLM's own parser reads them (no engine starts)."""
     from vllm_notebook.engine import vllm_import
     from vllm_notebook.loader import _own_parser
-    from vllm_notebook.magic_args import line_words
+    from vllm_notebook.magics.args import line_words
 
     api = vllm_import.vllm_api()
     bad = []

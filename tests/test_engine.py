@@ -113,7 +113,7 @@ def test_batch_is_tokenized_in_one_call_and_matches_single_requests(engine):
     from vllm_notebook.engine import vllm_api
 
     prompts = ["The capital of France is", {"prompt_token_ids": [1, 5, 9, 22]}, "A dog says"]
-    rendered = vllm_api.render_batch(engine._llm, prompts)
+    rendered = vllm_api.render_batch(engine.backend._llm, prompts)
     tok = engine.tokenizer
     assert rendered is not None and [r["prompt_token_ids"] for r in rendered] == [
         tok.encode(prompts[0]), [1, 5, 9, 22], tok.encode(prompts[2])]
@@ -122,7 +122,7 @@ def test_batch_is_tokenized_in_one_call_and_matches_single_requests(engine):
     assert batch.texts == [s.text for s in singles]
     assert [o.prompt_token_ids for o in batch.outputs] == [s.outputs[0].prompt_token_ids for s in singles]
     # One prompt too long: the batch cannot be rendered at once; the error is that prompt's (next test).
-    assert vllm_api.render_batch(engine._llm, ["hi", "word " * 600]) is None
+    assert vllm_api.render_batch(engine.backend._llm, ["hi", "word " * 600]) is None
     assert engine.generate(["The capital of France is", "A dog says"], **GREEDY).texts == [" Paris.", " woof."]
 
 
@@ -150,7 +150,7 @@ def test_a_prompt_that_fails_fails_alone_and_the_others_are_journaled(engine, tm
 
 
 def test_a_stopped_batch_keeps_partial_outputs_and_leaves_no_request(engine):
-    # A batch goes as one coroutine (LocalEngine._batch): stopping it aborts every request in the engine.
+    # A batch goes as one coroutine (LocalBackend._batch): stopping it aborts every request in the engine.
     # 32 x 480 tokens: a CI machine finished 8 x 400 within the 1 s before the stop.
     stop = threading.Event()
     threading.Timer(1.0, stop.set).start()
@@ -158,7 +158,7 @@ def test_a_stopped_batch_keeps_partial_outputs_and_leaves_no_request(engine):
                      stop_event=stop)
     assert gen.interrupted and gen.aborted == 32 and engine.stats.running == 0, gen
     assert all(0 < len(o.outputs[0].token_ids) < 480 for o in gen.outputs)
-    assert engine._llm.output_processor.get_num_unfinished_requests() == 0
+    assert engine.backend._llm.output_processor.get_num_unfinished_requests() == 0
     # An error vLLM tells per request is one line, and the engine goes on.
     with pytest.raises(RequestError, match="logprobs of 50"):
         engine.generate(["The capital of France is", "A dog says"], **GREEDY, logprobs=50)
@@ -188,7 +188,7 @@ def test_ctrl_c_lost_in_a_finalizer_still_stops_the_run(engine):
 
 
 def test_a_batch_is_tokenized_a_chunk_at_a_time(engine, monkeypatch):
-    from vllm_notebook.engine import local
+    from vllm_notebook.backends import local
 
     from vllm_notebook.engine import vllm_api
 

@@ -241,7 +241,9 @@ def test_provenance_holds_the_exact_versions_and_flags(engine, book):
     assert p["model"] == engine.model and p["flags"]["enforce_eager"] == "True" and p["flags"]["max_model_len"] == "512"
     assert p["sampling"]["temperature"] == 0 and p["seed"] == 5 and p["node"] == os.uname().nodename
     assert gen.to_pandas().attrs["provenance"] == p
-    data, meta = gen._repr_mimebundle_()
+    from vllm_notebook.ui import render
+
+    data, meta = render.bundle(gen), render.metadata(gen)
     assert meta["vllm_notebook"]["provenance"]["run"] == p["run"]
     runs = vllm_notebook.history().attrs["runs"]
     assert runs[p["run"]]["flags"] == p["flags"] and runs[p["run"]]["vllm"] == vllm.__version__
@@ -328,13 +330,13 @@ def test_a_batch_cut_by_engine_death_and_by_kernel_death_resumes(tmp_path, demo_
 def test_the_hub_revision_comes_from_the_snapshot_folder(tmp_path):
     from types import SimpleNamespace
 
-    from vllm_notebook.engine.local import LocalEngine
+    from vllm_notebook.backends.local import LocalBackend
 
     snap = tmp_path / "models--org--tiny" / "snapshots" / "0123abcd4567"
-    eng = LocalEngine("x", SimpleNamespace(model="org/tiny"), (("model", "'org/tiny'"), ("dtype", "'float16'")), "")
+    eng = LocalBackend(SimpleNamespace(model="org/tiny"), (("model", "'org/tiny'"), ("dtype", "'float16'")), "")
     eng.facts = {"model": "org/tiny", "path": str(snap)}
-    ident = eng._identity()
+    ident = eng.identity()
     assert ident == {"model": "org/tiny", "path": str(snap), "revision": "0123abcd4567",
                      "flags": {"model": "'org/tiny'", "dtype": "'float16'"}}
     eng.facts = {"model": str(tmp_path)}
-    assert eng._identity()["revision"] is None
+    assert eng.identity()["revision"] is None

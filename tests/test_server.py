@@ -34,13 +34,13 @@ def server(demo_path):
     # 2048: room for a stream long enough to be stopped mid-way on any machine
     eng = vllm_notebook.load(demo_path, server=True, name="srv", progress=False,
                              **{**ENGINE_ARGS, "max_model_len": 2048})
-    yield_cpu(eng.record.pid)  # else this client is starved while it streams: a stream of 400 tokens came as one part
+    yield_cpu(eng.backend.record.pid)  # else this client is starved while it streams: a stream of 400 tokens came as one part
     yield eng
-    if not eng._closed:
+    if not eng.closed:
         eng.unload()
     from vllm_notebook import servers
 
-    assert not [r for r in servers.records() if r.id == eng.record.id]
+    assert not [r for r in servers.records() if r.id == eng.backend.record.id]
 
 
 def _post(url: str, body: dict, key: str | None) -> int:
@@ -102,9 +102,9 @@ def _stream(server, prompt, sampling: dict, q=None, *, cut=None):
     """One streamed request through the server client's own step (``cut``: the step a chained Slurm engine's
     successor runs for a stream its job's end broke off); returns the final output and the outputs shown."""
     q = q if q is not None else _Snapshots()
-    fields = server._prepare(server.params(None, sampling), True)
-    send = server._request(0, prompt, fields, "srv-cut", q) if cut is None else \
-        server._continue(0, prompt, fields, "srv-cut", q, None, cut)
+    fields = server.backend.prepare(server.params(None, sampling), True)
+    send = server.backend.request(0, prompt, fields, "srv-cut", q) if cut is None else \
+        server.backend.continue_stream(0, prompt, fields, "srv-cut", q, None, cut)
     return server._call(send, timeout=120), q.outs
 
 
@@ -219,7 +219,7 @@ def test_magics_over_server(server, cell):
     assert "server-" in out
     _, out = cell("%vllm_servers")
     _, out = cell("get_engine = __import__('vllm_notebook').get_engine\nget_engine('srv')")
-    key = server.record.api_key()
+    key = server.backend.record.api_key()
     assert all(key not in o for o in outs)
 
 
@@ -235,7 +235,7 @@ def test_panel_over_server(server):
 
 def test_servers_listing_and_magic(server, cell):
     _, out = cell("%vllm_servers")
-    assert server.record.id in out and server.url in out and "running" in out and "srv" in out
+    assert server.backend.record.id in out and server.backend.url in out and "running" in out and "srv" in out
     _, out = cell("%vllm_servers --stop nothing-like-this", expect_error=Exception)
     assert "no registered servers match" in out and "Traceback" not in out
 
@@ -244,7 +244,7 @@ def test_servers_listing_and_magic(server, cell):
 def test_api_key_required_and_kept_secret(server):
     from vllm_notebook import servers
 
-    url, key = server.url, server.record.api_key()
+    url, key = server.backend.url, server.backend.record.api_key()
     body = {"model": server.model, "prompt": "hi", "max_tokens": 1}
     assert _post(f"{url}/v1/completions", body, None) == 401
     assert _post(f"{url}/v1/completions", body, "wrong-key") == 401
@@ -267,14 +267,14 @@ def test_api_key_required_and_kept_secret(server):
     with opener.open(urllib.request.Request(f"{url}/v1/models", headers={**evil, "Authorization": f"Bearer {key}"}),
                      timeout=10) as r:
         assert r.status == 200 and "access-control-allow-origin" not in {k.lower() for k in r.headers}
-    key_file = server.record.key_file
+    key_file = server.backend.record.key_file
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(servers.home()).st_mode) == 0o700
     assert key not in open(servers.home() / "registry.json").read()
     assert key not in open(server.log_path).read()
     assert key not in repr(server) and key not in server._repr_markdown_() and key not in str(servers.listing())
-    assert key not in " ".join(psutil.Process(server.record.pid).cmdline())
-    listening = {c.laddr.ip for c in psutil.Process(server.record.pid).net_connections("inet")
+    assert key not in " ".join(psutil.Process(server.backend.record.pid).cmdline())
+    listening = {c.laddr.ip for c in psutil.Process(server.backend.record.pid).net_connections("inet")
                  if c.status == psutil.CONN_LISTEN}
     assert listening == {"127.0.0.1"}
 
@@ -288,12 +288,12 @@ def test_attach_by_url_never_stops_the_server(server, tmp_path):
     bad.write_text("wrong")
     bad.chmod(0o600)
     with pytest.raises(VllmNotebookError, match="401"):
-        vllm_notebook.attach(server.url, name="att", api_key_file=str(bad), progress=False)
-    att = vllm_notebook.attach(server.url, name="att", api_key_file=server.record.key_file, progress=False)
+        vllm_notebook.attach(server.backend.url, name="att", api_key_file=str(bad), progress=False)
+    att = vllm_notebook.attach(server.backend.url, name="att", api_key_file=server.backend.record.key_file, progress=False)
     assert not att.owned
     assert att.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
     assert "not stopped" in att.unload()
-    assert healthy(server.url, api_key=server.record.api_key()) and server.alive
+    assert healthy(server.backend.url, api_key=server.backend.record.api_key()) and server.alive
 
 
 def test_registry_drops_dead_and_ended_servers(server):
@@ -301,14 +301,14 @@ def test_registry_drops_dead_and_ended_servers(server):
 
     from vllm_notebook import servers
 
-    dead = servers.ServerRecord(id="test-dead", model="m", argv=[], pid=2**22 - 7, node=server.record.node,
+    dead = servers.ServerRecord(id="test-dead", model="m", argv=[], pid=2**22 - 7, node=server.backend.record.node,
                                 key_file="/nonexistent", started=time.time())
     servers.update(dead)
     ids = {r.id for r in servers.records()}
-    assert "test-dead" not in ids and server.record.id in ids
+    assert "test-dead" not in ids and server.backend.record.id in ids
     if shutil.which("squeue") and os.environ.get("SLURM_CONF"):
         ended = servers.ServerRecord(id="test-ended", model="m", argv=[], pid=os.getpid(),
-                                     node=server.record.node, job_id="999999", key_file="/nonexistent")
+                                     node=server.backend.record.node, job_id="999999", key_file="/nonexistent")
         servers.update(ended)
         assert "test-ended" not in {r.id for r in servers.records()}
 
@@ -320,10 +320,10 @@ def test_failed_start_shows_root_cause_and_a_failed_replacement_serves_the_old_o
     from vllm_notebook.errors import EngineStartError, UsageError
 
     cell(f"%vllm_load {demo_path} --server --name swap --enforce-eager --max-model-len 512")
-    first = get_engine("swap").record.id
+    first = get_engine("swap").backend.record.id
     _, out = cell(f"%vllm_load {demo_path} --server --name swap --enforce-eager --max-model-len 100000",
                   expect_error=UsageError)  # refused before anything starts or stops
-    assert "use --max-model-len 2048" in out and get_engine("swap").record.id == first and get_engine("swap").alive
+    assert "use --max-model-len 2048" in out and get_engine("swap").backend.record.id == first and get_engine("swap").alive
     t0 = time.monotonic()
     _, out = cell(f"%vllm_load {demo_path} --server --name swap --enforce-eager --quantization awq",
                   expect_error=EngineStartError)
@@ -331,7 +331,7 @@ def test_failed_start_shows_root_cause_and_a_failed_replacement_serves_the_old_o
     assert "Traceback" not in out and "full log:" in out
     assert time.monotonic() - t0 < 240
     again = get_engine("swap")
-    assert again.record.id != first and again.facts["max_model_len"] == 512
+    assert again.backend.record.id != first and again.facts["max_model_len"] == 512
     assert again.generate("The capital of France is", temperature=0, max_tokens=3).text.startswith(" Paris")
     assert not [r for r in servers.records() if r.model == demo_path and r.argv == servers.normalize(
         ["--enforce-eager", "--quantization", "awq"])]
@@ -369,8 +369,8 @@ def test_server_survives_kernel_restart_and_recovers_from_sigkill(demo_path):
         out = k.run(f"%load_ext vllm_notebook\n{load}", timeout=300)
         assert "server ready in" in out
         assert PARIS in k.run(gen)
-        rec_id = k.run("print(__import__('vllm_notebook').get_engine().record.id)").strip()
-        server_pid = int(k.run("print(__import__('vllm_notebook').get_engine().record.pid)"))
+        rec_id = k.run("print(__import__('vllm_notebook').get_engine().backend.record.id)").strip()
+        server_pid = int(k.run("print(__import__('vllm_notebook').get_engine().backend.record.pid)"))
         # the server's session yields to the kernel's (nice 10), as that one yields to this client: at equal or
         # higher weight, the server streamed 2,000 tokens before the kernel read its first (TTFT 3.6 s in CI), so the
         # Ctrl-C below came after the stream
@@ -406,7 +406,7 @@ def test_server_survives_kernel_restart_and_recovers_from_sigkill(demo_path):
         assert "server ready in" in out
         assert not _members(rec_id) and not _in_session(server_pid), _in_session(server_pid)
         assert PARIS in k.run(gen)
-        new_id = k.run("print(__import__('vllm_notebook').get_engine().record.id)").strip()
+        new_id = k.run("print(__import__('vllm_notebook').get_engine().backend.record.id)").strip()
         assert new_id != rec_id and _members(new_id)
         out = k.run("%vllm_unload")
         assert "stopped the server" in out

@@ -268,7 +268,7 @@ ALICE_SERVER = textwrap.dedent("""
     import json, sys
     import vllm_notebook
     eng = vllm_notebook.load(sys.argv[1], server=True, enforce_eager=True, max_model_len=256, name="srv")
-    rec = eng.record
+    rec = eng.backend.record
     print("READY", json.dumps({"pid": rec.pid, "tmp": rec.tmp, "id": rec.id,
                                "text": eng.generate("Hello", max_tokens=4, temperature=0).text}), flush=True)
 """)

@@ -95,7 +95,7 @@ def test_a_notebook_outside_any_allocation_gets_exact_completions_from_a_job(dem
         assert cli.returncode == 0 and "READY" in cli.stdout and demo_path in cli.stdout, cli.stdout + cli.stderr
         [job] = _squeue()
         job_id = job.split()[0]
-        node_addr = k.run("print(eng.url)").strip()
+        node_addr = k.run("print(eng.backend.url)").strip()
         assert node_addr.startswith(("http://127.0.0.2:", "http://127.0.0.3:")), node_addr  # the job's node
 
         k.restart()
@@ -149,12 +149,12 @@ def test_a_job_that_fails_at_start_shows_its_root_cause(demo_path):
             eng.generate("The capital of France is", max_tokens=4)
         text = str(err.value)
         assert "FAILED" in text and "awq" in text.lower(), text
-        assert "\n" not in text and str(eng.job.folder) in text
+        assert "\n" not in text and str(eng.backend.job.folder) in text
         assert "FAILED" in str(vllm_notebook.jobs())
         cli = subprocess.run([sys.executable, "-m", "vllm_notebook.cli", "jobs", "--cancel", "broken"],
                              capture_output=True, text=True, timeout=60)
-        assert cli.returncode == 0 and f"cancelled job {eng.job.jobs[0]}" in cli.stdout, cli.stdout + cli.stderr
-        assert "no submitted jobs" in str(vllm_notebook.jobs()) and not eng.job.folder.exists()
+        assert cli.returncode == 0 and f"cancelled job {eng.backend.job.jobs[0]}" in cli.stdout, cli.stdout + cli.stderr
+        assert "no submitted jobs" in str(vllm_notebook.jobs()) and not eng.backend.job.folder.exists()
     finally:
         eng.unload()
     assert not _squeue()
@@ -169,7 +169,7 @@ def test_a_chained_successor_takes_over_and_a_cut_stream_goes_on_from_its_last_t
     eng = vllm_notebook.submit(demo_path, "-N1 --gres=gpu:1 -t 2", name="chained", chain=2, enforce_eager=True,
                                max_model_len=2048, progress=False)
     try:
-        first, second, third = eng.job.jobs
+        first, second, third = eng.backend.job.jobs
         _wait(lambda: vllm_notebook.jobs().states[third].reason == "Dependency", 60, every=2)
         # 2000 tokens: long enough to be cut by the end of its job (Slurm's KillWait is 5 s on the dev cluster)
         # a stop string that never comes: vLLM holds back the last 18 characters of what it streams (they could begin

@@ -161,7 +161,7 @@ def test_the_plan_is_tp2_and_the_text_equals_raw(kernel, setup, raw, figures):
 # an interrupt that CI once saw sent 28 ms after submitting, with the stream going on to its end).
 PROBE = """
 import contextlib, signal
-import vllm_notebook.engine.base as _base
+import vllm_notebook.engine.core as _base
 _runs, _flag = [], _base._ctrl_c_flag
 @contextlib.contextmanager
 def _probed():
@@ -236,7 +236,7 @@ def test_server_with_tp2_restart_reattach_unload(kernel, setup, raw, figures):
 
     _load(kernel, f"{setup[1]} --server", figures, "server_start_s")
     assert _greedy(kernel, PROMPTS) == raw["batch"]
-    rec_id = kernel.run("print(__import__('vllm_notebook').get_engine().record.id)").strip()
+    rec_id = kernel.run("print(__import__('vllm_notebook').get_engine().backend.record.id)").strip()
     members = procs.marked(MARKER, rec_id)
     assert len(members) >= 3, members  # the API server, EngineCore and two workers
     kernel.restart()

@@ -328,7 +328,7 @@ def test_gpu_memory_is_none_without_nvml_and_respects_visible_devices(monkeypatc
 def test_magic_lines_follow_ipythons_habits():
     """Issue 29, items 6 and 7: `%vllm_load $MODEL` was not expanded, a trailing `;` became part of a flag,
     `-i ['a','b']` split at the comma's space, and nested inline JSON lost a brace (`}}` became `}`)."""
-    from vllm_notebook.magic_args import line_words
+    from vllm_notebook.magics.args import line_words
 
     ns = {"MODEL": "/models/m", "rows": ["a", "b"]}
     assert line_words("vllm_load", "$MODEL --enforce-eager;", ns) == ["/models/m", "--enforce-eager"]
@@ -369,8 +369,8 @@ def test_magic_lines_reach_our_parser_as_typed():
     """IPython's expansion would turn \\d{2,4} into \\d(2, 4) and let a value add flags (issue 13, item 6)."""
     from IPython.core.magic import MAGIC_NO_VAR_EXPAND_ATTR
 
-    from vllm_notebook.magic_args import line_words
-    from vllm_notebook.magics import VllmMagics
+    from vllm_notebook.magics.args import line_words
+    from vllm_notebook.magics import MAGICS
 
     ns = {"country": "France", "flag": "--all", "n": 3, "obj": type("O", (), {"url": "http://h:1"})()}
     assert line_words("generate", r"--regex '\d{3}-\d{2,4}'", ns) == ["--regex", r"\d{3}-\d{2,4}"]
@@ -384,8 +384,11 @@ def test_magic_lines_reach_our_parser_as_typed():
     assert line_words("score", "--template='{country}:'", ns) == ["--template={country}:"]
     with pytest.raises(UsageError, match="would read as a flag"):
         line_words("vllm_unload", "--name {flag}", ns)
-    for name in ("vllm_load", "generate", "chat", "vllm_unload", "vllm_sleep", "vllm_servers", "vllm_jobs", "vllm_status"):
-        assert getattr(getattr(VllmMagics, name), MAGIC_NO_VAR_EXPAND_ATTR, False), name
+    methods = {name: getattr(cls, method) for cls in MAGICS for kind in ("line", "cell")
+               for name, method in cls.magics[kind].items()}
+    assert {"vllm_load", "generate", "chat", "vllm_unload", "vllm_sleep", "vllm_servers", "vllm_jobs"} <= set(methods)
+    for name, method in methods.items():  # every magic: IPython's expansion never sees its line
+        assert getattr(method, MAGIC_NO_VAR_EXPAND_ATTR, False), name
 
 
 @pytest.mark.parametrize("text,must_not,must", [
@@ -726,7 +729,7 @@ def test_a_mistyped_compare_setting_is_named():
 
 def test_an_error_whose_first_line_announces_the_rest_keeps_it():
     """Issue 29, item 10: a bad regex's error was cut at `regex parse error:`."""
-    from vllm_notebook.engine.base import first_line
+    from vllm_notebook.engine.requests import first_line
 
     bad = ValueError("regex parse error:\n    ([\n     ^\nerror: unclosed character class")
     assert first_line(bad) == "regex parse error: ([ ^ error: unclosed character class"

@@ -6,6 +6,7 @@ without IPython. Importing this package imports neither vLLM nor torch.
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
 from typing import TYPE_CHECKING
 
@@ -13,8 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {  # public name -> the module that defines it (imported on first use)
     "load": "loader", "LoadPlan": "prepare", "attach": "loader", "submit": "loader",
-    "SlurmEngine": "server.slurm_job", "jobs": "server.slurm_job",
-    "Engine": "engine.base", "LocalEngine": "engine.local", "ServerEngine": "server.client",
+    "jobs": "server.slurm_job", "Engine": "engine.core", "Backend": "backends.base",
     "engines": "engine.registry", "get_engine": "engine.registry", "unload_all": "engine.registry",
     "servers": "server", "errors": "errors",
     "Generation": "engine.generation", "SleepReport": "engine.sleep",
@@ -30,23 +30,34 @@ __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
 if TYPE_CHECKING:  # pragma: no cover
     from . import errors
     from . import server as servers
-    from .engine.base import Engine
+    from .backends.base import Backend
     from .engine.compare import Comparison, compare
+    from .engine.core import Engine
     from .engine.generation import Generation
     from .engine.journal import history
-    from .engine.local import LocalEngine
     from .engine.registry import engines, get_engine, unload_all
-    from .engine.sleep import SleepReport
     from .engine.shortcuts import embed, score, score_choices
+    from .engine.sleep import SleepReport
     from .errors import VllmNotebookError
     from .loader import attach, load, submit
     from .models.demo import demo_adapter, demo_model
     from .models.starter import starter_model
     from .prepare import LoadPlan
-    from .server.client import ServerEngine
-    from .server.slurm_job import SlurmEngine
     from .server.slurm_job import listing as jobs
     from .ui.panel import PromptPanel, panel
+
+
+def _register_display() -> None:
+    """In a running IPython (a notebook that uses the API without ``%load_ext``): how our results are shown."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None:
+        from .ui import render
+
+        render.register(shell)
+
+
+_register_display()
 
 
 def __getattr__(name: str):

@@ -92,7 +92,7 @@ def _serve(args) -> int:
     eng = load_from_argv([*argv, "--server", "--name", "serve"])
     if eng is None:  # --help
         return 0
-    rec = eng.record
+    rec = eng.backend.record
     print(f"serving {rec.model} at {rec.url} (pid {rec.pid}, log {rec.log})")
     print(f"in a notebook:   %vllm_load --attach {rec.url} --api-key-file {rec.key_file}")
     if rec.host not in ("127.0.0.1", "localhost", "::1"):

@@ -21,7 +21,7 @@ from .cluster.allocation import Allocation
 from .models import hub
 from .models.hub import human_size
 from .server import registry as servers
-from .ui.tables import html_pairs
+from .tables import html_pairs
 
 NETWORK_FS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "fuse.sshfs", "cephfs", "fuse.glusterfs",
               "panfs", "wekafs"}

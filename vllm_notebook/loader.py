@@ -1,35 +1,128 @@
-"""``load``, ``attach`` and ``%vllm_load``'s parser: from a line or a call to a running engine.
+"""Loading: from a ``%vllm_load`` line or a call to a running engine, through one typed request.
 
-One pipeline under every path: the model is resolved, vLLM's own parser reads the
-flags, ``prepare`` plans and sets the environment, then a back-end starts:
-``LocalEngine`` in this kernel, or a server (``server/launch.py``). The reattach
-fast path finds a running server from the line alone, without importing vLLM.
+``LoadRequest`` is what one load asks for, however it was asked: the magic's parser builds it
+(``LoadRequest.from_argv``), and so do ``load()``, ``attach()`` and ``submit()``, directly. ``start`` is the one
+function that turns a request into an engine: the model is resolved, vLLM's own parser (or its ``EngineArgs``,
+for keywords) reads the settings, ``prepare`` plans and sets the environment, and a back-end starts: in this
+kernel, as a server (``launch.py``), attached to a running one, or as a Slurm job. ``install`` is the one owner
+of reuse-or-replace: the running engine of the same name and configuration is reused; a different one is
+replaced, and a replacement that fails to start leaves the old engine serving. The reattach fast path finds a
+running server from the line alone, without importing vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import shlex
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import logs, prepare
+from . import launch, logs, prepare
+from .backends import slurm as slurm_backend
+from .backends.local import LocalBackend
+from .backends.server import connect
 from .cluster import ray as ray_cluster
-from .engine import registry as engine_registry
 from .engine import lora, vllm_import
-from .engine.local import LocalEngine
+from .engine import registry as engine_registry
+from .engine.core import Engine
 from .errors import SecretOnLineError, UsageError, VllmNotebookError
 from .models import resolve
 from .prepare import LoadPlan, Prepared, engine_flags, scoped_env
-from .server import client, launch, slurm_job
+from .progress import LiveLine
 from .server import registry as servers
-from .ui.display import LiveLine
+from .server import slurm_job
 
-__all__ = ["LoadPlan", "attach", "load", "load_from_argv", "submit"]
+__all__ = ["LoadPlan", "LoadRequest", "attach", "install", "load", "load_from_argv", "start", "submit"]
+
+BACKENDS = ("local", "server", "attach", "slurm")
 
 
+@dataclass
+class LoadRequest:
+    """Everything one load asks for (see the module's text). Built by ``from_argv`` or directly."""
+
+    model: str | None = None  # a Hugging Face id or a folder; None: from ``flags`` (``--model``) or the default
+    name: str = "default"
+    #: ``local`` (vLLM in this kernel), ``server`` (a ``vllm serve`` that outlives the kernel), ``attach`` (a
+    #: running server at ``url``) or ``slurm`` (a server in a batch job with the sbatch options ``slurm``).
+    backend: str = "local"
+    flags: list[str] = field(default_factory=list)  # vLLM's engine flags as typed (vLLM's parser reads them)
+    #: Or ``EngineArgs`` fields as keywords (``load()``, ``submit()``); None for a line, which vLLM's parser reads.
+    engine_args: dict[str, Any] | None = None
+    default_model: str = ""  # the model when none is named (``%config VllmMagics.default_model``)
+    dry_run: bool = False
+    progress: bool = True
+    help: bool = False
+    ray_address: str | None = None  # a Ray cluster to use instead of starting one (multi-node)
+    host: str | None = None  # server: where it listens (default 127.0.0.1)
+    port: int | None = None  # server: its port (default: a free one)
+    api_key_file: str | None = None  # server, attach: the key, in a file only you can read
+    url: str | None = None  # attach
+    api_key: str | None = field(default=None, repr=False)  # attach from Python: never printed, stored or logged
+    slurm: list[str] = field(default_factory=list)  # slurm: the sbatch options
+    chain: int = 0  # slurm: successor jobs that keep the model up past the walltime
+    wait: bool = True  # slurm: requests before the job is ready wait for it (else they fail at once)
+    server_flag: bool = field(default=False, repr=False)  # ``--server`` typed: with --attach or --slurm, a mistake
+
+    @classmethod
+    def from_argv(cls, argv: list[str], default_model: str = "", progress: bool = True) -> LoadRequest:
+        """``%vllm_load``'s line: our flags here; vLLM's own stay as typed in ``flags`` (its parser reads them)."""
+        own = _own_parser()
+        try:
+            ours, rest = own.parse_known_args(_glue(argv, "--slurm"))  # its value starts with "-"
+        except argparse.ArgumentError as exc:
+            raise UsageError(f"%vllm_load: {exc}; see %vllm_load --help") from None
+        backend = "attach" if ours.attach else "slurm" if ours.slurm is not None else \
+            "server" if ours.server else "local"
+        req = cls(name=ours.name, backend=backend, default_model=default_model, dry_run=ours.dry_run,
+                  progress=progress, help=ours.help, ray_address=ours.ray_address, host=ours.host, port=ours.port,
+                  api_key_file=ours.api_key_file, url=ours.attach, chain=ours.chain, wait=not ours.no_wait)
+        if backend == "slurm" and not ours.help:
+            try:
+                req.slurm = shlex.split(ours.slurm)
+            except ValueError as exc:
+                raise UsageError(f"%vllm_load --slurm: {exc} in {ours.slurm!r}") from None
+        req.server_flag = ours.server
+        if rest and not rest[0].startswith("-"):  # the model first, as usually typed
+            req.model, req.flags = rest[0], rest[1:]
+        else:
+            req.flags = list(rest)
+        return req
+
+    def check(self) -> None:
+        """The mistakes a line (or a call) can make in our own flags, each in one line."""
+        if self.backend not in BACKENDS:
+            raise UsageError(f"unknown back-end {self.backend!r}: one of {', '.join(BACKENDS)}")
+        if self.help:
+            return
+        if self.backend == "attach":
+            extra = [t for t in self.flags if t.startswith("-")] or engine_flags(self.engine_args or {})
+            if extra or self.server_flag or self.dry_run:
+                bad = extra[0] if extra else ("--server" if self.server_flag else "--dry-run")
+                raise UsageError(f"%vllm_load --attach uses the server as it runs: drop {bad} "
+                                 "(engine flags belong on the server's command line)")
+            return
+        if self.backend == "slurm":
+            if self.server_flag or self.host or self.port or self.api_key_file:
+                raise UsageError("%vllm_load --slurm runs the server in a batch job, bound to the job's node and "
+                                 "keyed: drop --server, --host, --port and --api-key-file")
+            return
+        if self.chain or not self.wait:
+            raise UsageError("%vllm_load: --chain and --no-wait go with --slurm 'SBATCH OPTIONS'")
+        if self.backend == "local" and (self.host or self.port or self.api_key_file):
+            raise UsageError("%vllm_load: --host, --port and --api-key-file go with --server (or --attach URL)")
+
+    def words(self) -> list[str]:
+        """The engine settings as a line for vLLM's parser: the model first, then the flags (keywords as flags)."""
+        return ([self.model] if self.model else []) + list(self.flags) + engine_flags(self.engine_args or {})
+
+
+# ------------------------------------------------------------------ the Python API
 def load(model: str | None = None, *, name: str = "default", dry_run: bool = False,
          progress: bool = True, ray_address: str | None = None, server: bool = False,
          host: str | None = None, port: int | None = None, api_key_file: str | None = None, **engine_args: Any):
@@ -37,36 +130,17 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
     ``lora_modules={"name": "/adapter/folder"}`` (with ``enable_lora=True``) loads LoRA adapters with it.
 
     Loading the same model with the same arguments again returns the running
-    engine at once; different ones unload the old engine first. With
+    engine at once; different ones replace the old engine (which serves on if the new one fails). With
     ``server=True`` the engine is a ``vllm serve`` process that outlives the
     kernel, and a later identical ``load`` attaches to it in a fraction of a second.
     """
     if not model:
         raise UsageError("load() needs a model: a Hugging Face id or a model folder")
-    if server:
-        own = {"--name": name, "--ray-address": ray_address, "--host": host, "--port": port,
-               "--api-key-file": api_key_file}
-        argv = [str(model), "--server", *(["--dry-run"] if dry_run else []),
-                *[t for k, v in own.items() if v is not None for t in (k, str(v))], *engine_flags(engine_args)]
-        return load_from_argv(argv, progress=progress)
-    if host or port or api_key_file:
+    if not server and (host or port or api_key_file):
         raise UsageError("host, port and api_key_file are for server=True")
-    _refuse_secrets(argparse.Namespace(**engine_args))
-    modules = engine_args.pop("lora_modules", None) or {}
-    loras = _check_loras(argparse.Namespace(
-        lora_modules=[f"{k}={v}" for k, v in modules.items()] if isinstance(modules, dict) else modules,
-        enable_lora=engine_args.get("enable_lora"), max_lora_rank=engine_args.get("max_lora_rank", 16)))
-    path = resolve.resolve(str(model), engine_args.get("revision"), engine_args.get("download_dir"))  # before vLLM
-    _vllm = vllm_import.vllm_api()
-    unknown = set(engine_args) - _vllm.engine_arg_fields()
-    if unknown:
-        bad = sorted(unknown)[0]
-        near = difflib.get_close_matches(bad, _vllm.engine_arg_fields(), n=1)
-        raise UsageError(f"unknown engine argument {bad!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    args = _vllm.engine_args(model=model, **engine_args)
-    prep = prepare.prepare(name, args, path, set(engine_args), gpu_count=_vllm.device_count(),
-                           cpu_build=_vllm.is_cpu_build())
-    return prep.dry_run() if dry_run else start_local(prep, progress, ray_address, loras)
+    return start(LoadRequest(model=str(model), name=name, backend="server" if server else "local",
+                             engine_args=engine_args, dry_run=dry_run, progress=progress, ray_address=ray_address,
+                             host=host, port=port, api_key_file=api_key_file))
 
 
 def attach(url: str, *, name: str = "default", api_key_file: str | None = None, api_key: str | None = None,
@@ -76,22 +150,361 @@ def attach(url: str, *, name: str = "default", api_key_file: str | None = None, 
     The key comes from ``api_key``, ``api_key_file``, ``$VLLM_API_KEY``, or (for a
     server vllm-notebook started) its key file.
     """
-    url = (url if "://" in url else f"http://{url}").rstrip("/")
-    if api_key is None and api_key_file:
-        api_key = servers.read_key(api_key_file)
+    return start(LoadRequest(backend="attach", url=url, name=name, api_key_file=api_key_file, api_key=api_key,
+                             model=model, progress=progress))
+
+
+def submit(model: str, slurm: str = "", *, name: str = "default", chain: int = 0, wait: bool = True,
+           dry_run: bool = False, progress: bool = True, **engine_args: Any):
+    """Run ``model`` as a vLLM server in a Slurm batch job (``slurm``: sbatch options); the handle, at once.
+
+    The handle shows the job's state as it goes (PENDING, RUNNING, READY, FAILED); requests wait until the
+    server is ready (or, with ``wait=False``, fail at once). ``chain`` successor jobs keep the model up past
+    the walltime. The same call in a restarted kernel finds the job instead of submitting another.
+    """
+    if not model:
+        raise UsageError("submit() needs a model: a Hugging Face id or a model folder")
+    try:
+        options = shlex.split(slurm)
+    except ValueError as exc:
+        raise UsageError(f"submit(): {exc} in {slurm!r}") from None
+    return start(LoadRequest(model=str(model), name=name, backend="slurm", slurm=options, chain=chain, wait=wait,
+                             dry_run=dry_run, progress=progress, engine_args=engine_args))
+
+
+def load_from_argv(argv: list[str], default_model: str = "", progress: bool = True):
+    """``%vllm_load``'s parser: vLLM's own flags (of the engine, or of ``vllm serve``) plus ours."""
+    return start(LoadRequest.from_argv(argv, default_model, progress))
+
+
+# ------------------------------------------------------------------ request -> engine
+def start(req: LoadRequest):
+    """The one function that turns a request into an engine (or, for ``dry_run``, the plan; for ``help``, None)."""
+    req.check()
+    if req.backend == "attach" and not req.help:
+        return _attach(req)
+    if req.backend == "slurm" and not req.help:
+        return _submit(req)
+    words = req.words()
+    _refuse_secret_words(words)
+    if req.backend == "server" and not req.dry_run and not req.help:
+        model, flags = _split_model(words, req.default_model)
+        rec = servers.find(model, servers.normalize(flags)) if model else None
+        if rec is not None:  # the fast path: no vLLM import at all
+            return _attach_record(rec, req.name, req.progress)
+    if req.backend == "local" and req.engine_args is not None and not req.help:
+        prep, loras = _prepared_from_keywords(req)
+    else:
+        parsed = _prepared_from_line(req, words)
+        if parsed is None:  # --help
+            return None
+        prep, loras, user_flags = parsed
+        if req.backend == "server":
+            listen = launch.Listen(req.host, req.port, req.api_key_file)
+            if req.dry_run:
+                return prep.dry_run(launch.command_for(prep, user_flags, listen))
+            return start_server(prep, user_flags, listen, req.ray_address, req.progress)
+    return prep.dry_run() if req.dry_run else start_local(prep, req.progress, req.ray_address, loras)
+
+
+def _prepared_from_keywords(req: LoadRequest) -> tuple[Prepared, list[tuple[str, str]]]:
+    """``load(model, **engine_args)``: vLLM's ``EngineArgs`` from the keywords, typed (no command line)."""
+    engine_args = dict(req.engine_args)
+    _refuse_secrets(argparse.Namespace(**engine_args))
+    modules = engine_args.pop("lora_modules", None) or {}
+    loras = _check_loras(argparse.Namespace(
+        lora_modules=[f"{k}={v}" for k, v in modules.items()] if isinstance(modules, dict) else modules,
+        enable_lora=engine_args.get("enable_lora"), max_lora_rank=engine_args.get("max_lora_rank", 16)))
+    path = resolve.resolve(str(req.model), engine_args.get("revision"), engine_args.get("download_dir"))  # first
+    _vllm = vllm_import.vllm_api(_import_line(req.progress))
+    unknown = set(engine_args) - _vllm.engine_arg_fields()
+    if unknown:
+        bad = sorted(unknown)[0]
+        near = difflib.get_close_matches(bad, _vllm.engine_arg_fields(), n=1)
+        raise UsageError(f"unknown engine argument {bad!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    args = _vllm.engine_args(model=req.model, **engine_args)
+    prep = prepare.prepare(req.name, args, path, set(engine_args), gpu_count=_vllm.device_count(),
+                           cpu_build=_vllm.is_cpu_build())
+    return prep, loras
+
+
+def _prepared_from_line(req: LoadRequest, words: list[str]):
+    """vLLM's own parser (of the engine, or of ``vllm serve``) over ``words``; then the plan. Returns
+    (Prepared, LoRA adapters, the user's flags without the model), or None after printing ``--help``."""
+    early = None if req.help else _resolve_early(words)  # a missing model fails in a second, before vLLM loads
+    _vllm = vllm_import.vllm_api(_import_line(req.progress and not req.help))
+    server = req.backend == "server"
+    if server:
+        parser = _vllm.serve_arg_parser("%vllm_load --server")
+    else:
+        parser = _vllm.engine_arg_parser("%vllm_load")
+        parser.add_argument("model_tag", nargs="?", help="model folder or Hugging Face id")
+        parser.add_argument("--lora-modules", nargs="+", action=_vllm.lora_parser_action(), default=None,
+                            help="LoRA adapters to load with the engine: NAME=PATH ... (needs --enable-lora)")
+    if req.help:
+        print(_own_parser().format_help() + "\n" + parser.format_help())
+        return None
+    try:
+        ns = parser.parse_args(words)
+    except argparse.ArgumentError as exc:
+        raise UsageError(_explain(str(exc), words, parser, _own_parser())) from None
+    except SystemExit:
+        raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
+    _refuse_secrets(ns)
+    explicit = {k for k, v in vars(ns).items() if v != parser.get_default(k)} - {"model_tag"}
+    model = ns.model_tag or (ns.model if "model" in explicit else None) or req.default_model
+    if not model:
+        raise UsageError("no model given: %vllm_load MODEL, or set %config VllmMagics.default_model "
+                         "(or $VLLM_NOTEBOOK_MODEL)")
+    ns.model = model
+    explicit.add("model")
+    user_flags = _without(words, ns.model_tag)
+    del ns.model_tag
+    loras = _check_loras(ns) if not server else []
+    # Resolve before EngineArgs exists: constructing it already looks the model up.
+    where = (str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
+    path = early[1] if early is not None and early[0] == where else resolve.resolve(*where)
+    try:
+        args = _vllm.engine_args_from_namespace(ns)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    prep = prepare.prepare(req.name, args, path, explicit, gpu_count=_vllm.device_count(),
+                           cpu_build=_vllm.is_cpu_build())
+    return prep, loras, user_flags
+
+
+def _attach(req: LoadRequest) -> Engine:
+    """``--attach URL``: a running server as engine ``req.name`` (never stopped by us)."""
+    url = (req.url if "://" in req.url else f"http://{req.url}").rstrip("/")
+    api_key = req.api_key
+    if api_key is None and req.api_key_file:
+        api_key = servers.read_key(req.api_key_file)
     if api_key is None:
         api_key = os.environ.get("VLLM_API_KEY")
     if api_key is None:
         known = [r for r in servers.records() if r.url == url]
         api_key = known[0].api_key() if known else None
+    model = req.model or (req.flags[0] if req.flags else None)
     t0 = time.monotonic()
-    eng = client.connect(name, url, api_key, model=model)
-    LiveLine(enabled=progress).done(
+    eng = install(req.name, None, lambda line: connect(req.name, url, api_key, model=model), progress=False,
+                  needs_devices=False)
+    LiveLine(enabled=req.progress).done(
         f"vllm-notebook: attached to {url} in {time.monotonic() - t0:.2f} s — {eng.model} "
         f"(max_model_len {eng.facts.get('max_model_len')}); %vllm_unload detaches, the server keeps running")
     return eng
 
 
+def _attach_record(rec: servers.ServerRecord, name: str, progress: bool) -> Engine:
+    """A server we started earlier (from this kernel or a previous one), as engine ``name``."""
+    return install(name, ("server", rec.id), lambda line: launch.connect_record(rec, name, line),
+                   progress=progress, needs_devices=False,
+                   on_reuse=lambda old: f"vllm-notebook: engine '{name}' is already the server at {rec.url} (reused)")
+
+
+def _submit(req: LoadRequest) -> Engine | None:
+    """``--slurm 'OPTIONS'``: check the flags here, then submit (or find the job again)."""
+    words = req.words()
+    _refuse_secret_words(words)
+    model, flags = _split_model(words, req.default_model)
+    if not model:
+        raise UsageError("no model given: %vllm_load MODEL --slurm 'SBATCH OPTIONS'")
+    flags, options = servers.normalize(flags), req.slurm
+    found = None if req.dry_run else slurm_job.find(model, flags, options)
+    if found is None:
+        parser = vllm_import.vllm_api().serve_arg_parser("%vllm_load --slurm")
+        try:  # a typo fails now, not after the job waited in the queue
+            ns = parser.parse_args([model, *flags])
+        except argparse.ArgumentError as exc:
+            raise UsageError(_explain(str(exc), [model, *flags], parser, _own_parser())) from None
+        except SystemExit:
+            raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
+        _refuse_secrets(ns)
+        path = resolve.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
+        prepare.check_max_model_len(ns, resolve.read_config(path))  # before the queue, and before an engine goes
+    if req.dry_run:
+        rec = slurm_job.JobRecord(id="DRY-RUN", name=req.name, model=model, flags=flags, options=options)
+        print(f"would submit: sbatch {shlex.join(options)} {rec.script}"
+              + (f" (and {req.chain} chained successors)" if req.chain else "") + "\n")
+        print(slurm_job.script_text(rec, job_name=f"vnb-{req.name}"))
+        return None
+    if found is not None:  # the same submission, live: follow it (no vLLM import to find it again)
+        return install(req.name, ("slurm", found.id),
+                       lambda line: slurm_backend.follow(req.name, found, wait=req.wait, progress=req.progress,
+                                                         earlier=True),
+                       progress=req.progress, needs_devices=False,
+                       on_reuse=lambda old: f"vllm-notebook: engine '{req.name}' already follows job "
+                                            f"{', '.join(found.jobs)} (reused): {old.state}")
+    try:  # submitted first: a submission sbatch refuses leaves the engine of this name serving
+        rec = slurm_job.submit(req.name, model, flags, options, req.chain)
+    except VllmNotebookError as exc:
+        old = engine_registry.engines().get(req.name)
+        if old is None or not old.alive:
+            raise
+        raise type(exc)(f"{exc}; engine '{req.name}' ({old.model}) still serves") from None
+    return install(req.name, None, lambda line: slurm_backend.follow(req.name, rec, wait=req.wait,
+                                                                      progress=req.progress, earlier=False),
+                   progress=req.progress, needs_devices=False)
+
+
+# ------------------------------------------------------------------ reuse or replace
+def install(name: str, key: tuple | None, make: Callable[[LiveLine], Engine], *, progress: bool,
+            needs_devices: bool, on_reuse: Callable[[Engine], str] | None = None) -> Engine:
+    """The one owner of reuse-or-replace for the engine called ``name``.
+
+    - The running engine of this name whose back-end runs configuration ``key`` is reused (``on_reuse`` says so).
+    - Otherwise ``make(line)`` starts the new engine. When it ``needs_devices`` here and the old engine holds
+      them, the old one goes first; if the new one then fails, the old one is started again from its origin
+      (``restored``). Any other old engine (a job elsewhere, a connection) goes only once the new one serves:
+      detached if it is the same server or job, else unloaded.
+    """
+    old = engine_registry.engines().get(name)
+    line = LiveLine(enabled=progress)
+    if old is not None and key is not None and old.backend.same_as(key) and old.alive:
+        if on_reuse is not None:
+            line.done(on_reuse(old))
+        return old
+    first = old is not None and needs_devices and old.backend.holds_devices_here
+    was_alive = old is not None and old.alive
+    if first:
+        line.update(f"vllm-notebook: unloading the previous '{name}' engine ({old.model}) …")
+        old.unload()
+    try:
+        eng = make(line)
+    except VllmNotebookError as exc:
+        if not (first and was_alive):
+            raise
+        raise restored(old, exc, progress) from None
+    engine_registry.register(eng)
+    if old is not None and not first and not old.closed and old is not eng:
+        with contextlib.suppress(VllmNotebookError):
+            old.detach() if old.backend.same_as(eng.key) else old.unload()
+    return eng
+
+
+def start_server(prep: Prepared, user_flags: list[str], listen, ray_address: str | None, progress: bool) -> Engine:
+    """Start (or find) the server ``prep`` describes (``install`` replaces the engine of its name)."""
+    found = launch.alike(prep)
+    if found is not None:  # the same configuration runs: attach (the old engine of this name goes as it does)
+        return _attach_record(found, prep.name, progress)
+    return install(prep.name, None, lambda line: launch.start_new(prep, user_flags, listen, ray_address, line),
+                   progress=progress, needs_devices=True)
+
+
+def restored(old: Engine, exc: VllmNotebookError, progress: bool) -> VllmNotebookError:
+    """The engine a failed replacement had unloaded, started again from its origin: an in-kernel engine from what
+    it was prepared from, a server we started from its line. The error to raise, saying which way it went."""
+    line = LiveLine(enabled=progress)
+    origin = old.backend.origin
+    if isinstance(origin, Prepared):
+        return restart_previous(old, origin, exc, line)
+    if origin is None:  # attached only (it still runs), or a Slurm job's
+        return exc
+    line.update(f"vllm-notebook: the new engine failed; starting the previous server ({old.model}) again …")
+    try:
+        load_from_argv([*origin, "--name", old.name], progress=False)
+    except VllmNotebookError as second:
+        line.done("vllm-notebook: the previous server could not be started again either")
+        return type(exc)(f"{exc}; the previous server ({old.model}) could not be started again: {second}")
+    line.done(f"vllm-notebook: the previous server ({old.model}) is serving again")
+    return type(exc)(f"{exc}; the previous engine '{old.name}' ({old.model}) is serving again, as a new server")
+
+
+def start_local(prep: Prepared, progress: bool = True, ray_address: str | None = None,
+                loras: list[tuple[str, str]] = ()) -> Engine:
+    """Start the prepared engine in this kernel (or reuse the running one with the same configuration);
+    ``loras``: (name, path) of the LoRA adapters to load with it."""
+    args = prep.args
+    t0 = time.monotonic()
+    if "disable_log_stats" not in prep.explicit:
+        args.disable_log_stats = True
+    if prep.hub_id is not None:  # the cached snapshot: no Hub lookups, so no network needed
+        args.model = prep.path
+        if "tokenizer" not in prep.explicit:
+            args.tokenizer = prep.path
+        args.revision = args.tokenizer_revision = None
+
+    def reused(old: Engine) -> str:
+        for name, path in loras:  # adapters added to the line since: loaded into the running engine
+            if name not in old.adapters:
+                old.add_lora(name, path)
+        return f"vllm-notebook: engine '{prep.name}' is already running {old.model} (reused)"
+
+    started: list[Engine] = []
+
+    def make(line: LiveLine) -> Engine:
+        started.append(_start_new(prep, args, line, t0, ray_address))
+        return started[-1]
+
+    eng = install(prep.name, prep.key, make, progress=progress, needs_devices=True, on_reuse=reused)
+    if started:
+        for name, path in loras:
+            eng.add_lora(name, path)
+        LiveLine(enabled=progress).done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
+    return eng
+
+
+def restart_previous(old: Engine, prep: Prepared, exc: VllmNotebookError, line: LiveLine) -> VllmNotebookError:
+    """A replacement that failed to start: the engine it replaced, started again from its own settings ``prep``
+    (its adapters too), so the kernel is left as it was. The error to raise, saying which way it went."""
+    line.update(f"vllm-notebook: the new engine failed; starting the previous one ({old.model}) again …")
+    try:
+        again = _start_new(prep, prep.args, line, time.monotonic(), None)
+        engine_registry.register(again)
+        for adapter in list(old.adapters):
+            if adapter.name != lora.BASE_NAME:
+                again.add_lora(adapter.name, adapter.path)
+    except VllmNotebookError as second:
+        line.done("vllm-notebook: the previous engine could not be started again either")
+        return type(exc)(f"{exc}; the previous engine ({old.model}) could not be started again: {second}")
+    line.done(f"vllm-notebook: the previous engine is serving again — {summary(again)}")
+    return type(exc)(f"{exc}; the previous engine '{old.name}' ({old.model}) is serving again")
+
+
+def _start_new(prep: Prepared, args, line: LiveLine, t0: float, ray_address: str | None) -> Engine:
+    """Start the engine ``prep`` describes and return it, not registered (one line and the error if it fails)."""
+    cluster = None
+    if prep.plan.needs_ray:
+        line.update(f"vllm-notebook: starting the Ray cluster on {prep.allocation.num_nodes} nodes …")
+        cluster = ray_cluster.up(prep.allocation, ray_address)
+    backend = LocalBackend(args, prep.key, logs.new_log_path(prep.name), plan=prep.plan.as_dict())
+    backend.origin = prep  # what it was started from: a failed replacement starts it again (restart_previous)
+    eng = Engine(prep.name, backend)
+
+    def report(phase: str, elapsed: float) -> None:
+        line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({prep.model})", key=phase)
+
+    try:
+        with scoped_env(prep.env):
+            eng.start(report)
+    except VllmNotebookError:
+        line.done(f"vllm-notebook: failed after {time.monotonic() - t0:.0f} s")
+        raise
+    if cluster is not None:
+        _ray_users[eng] = cluster
+        eng.on_unload.append(lambda unloaded: _stop_ray_when_unused(cluster, unloaded))
+    eng.plan["executor"] = eng.facts.get("executor", eng.plan.get("executor"))
+    if prep.hub_id is not None:
+        eng.facts.update(model=prep.hub_id, path=prep.path)
+    return eng
+
+
+#: The engines of this kernel that run on a Ray cluster, and that cluster.
+_ray_users: dict[Engine, object] = {}
+
+
+def _stop_ray_when_unused(cluster, unloaded: Engine | None = None) -> None:
+    """After an engine on ``cluster`` unloads: stop the cluster if we started it, unless another engine still
+    uses one, or the user brought it up with ``%vllm_cluster --up`` (it then stays, its GPUs back with Ray,
+    until --down)."""
+    _ray_users.pop(unloaded, None)
+    current = ray_cluster.current()
+    if current is not cluster or not current.owned or current.kept:
+        return
+    if not _ray_users:
+        ray_cluster.down()
+
+
+# ------------------------------------------------------------------ reading the line
 def _glue(argv: list[str], flag: str) -> list[str]:
     """``FLAG VALUE`` as ``FLAG=VALUE``, for a value that looks like a flag itself (``--slurm "-t 5"``)."""
     out, i = [], 0
@@ -129,128 +542,6 @@ def _own_parser() -> argparse.ArgumentParser:
                       help="with --slurm: requests before the job is ready fail at once instead of waiting")
     ours.add_argument("-h", "--help", action="store_true", help="show this help")
     return p
-
-
-def load_from_argv(argv: list[str], default_model: str = "", progress: bool = True):
-    """``%vllm_load``'s parser: vLLM's own flags (of the engine, or of ``vllm serve``) plus ours."""
-    own = _own_parser()
-    argv = _glue(argv, "--slurm")  # its value starts with "-": argparse would read it as a flag
-    try:
-        ours, rest = own.parse_known_args(argv)
-    except argparse.ArgumentError as exc:
-        raise UsageError(f"%vllm_load: {exc}; see %vllm_load --help") from None
-    if ours.attach and not ours.help:
-        extra = [t for t in rest if t.startswith("-")]
-        if extra or ours.server or ours.dry_run:
-            bad = extra[0] if extra else ("--server" if ours.server else "--dry-run")
-            raise UsageError(f"%vllm_load --attach uses the server as it runs: drop {bad} "
-                             "(engine flags belong on the server's command line)")
-        return attach(ours.attach, name=ours.name, api_key_file=ours.api_key_file,
-                      model=rest[0] if rest else None, progress=progress)
-    if ours.slurm is not None and not ours.help:
-        return _submit_from_argv(ours, rest, default_model, progress)
-    if (ours.chain or ours.no_wait) and not ours.help:
-        raise UsageError("%vllm_load: --chain and --no-wait go with --slurm 'SBATCH OPTIONS'")
-    if not ours.server and not ours.help and (ours.host or ours.port or ours.api_key_file):
-        raise UsageError("%vllm_load: --host, --port and --api-key-file go with --server (or --attach URL)")
-    _refuse_secret_words(rest)
-    if ours.server and not ours.dry_run and not ours.help:
-        model, flags = _split_model(rest, default_model)
-        rec = servers.find(model, servers.normalize(flags)) if model else None
-        if rec is not None:  # the fast path: no vLLM import at all
-            return launch.attach_record(rec, ours.name, progress)
-    early = None if ours.help else _resolve_early(rest)  # a missing model fails in a second, before vLLM loads
-    _vllm = vllm_import.vllm_api(_import_line(progress and not ours.help))
-    if ours.server:
-        parser = _vllm.serve_arg_parser("%vllm_load --server")
-    else:
-        parser = _vllm.engine_arg_parser("%vllm_load")
-        parser.add_argument("model_tag", nargs="?", help="model folder or Hugging Face id")
-        parser.add_argument("--lora-modules", nargs="+", action=_vllm.lora_parser_action(), default=None,
-                            help="LoRA adapters to load with the engine: NAME=PATH ... (needs --enable-lora)")
-    if ours.help:
-        print(own.format_help() + "\n" + parser.format_help())
-        return None
-    try:
-        ns = parser.parse_args(rest)
-    except argparse.ArgumentError as exc:
-        raise UsageError(_explain(str(exc), argv, parser, own)) from None
-    except SystemExit:
-        raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
-    _refuse_secrets(ns)
-    explicit = {k for k, v in vars(ns).items() if v != parser.get_default(k)} - {"model_tag"}
-    model = ns.model_tag or (ns.model if "model" in explicit else None) or default_model
-    if not model:
-        raise UsageError("no model given: %vllm_load MODEL, or set %config VllmMagics.default_model "
-                         "(or $VLLM_NOTEBOOK_MODEL)")
-    ns.model = model
-    explicit.add("model")
-    user_flags = _without(rest, ns.model_tag)
-    del ns.model_tag
-    loras = _check_loras(ns) if not ours.server else []
-    # Resolve before EngineArgs exists: constructing it already looks the model up.
-    where = (str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
-    path = early[1] if early is not None and early[0] == where else resolve.resolve(*where)
-    try:
-        args = _vllm.engine_args_from_namespace(ns)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(str(exc).splitlines()[0]) from None
-    prep = prepare.prepare(ours.name, args, path, explicit, gpu_count=_vllm.device_count(),
-                           cpu_build=_vllm.is_cpu_build())
-    if ours.server:
-        listen = launch.Listen(ours.host, ours.port, ours.api_key_file)
-        if ours.dry_run:
-            return prep.dry_run(launch.command_for(prep, user_flags, listen))
-        return start_server(prep, user_flags, listen, ours.ray_address, progress)
-    return prep.dry_run() if ours.dry_run else start_local(prep, progress, ours.ray_address, loras)
-
-
-def start_server(prep: Prepared, user_flags: list[str], listen, ray_address: str | None, progress: bool):
-    """Start (or find) the server ``prep`` describes; the engine it replaces goes first where it holds devices
-    here, and is started again if the new one fails (``restored``)."""
-    found = launch.alike(prep)
-    if found is not None:  # the same configuration runs: attach (the old engine of this name goes as it does)
-        return launch.attach_record(found, prep.name, progress)
-    old = engine_registry.engines().get(prep.name)
-    if old is not None and shares_devices(old):
-        old.unload()
-    try:
-        eng = launch.start_new(prep, user_flags, listen, ray_address, progress)
-    except VllmNotebookError as exc:
-        if old is None or isinstance(exc, UsageError) or not shares_devices(old) or old.alive:
-            raise
-        raise restored(old, exc, progress) from None
-    if old is not None and not shares_devices(old) and engine_registry.engines().get(prep.name) is not old:
-        old.unload()  # a Slurm job's engine: it goes once its replacement serves
-    return eng
-
-
-def shares_devices(old) -> bool:
-    """Whether an engine holds devices (or memory) here that its replacement needs, so it goes first: all but
-    a Slurm job's, which runs on the job's nodes and goes once its replacement serves."""
-    return getattr(old, "job", None) is None
-
-
-def restored(old, exc: VllmNotebookError, progress: bool) -> VllmNotebookError:
-    """The engine a failed replacement had unloaded, started again from its own flags: an in-kernel engine from
-    what it was prepared from, a server we started from its record. The error to raise, saying which way it went."""
-    line = LiveLine(enabled=progress)
-    if getattr(old, "prepared", None) is not None:
-        return restart_previous(old, exc, line)
-    rec = getattr(old, "record", None)
-    if rec is None or getattr(old, "job", None) is not None:  # attached only (it still runs), or a Slurm job's
-        return exc
-    line.update(f"vllm-notebook: the new engine failed; starting the previous server ({old.model}) again …")
-    argv = [rec.model, *rec.argv, "--server", "--name", old.name]
-    if rec.host not in ("", "127.0.0.1"):
-        argv += ["--host", rec.host]
-    try:
-        load_from_argv(argv, progress=False)
-    except VllmNotebookError as second:
-        line.done("vllm-notebook: the previous server could not be started again either")
-        return type(exc)(f"{exc}; the previous server ({old.model}) could not be started again: {second}")
-    line.done(f"vllm-notebook: the previous server ({old.model}) is serving again")
-    return type(exc)(f"{exc}; the previous engine '{old.name}' ({old.model}) is serving again, as a new server")
 
 
 def _import_line(enabled: bool):
@@ -295,59 +586,6 @@ def _check_loras(ns: argparse.Namespace) -> list[tuple[str, str]]:
     for name, path in loras:
         lora.check(name, path, getattr(ns, "max_lora_rank", None))
     return loras
-
-
-def _submit_from_argv(ours: argparse.Namespace, rest: list[str], default_model: str, progress: bool):
-    """``%vllm_load MODEL --slurm 'OPTIONS'``: check the flags here, then submit (or find the job again)."""
-    if ours.server or ours.host or ours.port or ours.api_key_file:
-        raise UsageError("%vllm_load --slurm runs the server in a batch job, bound to the job's node and keyed: "
-                         "drop --server, --host, --port and --api-key-file")
-    _refuse_secret_words(rest)
-    try:
-        options = shlex.split(ours.slurm)
-    except ValueError as exc:
-        raise UsageError(f"%vllm_load --slurm: {exc} in {ours.slurm!r}") from None
-    model, flags = _split_model(rest, default_model)
-    if not model:
-        raise UsageError("no model given: %vllm_load MODEL --slurm 'SBATCH OPTIONS'")
-    flags = servers.normalize(flags)
-    found = None if ours.dry_run else slurm_job.find(model, flags, options)
-    if found is not None:  # no vLLM import to find it again
-        return slurm_job.start(ours.name, model, flags, options, chain=ours.chain, wait=not ours.no_wait,
-                               progress=progress, found=found)
-    parser = vllm_import.vllm_api().serve_arg_parser("%vllm_load --slurm")
-    try:  # a typo fails now, not after the job waited in the queue
-        ns = parser.parse_args([model, *flags])
-    except argparse.ArgumentError as exc:
-        raise UsageError(_explain(str(exc), [model, *flags], parser, _own_parser())) from None
-    except SystemExit:
-        raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
-    _refuse_secrets(ns)
-    path = resolve.resolve(str(model), getattr(ns, "revision", None), getattr(ns, "download_dir", None))
-    prepare.check_max_model_len(ns, resolve.read_config(path))  # before the queue, and before a running engine goes
-    if ours.dry_run:
-        rec = slurm_job.JobRecord(id="DRY-RUN", name=ours.name, model=model, flags=flags, options=options)
-        print(f"would submit: sbatch {shlex.join(options)} {rec.script}"
-              + (f" (and {ours.chain} chained successors)" if ours.chain else "") + "\n")
-        print(slurm_job.script_text(rec, job_name=f"vnb-{ours.name}"))
-        return None
-    return slurm_job.start(ours.name, model, flags, options, chain=ours.chain, wait=not ours.no_wait,
-                           progress=progress)
-
-
-def submit(model: str, slurm: str = "", *, name: str = "default", chain: int = 0, wait: bool = True,
-           dry_run: bool = False, progress: bool = True, **engine_args: Any):
-    """Run ``model`` as a vLLM server in a Slurm batch job (``slurm``: sbatch options); the handle, at once.
-
-    The handle shows the job's state as it goes (PENDING, RUNNING, READY, FAILED); requests wait until the
-    server is ready (or, with ``wait=False``, fail at once). ``chain`` successor jobs keep the model up past
-    the walltime. The same call in a restarted kernel finds the job instead of submitting another.
-    """
-    if not model:
-        raise UsageError("submit() needs a model: a Hugging Face id or a model folder")
-    argv = [str(model), "--slurm", slurm, "--name", name, "--chain", str(chain), *(["--no-wait"] if not wait else []),
-            *(["--dry-run"] if dry_run else []), *engine_flags(engine_args)]
-    return load_from_argv(argv, progress=progress)
 
 
 _NO_TOKEN = ("%vllm_load: no token on the line; set HF_TOKEN in the environment or run "
@@ -413,99 +651,6 @@ def _explain(message: str, argv: list[str], *parsers) -> str:
         why = logs.pydantic_detail(lines[1]).removeprefix("invalid engine arguments: ")
         lines = [f"{lines[0].split(':')[0]}: {why}" if why else lines[0]]
     return f"%vllm_load: {lines[0] if lines else message}; {hint}"
-
-
-def start_local(prep: Prepared, progress: bool = True, ray_address: str | None = None,
-                loras: list[tuple[str, str]] = ()) -> LocalEngine:
-    """Start the prepared engine in this kernel (or reuse the running one with the same configuration);
-    ``loras``: (name, path) of the LoRA adapters to load with it."""
-    args = prep.args
-    line = LiveLine(enabled=progress)
-    t0 = time.monotonic()
-    if "disable_log_stats" not in prep.explicit:
-        args.disable_log_stats = True
-    if prep.hub_id is not None:  # the cached snapshot: no Hub lookups, so no network needed
-        args.model = prep.path
-        if "tokenizer" not in prep.explicit:
-            args.tokenizer = prep.path
-        args.revision = args.tokenizer_revision = None
-    old = engine_registry.engines().get(prep.name)
-    if old is not None:
-        if old.key == prep.key and old.alive:
-            for name, path in loras:  # adapters added to the line since: loaded into the running engine
-                if name not in old.adapters:
-                    old.add_lora(name, path)
-            line.done(f"vllm-notebook: engine '{prep.name}' is already running {old.model} (reused)")
-            return old
-        if shares_devices(old):
-            line.update(f"vllm-notebook: unloading the previous '{prep.name}' engine ({old.model}) …")
-            old.unload()
-    try:
-        eng = _start_new(prep, args, line, t0, ray_address)
-    except VllmNotebookError as exc:
-        if old is None or old.key == prep.key or not shares_devices(old):
-            raise
-        raise restored(old, exc, progress) from None
-    if old is not None and not shares_devices(old):
-        old.unload()  # a Slurm job's engine: it goes once its replacement serves
-    for name, path in loras:
-        eng.add_lora(name, path)
-    line.done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
-    return eng
-
-
-def restart_previous(old: LocalEngine, exc: VllmNotebookError, line: LiveLine) -> VllmNotebookError:
-    """A replacement that failed to start: the engine it replaced, started again from its own settings (its
-    adapters too), so the kernel is left as it was. The error to raise, saying which way it went."""
-    line.update(f"vllm-notebook: the new engine failed; starting the previous one ({old.model}) again …")
-    try:
-        again = _start_new(old.prepared, old.prepared.args, line, time.monotonic(), None)
-        for adapter in list(old.adapters):
-            if adapter.name != lora.BASE_NAME:
-                again.add_lora(adapter.name, adapter.path)
-    except VllmNotebookError as second:
-        line.done("vllm-notebook: the previous engine could not be started again either")
-        return type(exc)(f"{exc}; the previous engine ({old.model}) could not be started again: {second}")
-    line.done(f"vllm-notebook: the previous engine is serving again — {summary(again)}")
-    return type(exc)(f"{exc}; the previous engine '{old.name}' ({old.model}) is serving again")
-
-
-def _start_new(prep: Prepared, args, line: LiveLine, t0: float, ray_address: str | None) -> LocalEngine:
-    """Start the engine ``prep`` describes, register it and return it (one line and the error if it fails)."""
-    cluster = None
-    if prep.plan.needs_ray:
-        line.update(f"vllm-notebook: starting the Ray cluster on {prep.allocation.num_nodes} nodes …")
-        cluster = ray_cluster.up(prep.allocation, ray_address)
-    eng = LocalEngine(prep.name, args, prep.key, logs.new_log_path(prep.name), plan=prep.plan.as_dict())
-    eng.prepared = prep  # what it was started from: a failed replacement starts it again (restart_previous)
-    eng.ray_cluster = cluster
-    if cluster is not None and cluster.owned:
-        eng.on_unload.append(_stop_ray_when_unused)
-
-    def report(phase: str, elapsed: float) -> None:
-        line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({prep.model})", key=phase)
-
-    try:
-        with scoped_env(prep.env):
-            eng._start(report)
-    except VllmNotebookError:
-        line.done(f"vllm-notebook: failed after {time.monotonic() - t0:.0f} s")
-        raise
-    eng.plan["executor"] = eng.facts.get("executor", eng.plan.get("executor"))
-    if prep.hub_id is not None:
-        eng.facts.update(model=prep.hub_id, path=prep.path)
-    engine_registry.register(eng)
-    return eng
-
-
-def _stop_ray_when_unused(unloaded: LocalEngine) -> None:
-    """After an engine on our Ray cluster unloads: stop the cluster unless another engine still uses it, or
-    the user brought it up with ``%vllm_cluster --up`` (it then stays, its GPUs back with Ray, until --down)."""
-    cluster = ray_cluster.current()
-    if cluster is not unloaded.ray_cluster or cluster.kept:
-        return
-    if not any(e.ray_cluster is not None for e in engine_registry.engines().values() if e is not unloaded):
-        ray_cluster.down()
 
 
 def summary(eng) -> str:

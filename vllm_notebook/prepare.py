@@ -22,7 +22,7 @@ from .cluster.allocation import Allocation
 from .cluster.plan import Plan, make_plan
 from .errors import UsageError
 from .models import resolve
-from .ui.tables import html_pairs, text_pairs
+from .tables import html_pairs, text_pairs
 
 HUB_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

@@ -1,11 +1,13 @@
-"""Engines: the protocol every back-end implements, and the in-kernel back-end.
+"""Engines: the one ``Engine`` class, and what it is made of.
 
-- ``base``: ``Engine``, the protocol, with the request machinery both back-ends share;
-- ``local``: ``LocalEngine``, vLLM's ``AsyncLLM`` in this kernel;
+- ``core``: ``Engine``, one concrete class over a back-end (``vllm_notebook.backends``): submitting batches,
+  streaming, Ctrl-C and Stop, results, the journal, statistics, sleep and wake;
+- ``requests``: ``Run`` and the prompt and error helpers the engine and its back-ends share;
+- ``tasks``: embeddings, ranking, choice scoring and adapters (part of ``Engine``);
 - ``vllm_api``: the one module that touches vLLM (imported on first load, never at ``%load_ext``);
 - ``registry``: this kernel's engines by name;
-- ``generation``, ``sampling``, ``prompts``: results, sampling parameters, prompt handling;
+- ``generation``, ``outputs``, ``sampling``, ``prompts``, ``pooling``, ``lora``: results, sampling parameters,
+  prompts, pooling requests and LoRA adapters;
+- ``journal``: every result appended as it finishes; ``compare``: several engines or settings side by side;
 - ``sleep``, ``gpus``: sleep mode and GPU memory as NVML sees it.
-
-The server back-end, ``ServerEngine``, lives in ``vllm_notebook.server``.
 """

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-from ..ui import render
 from . import sampling
-from .base import Engine, as_batch
+from .core import Engine
 from .generation import Generation, reasons_text
 from .registry import get_engine
+from .requests import as_batch
 
 
 @dataclass
@@ -193,9 +193,3 @@ class Comparison:
         journal = f", {m['from_journal']} from the journal" if m.get("from_journal") else ""
         return (f"{m['tokens_per_s']:.1f} tok/s, {m['output_tokens']} tokens, "
                 f"finish: {reasons_text(m['finish_reasons'])}{journal}")
-
-    def _repr_html_(self) -> str:
-        return render.comparison_html(self)
-
-    def _repr_pretty_(self, p, cycle) -> None:
-        p.text(render.comparison_plain(self))

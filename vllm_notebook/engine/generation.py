@@ -1,4 +1,4 @@
-"""``Generation``: the result of a generate call, with a rich display."""
+"""``Generation``: the result of a generate call (``ui/render.py`` shows it)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from collections import Counter
 from typing import Any
 
 from ..errors import VllmNotebookError
-from ..ui import render
 
 
 class Generation:
@@ -28,9 +27,7 @@ class Generation:
         self.reused = len(reused)  # results taken from the journal instead of generated again
         self.errors: dict[int, str] = dict(errors or {})  # prompts that failed on their own: index -> one line
         self.provenance: dict[str, Any] = {}  # what made it: model, revision, versions, flags, sampling, node, job
-        self.format = "auto"
-        self._live = None  # a display handle showing this result while it streamed
-        self._printed = False  # already written to a terminal while streaming
+        self.format = "auto"  # how it is shown: auto, markdown, text, json (``ui/render.py``)
         n_tokens = sum(len(c.token_ids) for o in self.outputs if o for c in o.outputs)
         reused = set(reused)
         new_tokens = sum(len(c.token_ids) for i, o in enumerate(self.outputs) if o and i not in reused
@@ -129,18 +126,10 @@ class Generation:
             parts.append(f"interrupted: {self.aborted} request(s) aborted")
         return " · ".join(parts)
 
-    def _single(self) -> bool:
+    @property
+    def single(self) -> bool:
+        """One prompt, one completion (shown as its text, not as a table)."""
         return len(self.prompts) == 1 and len(self.texts) <= 1
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        return render.bundle(self), render.metadata(self)
-
-    def _repr_pretty_(self, p, cycle) -> None:
-        p.text(render.plain(self))
-
-    def _ipython_display_(self) -> None:
-        """Show the result where it streamed (once), otherwise as a new output."""
-        render.show(self)
 
 
 def reasons_text(counts: dict[str, int]) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-from ..ui.tables import Table
+from ..tables import Table
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..errors import NoEngineError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .base import Engine
+    from .core import Engine
 
 _ENGINES: dict[str, Engine] = {}
 _lock = threading.RLock()

@@ -1,10 +1,10 @@
 """What an engine does besides generating: embeddings, ranking, choice scoring, and LoRA adapters.
 
-``TaskMethods`` is part of ``Engine`` (base.py): these methods use the same request machinery as
-generation (one event loop, Ctrl-C aborts, one-line errors), so they work on both back-ends. A back-end
-supplies only what differs: how a pooling request goes out (``_request`` with a ``Pooling``), how text
-becomes tokens (``token_ids``), how a server scores (``_score``) and how adapters are added or removed
-(``_add_lora`` / ``_remove_lora``).
+``TaskMethods`` is part of ``Engine`` (core.py): these methods use the same request machinery as
+generation (one event loop, Ctrl-C aborts, one-line errors), so they work on every back-end. A back-end
+supplies only what differs: how a pooling request goes out (``request`` with a ``Pooling``), how text
+becomes tokens (``token_ids``), how a server scores (``scores``) and how adapters are added or removed
+(``add_lora`` / ``remove_lora``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from typing import Any
 
 from ..errors import UsageError
 from .lora import Adapter
-from .pooling import ChoiceScores, Pooling, Ranking, continuation_logprob, cosine, encode_pair, stack
+from .pooling import (
+    ChoiceScores,
+    Pooling,
+    Ranking,
+    continuation_logprob,
+    cosine,
+    encode_pair,
+    stack,
+)
 
 
 class TaskMethods:
@@ -68,6 +76,10 @@ class TaskMethods:
         return Ranking(query, docs, self._score(query, docs, lora))
 
     def _score(self, query: str, documents: list[str], lora: str | None) -> list[float]:
+        self._check()
+        own = self.backend.scores(query, documents, lora)
+        if own is not None:
+            return own
         vectors = self.embed([query, *documents], lora=lora)
         return [float(x) for x in cosine(vectors[0], vectors[1:])]
 
@@ -106,13 +118,6 @@ class TaskMethods:
             tokens.append(row_n)
         return ChoiceScores(questions, per_question, logprobs, tokens, interrupted=gen.interrupted)
 
-    def token_ids(self, text: str, special: bool = True) -> list[int]:
-        """``text`` as the model's tokens (``special``: with the tokens the tokenizer adds, such as BOS)."""
-        tok = self.tokenizer
-        if tok is None:
-            raise UsageError(f"engine '{self.name}' has no tokenizer in this kernel")
-        return list(tok.encode(text, add_special_tokens=special))
-
     # ---------------------------------------------------------------- LoRA adapters
     @property
     def loras(self) -> dict[str, str]:
@@ -122,8 +127,8 @@ class TaskMethods:
     def add_lora(self, name: str, path: str) -> Adapter:
         """Load a LoRA adapter (a PEFT folder) so requests can use it as ``lora=name``."""
         self._check()
-        adapter = self.adapters.new(name, path, check_rank=self._checks_rank)
-        self._call(self._add_lora(adapter))
+        adapter = self.adapters.new(name, path, check_rank=self.backend.checks_rank)
+        self._call(self.backend.add_lora(adapter))
         self.adapters.add(adapter)
         return adapter
 
@@ -131,16 +136,8 @@ class TaskMethods:
         """Unload the adapter ``name`` (requests naming it fail from now on)."""
         self._check()
         adapter = self.adapters.get(name)
-        self._call(self._remove_lora(adapter))
+        self._call(self.backend.remove_lora(adapter))
         self.adapters.pop(name)
-
-    _checks_rank = True  # the engine knows --max-lora-rank (an attached server may not say)
-
-    async def _add_lora(self, adapter: Adapter) -> None:
-        raise UsageError(f"engine '{self.name}' cannot add adapters")
-
-    async def _remove_lora(self, adapter: Adapter) -> None:
-        raise UsageError(f"engine '{self.name}' cannot remove adapters")
 
 
 def _texts(value: Any, what: str) -> list[str]:

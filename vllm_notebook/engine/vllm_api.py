@@ -17,7 +17,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError  # noqa: F401 - LocalEngine tells a dead engine by it
+from vllm.v1.engine.exceptions import EngineDeadError  # noqa: F401 - LocalBackend tells a dead engine by it
 
 VERSION = vllm.__version__
 FINAL_ONLY = RequestOutputKind.FINAL_ONLY

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..engine import vllm_import
 from ..errors import ModelNotFoundError, VllmNotebookError
-from ..ui.tables import Table
+from ..tables import Table
 
 # Weights vLLM loads, best first: only the first kind a repository has is fetched.
 WEIGHT_KINDS = (("*.safetensors", "model.safetensors.index.json"), ("*.bin", "pytorch_model.bin.index.json"),

@@ -4,14 +4,25 @@
 - ``process``: starting and stopping ``vllm serve`` processes;
 - ``http``: plain HTTP to a server (health, JSON endpoints, metrics);
 - ``guard``: the middleware that asks for the key on every path;
-- ``client``: ``ServerEngine``, the engine protocol over HTTP;
-- ``launch``: a prepared load started as a server, or found again.
+- ``slurm_job``: a server as a Slurm batch job: its record, script, submission, state and cancellation.
+
+The engine over a server is ``backends/server.py`` (``ServerBackend``); over a job, ``backends/slurm.py``.
 """
 
 from __future__ import annotations
 
 from .process import start, stop, wait_ready
-from .registry import ServerRecord, find, home, listing, lookup, normalize, read_key, records, update
+from .registry import (
+           ServerRecord,
+           find,
+           home,
+           listing,
+           lookup,
+           normalize,
+           read_key,
+           records,
+           update,
+)
 
 __all__ = ["ServerRecord", "find", "home", "listing", "lookup", "normalize", "read_key", "records", "start",
            "stop", "update", "wait_ready"]

@@ -25,7 +25,7 @@ from .. import paths, private, procs
 from ..cluster import slurm
 from ..engine import registry as engine_registry
 from ..errors import ServerError
-from ..ui.tables import Table
+from ..tables import Table
 
 MARKER = "VLLM_NOTEBOOK_SERVER"  # in every server process's environment: the record id
 
@@ -297,5 +297,6 @@ class ServerList(Table):
 
 
 def listing() -> ServerList:
-    attached = {e.record.id: name for name, e in engine_registry.engines().items() if e.record is not None}
-    return ServerList(records(), attached)
+    recs, engines = records(), engine_registry.engines()
+    attached = {r.id: name for r in recs for name, e in engines.items() if e.backend.uses_server(r.id)}
+    return ServerList(recs, attached)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine.registry import engines
-from .tables import html_pairs, text_pairs
+from ..tables import html_pairs, text_pairs
 
 
 @dataclass

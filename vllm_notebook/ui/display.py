@@ -1,55 +1,21 @@
-"""Outputs that update in place: a display handle in a kernel, plain lines in a terminal."""
+"""Streamed text that updates in place: a display handle in a kernel, plain text in a terminal."""
 
 from __future__ import annotations
 
 import sys
 import time
+import weakref
+
+from ..progress import in_kernel
+
+#: A result -> the display handle it streamed into (True: it streamed to a terminal), until it is shown
+#: (``render.show`` takes it). Kept here, not on the result: the engine layer holds no display state.
+_streamed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def in_kernel() -> bool:
-    """True in a Jupyter kernel (display updates work), False in terminal IPython or a script."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and hasattr(shell, "kernel")
-
-
-class LiveLine:
-    """One line of status that is replaced on every update."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self._kernel = enabled and in_kernel()
-        self._tty = sys.stderr.isatty()
-        self._handle = None
-        self._last = ""
-        self._last_key = None
-
-    def update(self, text: str, key: str | None = None) -> None:
-        """Show ``text``; where lines cannot be rewritten, only when ``key`` (e.g. the phase) changes."""
-        if not self.enabled or text == self._last:
-            return
-        if not self._kernel and not self._tty and key is not None and key == self._last_key:
-            return
-        self._last, self._last_key = text, key
-        if self._kernel:
-            from IPython.display import display
-
-            data = {"text/plain": text}
-            if self._handle is None:
-                self._handle = display(data, raw=True, display_id=True)
-            else:
-                self._handle.update(data, raw=True)
-        else:
-            sys.stderr.write("\r\x1b[2K" + text if self._tty else text + "\n")
-            sys.stderr.flush()
-
-    def done(self, text: str) -> None:
-        self.update(text)
-        if self.enabled and not self._kernel and self._tty:
-            sys.stderr.write("\n")
+def streamed_into(gen):
+    """Where ``gen`` streamed (a display handle, True for a terminal, None), forgotten once asked."""
+    return _streamed.pop(gen, None)
 
 
 class TextStream:
@@ -89,7 +55,4 @@ class TextStream:
     def attach(self, gen) -> None:
         """Hand the output area to the result, which renders its final form there."""
         self._flush()
-        if self._handle is not None:
-            gen._live = self._handle
-        else:
-            gen._printed = True
+        _streamed[gen] = self._handle if self._handle is not None else True

@@ -7,7 +7,8 @@ import json
 import re
 from typing import Any
 
-from .tables import html_table
+from ..tables import html_table
+from .display import streamed_into
 
 _MAX_CELL = 400
 
@@ -15,7 +16,7 @@ _MAX_CELL = 400
 def plain(gen) -> str:
     if gen.format == "json":
         return json.dumps(gen.to_records(), indent=2, ensure_ascii=False)
-    if gen._single():
+    if gen.single:
         return f"{gen.text}\n\n[{gen.footer()}]"
     rows = [f"[{i}] {r['prompt']!r} -> {_shown(r)!r} ({r['tokens']} tokens, {r['finish_reason']})"
             for i, r in enumerate(gen.to_records())]
@@ -65,7 +66,7 @@ def bundle(gen) -> dict[str, Any]:
         data["application/json"] = gen.to_records()
     elif fmt == "text":
         pass
-    elif gen._single():
+    elif gen.single:
         data["text/markdown"] = markdown(gen) if fmt in ("auto", "markdown") else None
     else:
         data["text/html"] = table_html(gen)
@@ -79,11 +80,11 @@ def metadata(gen) -> dict[str, Any]:
 
 
 def show(gen) -> None:
+    """Show the result where it streamed (once), otherwise as a new output."""
     from IPython.display import display
 
-    live, gen._live = gen._live, None
-    if gen._printed:
-        gen._printed = False
+    live = streamed_into(gen)
+    if live is True:  # streamed to a terminal: the text is there already
         print(f"\n[{gen.footer()}]")
         return
     data = bundle(gen)
@@ -93,26 +94,29 @@ def show(gen) -> None:
         display(data, raw=True, metadata=metadata(gen))
 
 
-def engine_markdown(engine) -> str:
-    f = engine.facts
-    rows = [
-        ("model", f.get("model")), ("dtype", f.get("dtype") or "unknown"), ("max_model_len", f.get("max_model_len")),
-        ("tensor / pipeline parallel", f"{f.get('tensor_parallel_size')} / {f.get('pipeline_parallel_size')}"),
-        ("device", f.get("device")), ("KV cache", f"{f['kv_cache_tokens']:,} tokens" if f.get("kv_cache_tokens") else "unknown"),
-        ("loaded in", f"{engine.load_seconds:.1f} s" if engine.load_seconds else "-"),
-        ("log", engine.log_path),
-    ]
-    body = "\n".join(f"| {k} | `{v}` |" for k, v in rows)
-    return f"**vLLM engine `{engine.name}`** ({'running' if engine.alive else 'stopped'})\n\n| | |\n|---|---|\n{body}\n"
+def register(shell) -> None:
+    """Tell IPython how to show what the engine layer returns (that layer holds no display code): by the
+    classes' names, so nothing is imported until an object is shown. Registering twice is harmless."""
+    f = shell.display_formatter
+    plain_text = f.formatters["text/plain"]
+    for module, cls, show_it, text in (
+            ("vllm_notebook.engine.generation", "Generation", show, plain),
+            ("vllm_notebook.engine.compare", "Comparison", None, comparison_plain),
+            ("vllm_notebook.engine.core", "Engine", show_engine, None)):
+        if show_it is not None:
+            f.ipython_display_formatter.for_type_by_name(module, cls, show_it)
+        if text is not None:
+            plain_text.for_type_by_name(module, cls, lambda obj, p, cycle, text=text: p.text(text(obj)))
+    f.formatters["text/html"].for_type_by_name("vllm_notebook.engine.compare", "Comparison", comparison_html)
 
 
 def show_engine(engine) -> None:
-    """Display an engine, except right after %vllm_load, whose progress line already summarised it."""
+    """Display an engine (its ``_repr_markdown_``), except right after %vllm_load, whose line summarised it."""
     from IPython import get_ipython
     from IPython.display import Markdown, display
 
     shell = get_ipython()
-    if shell is not None and engine._announced_in == shell.execution_count:
+    if shell is not None and engine.announced_in == shell.execution_count:
         return
     display(Markdown(engine._repr_markdown_()))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..engine import journal
 from ..engine.registry import engines
 from ..errors import VllmNotebookError
-from .tables import html_table
+from ..tables import html_table
 
 
 def _rss_mb(pid: int) -> float:

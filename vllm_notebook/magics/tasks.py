@@ -1,21 +1,22 @@
 """The magics beyond generation: ``%vllm_lora``, ``%embed`` and ``%%score``. They parse and delegate to
 ``Engine.add_lora`` / ``remove_lora`` / ``embed`` / ``score`` / ``score_choices`` (``engine/tasks.py``).
 
-``%%generate --lora NAME`` lives with ``%%generate`` (``magics.py``); ``--compare lora=NAME`` compares an
+``%%generate --lora NAME`` lives with ``%%generate`` (``magics/generation.py``); ``--compare lora=NAME`` compares an
 adapter with the base model.
 """
 
 from __future__ import annotations
 
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
+from IPython.core.magic import line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from .engine.pooling import parse_choices
-from .engine.prompts import interpolate, prompts_from_rows, prompts_from_value, split
-from .engine.registry import get_engine
-from .errors import UsageError
-from .magic_args import parse_line, value_of
-from .ui.tables import Table
+from ..engine.pooling import parse_choices
+from ..engine.prompts import interpolate, prompts_from_rows, prompts_from_value, split
+from ..engine.registry import get_engine
+from ..errors import UsageError
+from ..tables import Table
+from .args import parse_line, value_of
+from .settings import Topic
 
 
 class AdapterList(Table):
@@ -39,7 +40,7 @@ class AdapterList(Table):
 
 
 @magics_class
-class TaskMagics(Magics):
+class TaskMagics(Topic):
     """%vllm_lora (adapters), %embed (embeddings), %%score (choices by log-probability, or documents ranked)."""
 
     @magic_arguments()

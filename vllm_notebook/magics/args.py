@@ -1,6 +1,6 @@
 """How our magics read their line: shell-quoted words, ``{name}`` filled per word, one-line errors.
 
-Shared by ``magics.py`` and ``task_magics.py``.
+Shared by every topic's magics (``magics/*.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,13 @@ import re
 import shlex
 
 from IPython.core.error import UsageError as IPythonUsageError
+from IPython.core.magic_arguments import argument
 
-from .engine.prompts import interpolate
-from .errors import UsageError
+from ..engine.prompts import interpolate
+from ..errors import UsageError
+
+#: ``--name``: the engine a magic acts on.
+engine_name = argument("--name", help="engine (default: the only one, or 'default')")
 
 
 #: Flags whose value is itself a template, filled per row (``--template "The capital of {country} is"``):

@@ -1,52 +1,56 @@
-"""``Engine``: the engine protocol, and the request machinery both back-ends share.
+"""``Engine``: one engine, whatever runs it; the request machinery every back-end shares.
 
-An engine runs prompts on vLLM and streams their outputs back. There are two
-back-ends, and everything above them (magics, the panel, status, batches, chat)
-talks to this class only:
-
-- ``LocalEngine`` (``engine/local.py``): vLLM's ``AsyncLLM`` in this kernel;
-- ``ServerEngine`` (``server/client.py``): a vLLM OpenAI-compatible server over HTTP.
+An engine runs prompts on vLLM and streams their outputs back. Everything above
+(magics, the panel, status, batches, chat) talks to this class only. What runs
+the engine is its back-end (``vllm_notebook.backends``): vLLM in this kernel, a
+server, or a server in a Slurm job, all behind one contract (``Backend``).
 
 Every public method is thread-safe and synchronous, so cells, widgets and user
 threads can share one engine: requests go out from the engine's private
-event-loop thread and meet in vLLM's scheduler, which batches them. A back-end
-supplies how one request is sent (``_request``), aborted (``_abort``) and how its
-errors read (``_translate``); this class does the rest: submitting a batch at
-once, streaming, Ctrl-C and Stop, results, statistics, sleep and wake.
-Nothing here imports IPython or vLLM.
+event-loop thread and meet in vLLM's scheduler, which batches them. The back-end
+supplies how one request is sent, aborted and how its errors read; this class
+does the rest: submitting a batch at once, streaming, Ctrl-C and Stop, results,
+the journal, statistics, sleep and wake. Nothing here imports IPython or vLLM.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import itertools
-import os
 import queue
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import NoEngineError, RequestError, UsageError, VllmNotebookError
-from . import gpus, journal
+from . import gpus, journal, registry
 from . import sleep as sleep_mode
 from .generation import Generation
-from .lora import Adapters
 from .outputs import from_record, merged
 from .pooling import Pooling
+from .requests import (
+    Prompt,
+    PromptRejected,
+    Run,
+    aborted,
+    as_batch,
+    engine_prompt,
+    first_line,
+    prompt_text,
+)
 from .sleep import SleepReport
 from .tasks import TaskMethods
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backends.base import Backend
+
 _DONE = object()
 _ids = itertools.count()
-
-Prompt = str | dict  # a text prompt, {"prompt_token_ids": [...]}, or chat {"messages": [...]}
 
 
 @dataclass
@@ -58,144 +62,162 @@ class Stats:
     running: int = 0
 
 
-@dataclass
-class Run:
-    """The state of one call to ``Engine.run``: its requests and their latest outputs."""
+class Engine(TaskMethods):
+    """A running vLLM engine, in this kernel, behind a server or in a Slurm job (its ``backend``).
 
-    rids: list[str]
-    outputs: list[Any]
-    q: queue.Queue = field(default_factory=queue.Queue)
-    loras: list[Any] = field(default_factory=list)  # each request's LoRA adapter (None: the base model)
-    future: Any = None
-    params: Any = None
-    started: float = 0.0
-    first_token_at: float | None = None
-    done: bool = False
-    book: Any = None  # the journal finished outputs go to (None: not journaled)
-    keys: list[str] = field(default_factory=list)  # each request's journal key
-    texts: list[str] = field(default_factory=list)  # each request's prompt as text
-    run_id: str = ""
-    errors: dict[int, str] = field(default_factory=dict)  # a prompt's own error (too long, refused), by index
+    Create one with ``vllm_notebook.load`` (or ``attach``, ``submit``)."""
 
-
-class PromptRejected(Exception):
-    """A back-end's word that ``error`` concerns one prompt alone (refused when it was added: too long, invalid),
-    not the engine: in a batch, the other prompts go on (``Engine._events``' ``keep_going``)."""
-
-    def __init__(self, error: BaseException):
-        super().__init__(str(error))
-        self.error = error
-
-
-class Engine(TaskMethods, abc.ABC):
-    """A running vLLM engine, in this kernel or behind a server. Create one with ``vllm_notebook.loader``."""
-
-    record = None  # the registry record of a server vllm-notebook started (server back-end)
-    ray_cluster = None  # the Ray cluster a multi-node engine runs on
-
-    def __init__(self, name: str, key: tuple, log_path: str, plan: dict | None = None):
+    def __init__(self, name: str, backend: Backend):
         self.name = name
-        self.key = key  # what identifies the configuration: a re-run of the same load reuses the engine
-        self.log_path = str(log_path)
-        self.plan = dict(plan or {})
-        self.facts: dict[str, Any] = {}
+        self.backend = backend
+        backend.name = name
         self.stats = Stats()
-        self.usage: dict[str, Any] = {}  # the scheduler's latest KV-cache use and queue lengths
-        self.load_seconds: float | None = None
+        self.on_unload: list[Callable[[Engine], None]] = []  # run after the engine has stopped
+        self.announced_in: int | None = None  # the cell that loaded it (its summary is shown there)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
-        self._announced_in: int | None = None  # the cell that loaded it (its summary is shown there)
         self._asleep = 0  # the sleep level, 0 when awake
-        self._vllm_version: str | None = None
-        self.adapters = Adapters()  # LoRA adapters requests can name (``lora=``)
-        self.on_unload: list[Callable[[Engine], None]] = []  # run after the engine has stopped
 
-    # ---------------------------------------------------------------- what a back-end provides
+    # ---------------------------------------------------------------- what the back-end knows
     @property
-    @abc.abstractmethod
-    def alive(self) -> bool:
-        """The engine can answer (it may be asleep)."""
+    def kind(self) -> str:
+        """What runs the engine: ``local`` (this kernel), ``server`` or ``slurm``."""
+        return self.backend.kind
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the configuration: a re-run of the same load reuses the engine."""
+        return self.backend.key
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        return self.backend.facts
+
+    @property
+    def plan(self) -> dict[str, Any]:
+        return self.backend.plan
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        """The scheduler's latest KV-cache use and queue lengths."""
+        return self.backend.usage
+
+    @property
+    def adapters(self):
+        """The LoRA adapters requests can name (``lora=``)."""
+        return self.backend.adapters
+
+    @property
+    def log_path(self) -> str:
+        return self.backend.log_path
+
+    @property
+    def load_seconds(self) -> float | None:
+        return self.backend.load_seconds
 
     @property
     def model(self) -> str:
-        return str(self.facts.get("model") or "")
+        return self.backend.model
 
     @property
     def owned(self) -> bool:
         """Started by vllm-notebook, so ``unload`` stops it (an attached server is only detached)."""
-        return True
+        return self.backend.owned
 
     @property
     def tokenizer(self):
         """The model's tokenizer where it lives in this process (in-kernel engines), else None."""
-        return None
+        return self.backend.tokenizer
 
-    @abc.abstractmethod
-    def _check_alive(self) -> None:
-        """Raise a one-line ``EngineDiedError`` if the engine (or its server) has died."""
+    @property
+    def closed(self) -> bool:
+        """Unloaded or detached: this kernel no longer uses it."""
+        return self._closed
 
-    @abc.abstractmethod
+    @property
+    def alive(self) -> bool:
+        """The engine can answer (it may be asleep)."""
+        return not self._closed and self.backend.alive
+
     def params(self, base: Any = None, overrides: dict[str, Any] | None = None) -> Any:
         """Sampling for this engine: the model's defaults, then ``base`` (dict or SamplingParams), then ``overrides``."""
+        return self.backend.sampling(base, overrides)
 
-    @abc.abstractmethod
     def default_sampling(self) -> dict[str, Any]:
         """The model's own sampling defaults, as the engine applies them."""
+        return self.backend.default_sampling()
 
-    @abc.abstractmethod
     def chat_prompt(self, messages: Sequence[dict]) -> dict:
         """An engine prompt for one assistant reply to ``messages``."""
-
-    @abc.abstractmethod
-    def _prepare(self, params: Any, stream: bool) -> Any:
-        """The back-end's form of ``params`` for one run."""
-
-    @abc.abstractmethod
-    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue, lora=None) -> None:
-        """Send one request (to the LoRA adapter ``lora``, if any); put ``(i, output)`` on ``q`` for each
-        (cumulative) output. ``params`` from ``_prepare``: sampling, or a ``Pooling`` request's."""
-
-    @abc.abstractmethod
-    def _abort(self, run: Run, pending: list[str]) -> None:
-        """Abort the requests ``pending`` of ``run``."""
-
-    @abc.abstractmethod
-    def _translate(self, exc: BaseException) -> BaseException:
-        """A one-line error for an exception raised while serving a request."""
-
-    @abc.abstractmethod
-    def _can_sleep(self) -> bool:
-        """Sleep mode is on for this engine."""
-
-    @abc.abstractmethod
-    async def _sleep(self, level: int) -> None: ...
-
-    @abc.abstractmethod
-    async def _wake(self, level: int) -> None: ...
-
-    @abc.abstractmethod
-    def unload(self) -> str:
-        """Stop the engine (or, for a server we did not start, detach); returns what was done."""
-
-    def detach(self) -> str:
-        """Stop using the engine from this kernel. For an in-kernel engine that is ``unload``."""
-        return self.unload()
-
-    def close_at_exit(self) -> None:
-        """At kernel exit: stop what lives only as long as this kernel (servers outlive it)."""
-        self.unload()
+        self._check()
+        return self.backend.chat_prompt(messages)
 
     def refresh_usage(self) -> None:
         """Update ``usage`` (KV-cache use, queue lengths) where the back-end must ask for it."""
+        if not self._closed:
+            self.backend.refresh_usage()
+
+    def token_ids(self, text: str, special: bool = True) -> list[int]:
+        """``text`` as the model's tokens (``special``: with the tokens the tokenizer adds, such as BOS)."""
+        self._check()
+        return self.backend.token_ids(text, special)
+
+    # ---------------------------------------------------------------- start and stop
+    def start(self, progress: Callable[[str, float], None] | None = None) -> Engine:
+        """Start the event loop and the back-end on it (``progress(phase, seconds)`` while it loads)."""
+        self._start_loop()
+        self.backend.loop = self._loop
+        try:
+            self.backend.start(progress)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._asleep = self.backend.sleeping_at()
+        return self
+
+    def unload(self) -> str:
+        """Stop the engine (for a server we did not start, detach); returns what was done."""
+        registry.unregister(self)
+        if self._closed:
+            return f"engine '{self.name}' was unloaded already"
+        self._close()
+        said = self.backend.stop()
+        for callback in self.on_unload:  # e.g. stop the Ray cluster started for this engine
+            callback(self)
+        return said
+
+    def detach(self) -> str:
+        """Stop using the engine from this kernel; a server or a job goes on (an in-kernel engine unloads)."""
+        if not self.backend.outlives_kernel:
+            return self.unload()
+        registry.unregister(self)
+        self._close()
+        return self.backend.detached()
+
+    def close_at_exit(self) -> None:
+        """At kernel exit: stop what lives only as long as this kernel (servers and jobs outlive it)."""
+        if self.backend.outlives_kernel:
+            registry.unregister(self)
+            self._close()
+        else:
+            self.unload()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and self._loop.is_running():
+            self.backend.close()
+        self._stop_loop()
 
     # ---------------------------------------------------------------- state
     def _check_usable(self) -> None:
         """Raise a one-line error if the engine was unloaded or has died."""
         if self._closed:
             raise NoEngineError(f"engine '{self.name}' was unloaded; load it again with %vllm_load")
-        self._check_alive()
+        self.backend.check_usable()
 
     def _check(self) -> None:
         """Raise a one-line error unless the engine can take requests now."""
@@ -206,15 +228,26 @@ class Engine(TaskMethods, abc.ABC):
 
     @property
     def state(self) -> str:
-        """``running``, ``asleep (level N)``, ``unloaded`` or ``dead``."""
+        """``running``, ``asleep (level N)``, ``unloaded`` or ``dead`` (or a job's own state)."""
         if self._closed:
             return "unloaded"
+        own = self.backend.state()
+        if own is not None:
+            return own
         if not self.alive:
             return "dead"
         return f"asleep (level {self._asleep})" if self._asleep else "running"
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} model={self.model!r} {self.state}>"
+        return f"<Engine {self.name!r} ({self.kind}) model={self.model!r} {self.state}>"
+
+    def rows(self) -> list[tuple[str, Any]]:
+        """What the engine is, as (label, value) rows: its back-end's."""
+        return self.backend.rows()
+
+    def _repr_markdown_(self) -> str:
+        body = "\n".join(f"| {k} | `{str(v).replace('`', chr(39))}` |" for k, v in self.rows())
+        return f"**{self.backend.title()} `{self.name}`** ({self.state})\n\n| | |\n|---|---|\n{body}\n"
 
     def _start_loop(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -339,27 +372,16 @@ class Engine(TaskMethods, abc.ABC):
         return gen
 
     # ---------------------------------------------------------------- provenance
-    def _identity(self) -> dict[str, Any]:
-        """What makes this engine's results what they are (a back-end adds its path, revision and flags)."""
-        return {"model": self.model, "revision": None, "flags": {}}
-
-    def _sampling_record(self, params: Any) -> dict[str, Any]:
-        """``params`` as JSON-able settings (for the journal's keys and the run record)."""
-        return dict(params) if isinstance(params, dict) else {}
-
-    def _where(self) -> dict[str, Any]:
-        """The node and Slurm job the engine runs in."""
-        return {"node": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID")}
-
     @property
     def provenance(self) -> dict[str, Any]:
         """What produces this engine's results: model, revision, versions, engine flags, node and job."""
-        return {"engine": self.name, "backend": type(self).__name__, **self._identity(),
-                "vllm": self._vllm_version, "vllm_notebook": __version__, **self._where()}
+        b = self.backend
+        return {"engine": self.name, "backend": b.kind, **b.identity(), "vllm": b.vllm_version,
+                "vllm_notebook": __version__, **b.where()}
 
     def run_record(self, params: Any) -> dict[str, Any]:
         """The provenance of one run with ``params``: the engine's, the sampling settings and seed, the time."""
-        sampling = self._sampling_record(params)
+        sampling = self.backend.sampling_record(params)
         return {"run": journal.new_run_id(), "time": time.time(), **self.provenance, "sampling": sampling,
                 "seed": sampling.get("seed")}
 
@@ -408,7 +430,7 @@ class Engine(TaskMethods, abc.ABC):
     def _submit(self, prompts: Sequence[Prompt], params: Any, *, stream: bool, loras: list | None = None) -> Run:
         self._check()
         self._check_runner(pooling=isinstance(params, Pooling))
-        params = self._prepare(params, stream)
+        params = self.backend.prepare(params, stream)
         items = [engine_prompt(p) for p in prompts]
         run = Run(rids=[f"{self.name}-{next(_ids)}" for _ in items], outputs=[None] * len(items),
                   loras=list(loras) if loras else [None] * len(items))
@@ -443,7 +465,7 @@ class Engine(TaskMethods, abc.ABC):
             i, out = item
             if isinstance(out, BaseException):
                 rejected = isinstance(out, PromptRejected)
-                error = self._translate(out.error if rejected else out)
+                error = self.backend.translate(out.error if rejected else out)
                 if not (keep_going and rejected and isinstance(error, RequestError)):
                     raise error from None
                 run.errors[i] = str(error)  # this prompt's alone: the others go on (run() raises if all fail)
@@ -469,7 +491,7 @@ class Engine(TaskMethods, abc.ABC):
         """Abort what is still running and collect the final (partial) outputs, within ~1 s."""
         pending = [r for r, o in zip(run.rids, run.outputs) if o is None or not o.finished]
         if pending:
-            self._abort(run, pending)
+            self.backend.abort(run, pending)
         deadline = time.monotonic() + 1.0
         while True:
             try:
@@ -507,12 +529,6 @@ class Engine(TaskMethods, abc.ABC):
                     self.stats.prompt_tokens += len(o.prompt_token_ids or [])
                     self.stats.output_tokens += sum(len(c.token_ids) for c in o.outputs)
 
-    def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
-        """The coroutines that send ``run``'s requests, each with the index its error is told under:
-        here one request per prompt (a back-end may group them)."""
-        return [(i, self._request(i, p, params, rid, run.q, run.loras[i]))
-                for i, (p, rid) in enumerate(zip(items, run.rids))]
-
     async def _drive(self, items, params, run: Run) -> None:
         """Run every request of ``run`` concurrently; outputs and errors go to ``run.q``, then ``_DONE``."""
         q = run.q
@@ -526,7 +542,7 @@ class Engine(TaskMethods, abc.ABC):
                 q.put((i, exc))
 
         try:
-            await asyncio.gather(*(one(i, send) for i, send in self._sends(items, params, run)))
+            await asyncio.gather(*(one(i, send) for i, send in self.backend.sends(items, params, run)))
         finally:
             q.put(_DONE)
 
@@ -547,13 +563,13 @@ class Engine(TaskMethods, abc.ABC):
         self._check_usable()
         if self._asleep:
             raise UsageError(f"engine '{self.name}' is already asleep (level {self._asleep})")
-        if not self._can_sleep():
+        if not self.backend.can_sleep():
             raise sleep_mode.not_enabled(self.name)
         if self.stats.running:
             raise UsageError(f"engine '{self.name}' has {self.stats.running} request(s) running: "
                              "let them finish (or stop them) before it sleeps")
         before, t0 = gpus.used_mib(), time.monotonic()
-        self._call(self._sleep(level))
+        self._call(self.backend.sleep(level))
         self._asleep = level
         return SleepReport(self.name, "sleep", level, time.monotonic() - t0, before, gpus.used_mib())
 
@@ -563,7 +579,7 @@ class Engine(TaskMethods, abc.ABC):
         if not self._asleep:
             raise UsageError(f"engine '{self.name}' is awake already")
         level, before, t0 = self._asleep, gpus.used_mib(), time.monotonic()
-        self._call(self._wake(level))
+        self._call(self.backend.wake(level))
         self._asleep = 0
         return SleepReport(self.name, "wake", level, time.monotonic() - t0, before, gpus.used_mib())
 
@@ -577,7 +593,7 @@ class Engine(TaskMethods, abc.ABC):
                 print(f"vllm-notebook: engine '{self.name}' is finishing a sleep, a wake or an adapter change; "
                       "waiting for it")
             except BaseException as exc:
-                raise self._translate(exc) from None
+                raise self.backend.translate(exc) from None
 
     def _stop_loop(self) -> None:
         loop, self._loop = self._loop, None
@@ -630,46 +646,6 @@ def _ctrl_c_flag() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-class suppress_errors:
-    """``with suppress_errors():`` ignores errors, never Ctrl-C or exit."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and not issubclass(exc[0], KeyboardInterrupt | SystemExit)
-
-
-def as_batch(prompts) -> list:
-    if isinstance(prompts, str | dict):
-        return [prompts]
-    if isinstance(prompts, list | tuple) or hasattr(prompts, "tolist"):
-        batch = list(prompts.tolist() if hasattr(prompts, "tolist") else prompts)
-        if batch:
-            return batch
-        raise UsageError("no prompts: the list is empty")
-    raise UsageError(f"prompts must be a str, a list of str, or {{'prompt_token_ids': [...]}}, "
-                     f"not {type(prompts).__name__}")
-
-
-def engine_prompt(p: Prompt):
-    if not isinstance(p, str | dict):
-        raise UsageError(f"each prompt must be a str or {{'prompt_token_ids': [...]}}, not {type(p).__name__}")
-    if isinstance(p, dict) and "prompt_token_ids" in p:
-        return {"prompt_token_ids": list(p["prompt_token_ids"])}
-    return p
-
-
-def prompt_text(p: Prompt) -> str:
-    if isinstance(p, dict):
-        return str(p.get("prompt", p.get("prompt_token_ids", "")))
-    return p
-
-
-def aborted(o) -> bool:
-    return any(c.finish_reason == "abort" for c in o.outputs)
-
-
 
 def _not_journaled(run: Run, exc: BaseException) -> None:
     """A journal that cannot be written: told once, in one line; the run goes on without it."""
@@ -677,22 +653,3 @@ def _not_journaled(run: Run, exc: BaseException) -> None:
     print(f"vllm-notebook: results are not journaled: {first_line(exc)}")
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of the innermost cause of ``exc`` (or its type's name); a first line that ends in ``:``
-    announces what follows (``regex parse error:`` then the pattern and the error), so the rest is joined to it."""
-    cause = exc
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(cause).__name__
-    if lines[0].endswith(":") and len(lines) > 1 and not lines[0].startswith("Traceback"):
-        return " ".join(lines)[:400]
-    return lines[0]
-
-
-def request_error(msg: str) -> RequestError:
-    """A rejected request, with what to do when the prompt is too long."""
-    if "maximum context length" in msg or "maximum model length" in msg:
-        msg += " — shorten the prompt, or load with a larger --max-model-len"
-    return RequestError(msg)

@@ -1,4 +1,4 @@
-"""``ServerEngine``: the ``Engine`` API over an OpenAI-compatible vLLM server.
+"""``ServerBackend``: an engine that is an OpenAI-compatible vLLM server, over HTTP.
 
 Requests go out over HTTP from the engine's private event-loop thread (httpx),
 one per prompt, all at once, so the server batches them as vLLM batches any
@@ -17,11 +17,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..engine import registry as engine_registry
-from ..engine.base import Engine, PromptRejected, Run, first_line, request_error, suppress_errors
-from ..engine.lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
-from ..engine.outputs import Completion, RequestOutput, StopsAcrossCut, continuation, stop_strings
+from ..engine.core import Engine
+from ..engine.lora import (
+    BASE_ID,
+    BASE_NAME,
+    PROMPT_LOGPROBS_ON_CPU,
+    Adapter,
+    Adapters,
+    zero_adapter,
+)
+from ..engine.outputs import (
+    Completion,
+    RequestOutput,
+    StopsAcrossCut,
+    continuation,
+    stop_strings,
+)
 from ..engine.pooling import Pooled, Pooling
+from ..engine.requests import (
+    PromptRejected,
+    Run,
+    first_line,
+    request_error,
+    suppress_errors,
+)
 from ..engine.sampling import request_fields
 from ..errors import (
     AuthRefusedError,
@@ -30,12 +49,19 @@ from ..errors import (
     UsageError,
     VllmNotebookError,
 )
-from . import process, registry
-from .http import auth_header, cache_facts, error_message, get_json, healthy, metrics
-
+from ..server import process, registry
+from ..server.http import (
+    auth_header,
+    cache_facts,
+    error_message,
+    get_json,
+    healthy,
+    metrics,
+)
+from .base import Backend
 
 # ------------------------------------------------------------------ the engine
-#: Prompts per completions request of a batch (see ``ServerEngine._sends``): few requests, and still results
+#: Prompts per completions request of a batch (see ``ServerBackend.sends``): few requests, and still results
 #: (and the progress bar) coming in as the batch goes.
 CHUNK = 32
 
@@ -47,11 +73,14 @@ def _prompt_field(prompt) -> str | list[int]:
     return prompt
 
 
-class ServerEngine(Engine):
+class ServerBackend(Backend):
     """An engine that is a vLLM server: one we started (``record``) or any we attached to."""
 
-    def __init__(self, name: str, url: str, api_key: str | None, record=None, model: str | None = None):
-        super().__init__(name, ("server", record.id if record is not None else url),
+    kind = "server"
+    outlives_kernel = True
+
+    def __init__(self, url: str, api_key: str | None, record=None, model: str | None = None):
+        super().__init__(("server", record.id if record is not None else url),
                          record.log if record is not None else "", plan=dict(record.plan) if record is not None else {})
         self.url = url.rstrip("/")
         self.record: registry.ServerRecord | None = record
@@ -60,18 +89,16 @@ class ServerEngine(Engine):
         self._client = None
         self._gone: str | None = None
         self._base = None  # the all-zero adapter base-model requests use on a CPU-build server (lora.BASE_NAME)
+        self._closed = False
+        self._sleeping = 0  # the level the server slept at when this kernel connected
 
     @property
     def owned(self) -> bool:
         """Started by vllm-notebook (then ``unload`` stops it); otherwise only attached."""
         return self.record is not None
 
-    def __repr__(self) -> str:
-        state = "detached" if self._closed else self.state
-        return f"<ServerEngine {self.name!r} model={self.model!r} url={self.url!r} {state}>"
-
     # ---------------------------------------------------------------- connect
-    def _start(self, progress=None) -> None:
+    def start(self, progress=None) -> None:
         t0 = time.monotonic()
         listed = get_json(self.url, "/v1/models", self._api_key).get("data") or []
         served = [m for m in listed if not m.get("parent")]  # LoRA adapters are listed with their base as parent
@@ -87,24 +114,16 @@ class ServerEngine(Engine):
                       "root": entry.get("root"), "url": self.url, "device": "server", "runner": self._flag("runner"),
                       "tensor_parallel_size": self.plan.get("tensor_parallel_size", "?"),
                       "pipeline_parallel_size": self.plan.get("pipeline_parallel_size", "?")}
-        import httpx
-
-        self._start_loop()
-        headers = auth_header(self._api_key)
-        # trust_env=False: a cluster's HTTP(S)_PROXY must not capture requests to a node-local server.
-        self._client = httpx.AsyncClient(
-            base_url=self.url, headers=headers, trust_env=False,
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self._client = new_client(self.url, self._api_key)
         self.load_seconds = time.monotonic() - t0
-        self._asleep = self._sleep_level_now()
+        self._sleeping = self._sleep_level_now()
         # Adapters: those the server lists; one we started says whether it has LoRA and its rank limit.
         known = self.record is not None
         rank = self._flag("max_lora_rank")
         self.adapters = Adapters(enabled=bool(self._flag("enable_lora")) or not known or
                                  any(m.get("parent") for m in listed),
                                  max_rank=int(rank) if rank else (16 if known else None))
-        self._checks_rank = known
+        self.checks_rank = known
         for m in listed:
             if m.get("parent") != entry.get("id"):
                 continue
@@ -114,11 +133,11 @@ class ServerEngine(Engine):
             else:
                 self.adapters.add(adapter)
         if len(self.adapters):
-            self._call(self._ensure_base(next(iter(self.adapters)).path))
+            asyncio.run_coroutine_threadsafe(self._ensure_base(next(iter(self.adapters)).path), self.loop).result()
         try:
-            self._vllm_version = get_json(self.url, "/version", self._api_key, timeout=5.0).get("version")
+            self.vllm_version = get_json(self.url, "/version", self._api_key, timeout=5.0).get("version")
         except VllmNotebookError:
-            self._vllm_version = None
+            self.vllm_version = None
         self.facts.update(cache_facts(self.url, api_key=self._api_key))
         self.facts["dtype"] = self._dtype()
 
@@ -151,7 +170,7 @@ class ServerEngine(Engine):
         return None
 
     # ---------------------------------------------------------------- provenance
-    def _identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, Any]:
         root = str(self.facts.get("root") or "")
         revision = root.rsplit("/", 1)[-1] if "/snapshots/" in root else None
         if self.record is not None:
@@ -160,10 +179,10 @@ class ServerEngine(Engine):
             flags = {"server": self.url}
         return {"model": self.model, "path": root, "revision": revision, "flags": flags}
 
-    def _sampling_record(self, params: Any) -> dict[str, Any]:
+    def sampling_record(self, params: Any) -> dict[str, Any]:
         return {k: v for k, v in dict(params).items() if k != "stream"}
 
-    def _where(self) -> dict[str, Any]:
+    def where(self) -> dict[str, Any]:
         if self.record is None:
             return {"node": None, "job": None, "url": self.url}
         return {"node": self.record.node, "job": self.record.job_id, "url": self.url}
@@ -178,7 +197,7 @@ class ServerEngine(Engine):
             return True
         return self.record.alive()
 
-    def _check_alive(self) -> None:
+    def check_usable(self) -> None:
         if self._gone is None and not self._process_alive():
             self._gone = "its process exited"
         if self._gone is not None:
@@ -192,7 +211,7 @@ class ServerEngine(Engine):
     def default_sampling(self) -> dict[str, Any]:
         return {}  # the server applies the model's generation_config itself
 
-    def params(self, base: Any = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    def sampling(self, base: Any = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         return request_fields(base, overrides)
 
     def refresh_usage(self) -> None:
@@ -200,15 +219,14 @@ class ServerEngine(Engine):
 
     def chat_prompt(self, messages) -> dict:
         """The server applies the chat template: the prompt is the messages themselves."""
-        self._check()
         messages = [dict(m) for m in messages]
         return {"messages": messages, "prompt": str(messages[-1].get("content", "")) if messages else ""}
 
     # ---------------------------------------------------------------- requests
-    def _prepare(self, params: Any, stream: bool) -> dict[str, Any] | Pooling:
+    def prepare(self, params: Any, stream: bool) -> dict[str, Any] | Pooling:
         if isinstance(params, Pooling):
             return params
-        fields = dict(params) if isinstance(params, dict) else self.params(params)
+        fields = dict(params) if isinstance(params, dict) else self.sampling(params)
         if fields.get("prompt_logprobs") is not None and self.adapters.enabled and self.plan.get("devices") == "CPU":
             raise UsageError(PROMPT_LOGPROBS_ON_CPU)  # a server we started on vLLM's CPU build
         fields["stream"] = stream
@@ -224,7 +242,7 @@ class ServerEngine(Engine):
         body["prompt"] = _prompt_field(prompt)
         return "/v1/completions", body, False
 
-    async def _request(self, i: int, prompt, fields: dict | Pooling, rid: str, q, lora=None,
+    async def request(self, i: int, prompt, fields: dict | Pooling, rid: str, q, lora=None,
                        base: RequestOutput | None = None):
         """Send one request; its outputs go to ``q`` as they come. Returns the final output.
 
@@ -263,11 +281,11 @@ class ServerEngine(Engine):
             raise RequestError(f"the server at {self.url} closed the stream early")
         return out
 
-    async def _continue(self, i: int, prompt, fields: dict, rid: str, q, lora, cut: RequestOutput | None):
+    async def continue_stream(self, i: int, prompt, fields: dict, rid: str, q, lora, cut: RequestOutput | None):
         """Go on with the stream ``cut``, which another server's end broke off, from its last token on this server
         (``continuation``; sent again whole when it cannot be). Stop strings hold as if nothing was cut. Sent once:
-        this class's own ``_request``, not a subclass's retrying one."""
-        send = ServerEngine._request.__get__(self)
+        this back-end's own ``request``, not the Slurm back-end's retrying one."""
+        send = self.request
         cont = continuation(fields, cut)
         if cont is None:
             return await send(i, prompt, fields, rid, q, lora)
@@ -312,12 +330,16 @@ class ServerEngine(Engine):
                       f"may be missing from the continued text ({why})", file=sys.stderr)
         return StopsAcrossCut(cut, held, stop, include, watch=len(made.token_ids) >= int(fields.get("min_tokens") or 0))
 
-    def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
+    def sends(self, items, params, run: Run, one=None, many=None) -> list[tuple[int, Any]]:
         """A batch (no streaming, completions API) goes as lists of prompts, ``CHUNK`` per request: vLLM's server
         spends more per HTTP request than its engine spends on a short prompt (64 x 16 tokens on CPU: 1.6 s as
-        one request per prompt, 0.4 s as one list). Chat, streams and embeddings: one request per prompt."""
+        one request per prompt, 0.4 s as one list). Chat, streams and embeddings: one request per prompt.
+
+        ``one`` and ``many`` send a request and a list (``request`` and ``request_many`` unless given: the Slurm
+        back-end passes its retrying ones)."""
+        one, many = one or self.request, many or self.request_many
         if isinstance(params, Pooling) or params.get("stream") or len(items) < 2:
-            return super()._sends(items, params, run)
+            return [(i, one(i, p, params, rid, run.q, run.loras[i])) for i, (p, rid) in enumerate(zip(items, run.rids))]
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
             kind = "chat" if isinstance(item, dict) and "messages" in item else \
@@ -326,15 +348,15 @@ class ServerEngine(Engine):
         sends = []
         for (kind, _), idx in groups.items():
             if kind == "chat":
-                sends += [(i, self._request(i, items[i], params, run.rids[i], run.q, run.loras[i])) for i in idx]
+                sends += [(i, one(i, items[i], params, run.rids[i], run.q, run.loras[i])) for i in idx]
                 continue
             for k in range(0, len(idx), CHUNK):
                 part = idx[k:k + CHUNK]
-                sends.append((part[0], self._request_many(part, [items[i] for i in part], params,
-                                                          [run.rids[i] for i in part], run.q, run.loras[part[0]])))
+                sends.append((part[0], many(part, [items[i] for i in part], params,
+                                            [run.rids[i] for i in part], run.q, run.loras[part[0]])))
         return sends
 
-    async def _request_many(self, idx: list[int], prompts: list, fields: dict, rids: list[str], q,
+    async def request_many(self, idx: list[int], prompts: list, fields: dict, rids: list[str], q,
                             lora=None) -> list[RequestOutput]:
         """Send prompts (all text, or all token ids) as one completions request; each prompt's output goes to
         ``q`` under its index. A request the server refuses (one prompt too long, ...) is sent again one prompt
@@ -348,11 +370,11 @@ class ServerEngine(Engine):
         if r.status_code == 400:
             async def alone(i: int, p, rid: str):
                 try:
-                    return await self._request(i, p, fields, rid, q, lora)
+                    return await self.request(i, p, fields, rid, q, lora)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - this prompt's error, under its own index
-                    refused = isinstance(self._translate(exc), RequestError)  # a 400; not a server gone
+                    refused = isinstance(self.translate(exc), RequestError)  # a 400; not a server gone
                     q.put((i, PromptRejected(exc) if refused else exc))
                     return None
 
@@ -391,7 +413,6 @@ class ServerEngine(Engine):
 
     # ---------------------------------------------------------------- tokens, scores, adapters
     def token_ids(self, text: str, special: bool = True) -> list[int]:
-        self._check()
         data = self._call(self._post_json("/tokenize", {"model": self.facts["model"], "prompt": text,
                                                         "add_special_tokens": special}))
         return list(data.get("tokens") or ())
@@ -401,16 +422,15 @@ class ServerEngine(Engine):
         data = await self._post_json("/detokenize", {"model": self.facts["model"], "tokens": list(token_ids)})
         return data.get("prompt") or ""
 
-    def _score(self, query: str, documents: list[str], lora) -> list[float]:
+    def scores(self, query: str, documents: list[str], lora) -> list[float]:
         """vLLM's ``/score``: cosine similarity for embedding models, the model's own score for cross-encoders."""
-        self._check()
         model = self.adapters.get(lora).name if lora else self.facts["model"]
         body = {"model": model, "queries": query, "documents": documents}
         data = self._call(self._post_json("/score", body))
         scores = {int(d.get("index", k)): float(d["score"]) for k, d in enumerate(data.get("data") or ())}
         return [scores[k] for k in range(len(documents))]
 
-    async def _add_lora(self, adapter) -> None:
+    async def add_lora(self, adapter) -> None:
         r = await self._client.post("/v1/load_lora_adapter", json={"lora_name": adapter.name,
                                                                    "lora_path": adapter.path})
         if r.status_code == 404:
@@ -427,10 +447,10 @@ class ServerEngine(Engine):
         (see lora.BASE_NAME), made like the adapter ``like``."""
         if self._base is None and self.plan.get("devices") == "CPU":
             base = Adapter(BASE_NAME, await asyncio.to_thread(zero_adapter, like), BASE_ID)
-            await self._add_lora(base)
+            await self.add_lora(base)
             self._base = base
 
-    async def _remove_lora(self, adapter) -> None:
+    async def remove_lora(self, adapter) -> None:
         r = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": adapter.name})
         if r.status_code != 200:
             raise UsageError(f"cannot remove adapter '{adapter.name}': {error_message(r.content)}")
@@ -441,12 +461,12 @@ class ServerEngine(Engine):
         msg = error_message(content)
         return request_error(msg if status == 400 else f"server error {status}: {msg}")
 
-    def _abort(self, run: Run, pending: list[str]) -> None:
+    def abort(self, run: Run, pending: list[str]) -> None:
         """Cancel the HTTP requests: closing a connection makes vLLM's server abort its request."""
         if run.future is not None:
             run.future.cancel()
 
-    def _translate(self, exc: BaseException) -> BaseException:
+    def translate(self, exc: BaseException) -> BaseException:
         if isinstance(exc, VllmNotebookError):
             return exc
         import httpx
@@ -469,7 +489,7 @@ class ServerEngine(Engine):
         recorded = self.record.asleep if self.record is not None else 0
         return (recorded or 1) if sleeping else 0
 
-    def _can_sleep(self) -> bool:
+    def can_sleep(self) -> bool:
         try:
             get_json(self.url, "/is_sleeping", self._api_key, timeout=5.0)
         except VllmNotebookError:
@@ -481,11 +501,11 @@ class ServerEngine(Engine):
         if r.status_code != 200:
             raise self._http_error(r.status_code, r.content)
 
-    async def _sleep(self, level: int) -> None:
+    async def sleep(self, level: int) -> None:
         await self._post("/sleep", params={"level": str(level)})
         self._remember_sleep(level)
 
-    async def _wake(self, level: int) -> None:
+    async def wake(self, level: int) -> None:
         if level >= 2:  # the weights were dropped: reload them before the KV cache comes back
             await self._post("/wake_up", params={"tags": "weights"})
             await self._post("/collective_rpc", json={"method": "reload_weights"})
@@ -500,58 +520,91 @@ class ServerEngine(Engine):
             self.record.asleep = level
             registry.update(self.record)
 
+    def sleeping_at(self) -> int:
+        return self._sleeping
+
+    @property
+    def origin(self) -> list[str] | None:
+        """A server we started: its ``%vllm_load`` line (without ``--name``), to start it again."""
+        rec = self.record
+        if rec is None:
+            return None
+        return [rec.model, *rec.argv, "--server", *(["--host", rec.host] if rec.host not in ("", "127.0.0.1") else [])]
+
+    @origin.setter
+    def origin(self, value) -> None:  # Backend's constructor sets it; a server's comes from its record
+        pass
+
+    def uses_server(self, record_id: str) -> bool:
+        return self.record is not None and self.record.id == record_id
+
+    def answers(self, timeout: float = 2.0) -> bool:
+        """The server answers its health check now."""
+        return healthy(self.url, timeout=timeout, api_key=self._api_key)
+
+    def _call(self, coro):
+        """Run ``coro`` on the engine's loop and wait (``Engine`` calls these while its loop runs)."""
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        except BaseException as exc:
+            raise self.translate(exc) from None
+
+    # ---------------------------------------------------------------- moving to another server
+    def move_to(self, url: str, api_key: str | None, record) -> None:
+        """Use the server at ``url`` from now on (a chained Slurm job's successor): a new connection pool first,
+        so a request that sees the new url gets its client; the old pool closes in the background."""
+        old, self._client = self._client, new_client(url, api_key)
+        self.url, self._api_key, self.record = url, api_key, record
+        self.plan = dict(record.plan)
+        self._gone = None
+        if old is not None:
+            asyncio.run_coroutine_threadsafe(old.aclose(), self.loop)
+
     # ---------------------------------------------------------------- stop
-    def _close(self) -> bool:
-        engine_registry.unregister(self)
-        if self._closed:
-            return False
+    def close(self) -> None:
         self._closed = True
         client, self._client = self._client, None
-        if client is not None and self._loop is not None and self._loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(client.aclose(), self._loop)
+        if client is not None:
+            fut = asyncio.run_coroutine_threadsafe(client.aclose(), self.loop)
             with suppress_errors():
                 fut.result(timeout=5)
-        self._stop_loop()
-        return True
 
-    def detach(self) -> str:
-        """Stop using the server; leave it running."""
-        self._close()
+    def detached(self) -> str:
         return f"detached from the server at {self.url} (still running)"
 
-    def close_at_exit(self) -> None:
-        self._close()  # a server outlives the kernel: that is its point
-
-    def unload(self) -> str:
+    def stop(self) -> str:
         """Stop the server if vllm-notebook started it; only detach from one we attached to."""
-        self._close()
+        self._closed = True
         if not self.owned:
             return f"detached from the server at {self.url} (not stopped: vllm-notebook did not start it)"
         process.stop(self.record)
         return f"stopped the server at {self.url} ({self.model})"
 
-    def _repr_markdown_(self) -> str:
+    def title(self) -> str:
+        return "vLLM server"
+
+    def rows(self) -> list[tuple[str, Any]]:
         rows = [("model", self.model), ("URL", self.url), ("max_model_len", self.facts.get("max_model_len")),
                 ("started by", "vllm-notebook (%vllm_unload stops it)" if self.owned else "someone else (attached)")]
         if self.record is not None:
             rows += [("pid", self.record.pid), ("uptime", self.record.uptime()), ("job", self.record.job_id or "-"),
                      ("log", self.log_path)]
-        body = "\n".join(f"| {k} | `{v}` |" for k, v in rows)
-        state = "running" if self.alive else "gone"
-        return f"**vLLM server `{self.name}`** ({state})\n\n| | |\n|---|---|\n{body}\n"
+        return rows
 
 
-def connect(name: str, url: str, api_key: str | None, record=None, model: str | None = None) -> ServerEngine:
-    """Attach to a running server and register it as engine ``name`` (replacing an older one)."""
-    eng = ServerEngine(name, url, api_key, record=record, model=model)
-    eng._start()
-    old = engine_registry.register(eng)
-    if old is not None:
-        if old.record is not None and record is not None and old.record.id == record.id:
-            old.detach()  # the same server: only this kernel's connection goes
-        else:
-            old.unload()
-    return eng
+def new_client(url: str, api_key: str | None):
+    """An HTTP connection pool to the server at ``url``, with its key on every request."""
+    import httpx
+
+    # trust_env=False: a cluster's HTTP(S)_PROXY must not capture requests to a node-local server.
+    return httpx.AsyncClient(base_url=url, headers=auth_header(api_key), trust_env=False,
+                             timeout=httpx.Timeout(None, connect=10.0),
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+
+def connect(name: str, url: str, api_key: str | None, record=None, model: str | None = None) -> Engine:
+    """An engine called ``name`` over the running server at ``url`` (not registered: the loader does that)."""
+    return Engine(name, ServerBackend(url, api_key, record=record, model=model)).start()
 
 
 class _StopFound(Exception):

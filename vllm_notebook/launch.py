@@ -1,17 +1,19 @@
-"""``%vllm_load MODEL --server``: a prepared load started as a ``vllm serve`` process, or found again."""
+"""``%vllm_load MODEL --server``: a prepared load started as a ``vllm serve`` process, or connected to again.
+
+The engine it returns is not registered yet: ``loader.install`` decides what it replaces."""
 
 from __future__ import annotations
 
 import time
 from typing import NamedTuple
 
-from ..cluster import ray as ray_cluster
-from ..engine import registry as engine_registry
-from ..errors import VllmNotebookError
-from ..prepare import Prepared
-from ..ui.display import LiveLine
-from . import client, process, registry
-from .client import ServerEngine
+from .backends.server import connect
+from .cluster import ray as ray_cluster
+from .engine.core import Engine
+from .errors import VllmNotebookError
+from .prepare import Prepared
+from .server import process, registry
+from .progress import LiveLine
 
 
 class Listen(NamedTuple):
@@ -39,27 +41,17 @@ def command_for(prep: Prepared, user_flags: list[str], listen: Listen) -> list[s
     return process.command(target, flags, listen.host or "127.0.0.1", listen.port or "FREE_PORT")
 
 
-def start(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
-          progress: bool) -> ServerEngine:
-    """Attach to a running server with the same configuration, or start one and attach."""
-    rec = alike(prep)
-    if rec is not None:  # the same configuration, spelled differently
-        return attach_record(rec, prep.name, progress)
-    return start_new(prep, user_flags, listen, ray_address, progress)
-
-
 def alike(prep: Prepared) -> registry.ServerRecord | None:
-    """The running server of this configuration, if any (``start`` attaches to it)."""
+    """The running server of this configuration, if any (the loader attaches to it)."""
     return registry.find(prep.model, key=[list(pair) for pair in prep.key])
 
 
 def start_new(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
-              progress: bool) -> ServerEngine:
-    """Start the server ``prep`` describes and attach to it (no search for a running one: ``start``)."""
+              line: LiveLine) -> Engine:
+    """Start the server ``prep`` describes and connect to it (no search for a running one: ``alike``)."""
     key = [list(pair) for pair in prep.key]
     target, flags = server_flags(prep, user_flags)
     env = dict(prep.env)
-    line = LiveLine(enabled=progress)
     t0 = time.monotonic()
     cluster = None
     if prep.plan.needs_ray:
@@ -82,27 +74,22 @@ def start_new(prep: Prepared, user_flags: list[str], listen: Listen, ray_address
     if cluster is not None and cluster.owned:  # the cluster now lives as long as the server
         rec.ray_groups = ray_cluster.release()
         registry.update(rec)
-    eng = client.connect(prep.name, rec.url, rec.api_key(), record=rec)
+    eng = connect(prep.name, rec.url, rec.api_key(), record=rec)
     line.done(f"vllm-notebook: server ready in {time.monotonic() - t0:.1f} s at {rec.url} — {eng.model} · "
               f"max_model_len {eng.facts.get('max_model_len')} · TP {prep.plan.tensor_parallel_size} / "
               f"PP {prep.plan.pipeline_parallel_size} · survives kernel restarts; %vllm_unload stops it")
     return eng
 
 
-def attach_record(rec: registry.ServerRecord, name: str, progress: bool) -> ServerEngine:
-    """Use a server we started earlier (from this kernel or a previous one)."""
-    old = engine_registry.engines().get(name)
-    if isinstance(old, ServerEngine) and old.record is not None and old.record.id == rec.id and old.alive:
-        LiveLine(enabled=progress).done(f"vllm-notebook: engine '{name}' is already the server at {rec.url} (reused)")
-        return old
-    line = LiveLine(enabled=progress)
+def connect_record(rec: registry.ServerRecord, name: str, line: LiveLine) -> Engine:
+    """Connect to a server we started earlier (from this kernel or a previous one)."""
     t0 = time.monotonic()
     try:  # a server started by an earlier kernel may still be loading
         process.wait_ready(rec, progress=lambda phase, s: line.update(f"vllm-notebook: server still {phase} … {s:.0f} s"))
     except KeyboardInterrupt:
         raise VllmNotebookError(f"stopped waiting; the server at {rec.url} goes on starting "
                                 "(%vllm_servers shows it, --stop ID stops it)") from None
-    eng = client.connect(name, rec.url, rec.api_key(), record=rec)
+    eng = connect(name, rec.url, rec.api_key(), record=rec)
     line.done(f"vllm-notebook: attached to the running server at {rec.url} in {time.monotonic() - t0:.2f} s "
               f"(up {rec.uptime()}{', job ' + rec.job_id if rec.job_id else ''}) — {eng.model}")
     return eng

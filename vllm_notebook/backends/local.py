@@ -1,4 +1,4 @@
-"""``LocalEngine``: the engine back-end that runs vLLM's ``AsyncLLM`` inside this kernel.
+"""``LocalBackend``: the back-end that runs vLLM's ``AsyncLLM`` inside this kernel.
 
 vLLM is imported on the first load, through ``vllm_api`` (the one module that
 touches vLLM). The engine's processes lead process groups of their own
@@ -9,7 +9,9 @@ aborts requests instead (``Engine.run``).
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -17,6 +19,23 @@ from pathlib import Path
 from typing import Any
 
 from .. import logs, private, procs
+from ..engine.lora import (
+    BASE_ID,
+    BASE_NAME,
+    PROMPT_LOGPROBS_ON_CPU,
+    Adapter,
+    Adapters,
+    zero_adapter,
+)
+from ..engine.pooling import Pooled, Pooling
+from ..engine.requests import (
+    PromptRejected,
+    Run,
+    first_line,
+    request_error,
+    suppress_errors,
+)
+from ..engine.sampling import as_dict, build_params
 from ..errors import (
     EngineDiedError,
     EngineStartError,
@@ -24,27 +43,23 @@ from ..errors import (
     UsageError,
     VllmNotebookError,
 )
-from ..ui import render
-from . import registry
-from .base import Engine, PromptRejected, Run, first_line, request_error, suppress_errors
-from .lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
-from .pooling import Pooled, Pooling
-from .sampling import as_dict, build_params
+from .base import Backend
 
-
-#: Prompts of a batch tokenized per call (``LocalEngine._batch``): one call per chunk costs no more than one
+#: Prompts of a batch tokenized per call (``LocalBackend._batch``): one call per chunk costs no more than one
 #: per batch, and the engine starts on the first chunk while the next is tokenized.
 RENDER_CHUNK = 512
-#: How often a batch waiting on one request also takes the final outputs of the others (``LocalEngine._batch``).
+#: How often a batch waiting on one request also takes the final outputs of the others (``LocalBackend._batch``).
 SWEEP_S = 0.1
 SHUTDOWN_GRACE_S = 0.5  # what vLLM's own shutdown gets before the engine's processes are stopped by us
 
 
-class LocalEngine(Engine):
-    """vLLM's ``AsyncLLM`` driven from a private event-loop thread of this kernel."""
+class LocalBackend(Backend):
+    """vLLM's ``AsyncLLM`` driven from the engine's private event-loop thread, in this kernel."""
 
-    def __init__(self, name: str, args: Any, key: tuple, log_path: str, plan: dict | None = None):
-        super().__init__(name, key, log_path, plan)
+    kind = "local"
+
+    def __init__(self, args: Any, key: tuple, log_path: str, plan: dict | None = None):
+        super().__init__(key, log_path, plan)
         self.args = args  # vLLM's AsyncEngineArgs
         self._llm = None
         self._tokenizer = None
@@ -52,14 +67,13 @@ class LocalEngine(Engine):
         self._groups: list[int] = []
         self._base = None  # the all-zero adapter base-model requests use on vLLM's CPU build (lora.BASE_NAME)
         self.tmp: Path | None = None  # the engine's private folder: its sockets and rendezvous files
-        self.prepared: Any = None  # the loader's Prepared it was started from (to start it again)
         self._started_at = time.time()
+        self._closed = False
 
-    def _start(self, progress: Callable[[str, float], None] | None = None) -> None:
-        self._start_loop()
+    def start(self, progress: Callable[[str, float], None] | None = None) -> None:
         groups_before = set(procs.started_groups())
         t0 = time.monotonic()
-        fut = asyncio.run_coroutine_threadsafe(self._create(), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self._create(), self.loop)
         phase = "starting engine"
         shown = 0.0
         try:
@@ -78,11 +92,9 @@ class LocalEngine(Engine):
                 procs.stop_group(pgid, timeout=2.0)
             with suppress_errors():
                 fut.result(timeout=30)
-            self._stop_loop()
             self._forget_folder()
             raise VllmNotebookError("load interrupted; the half-started engine was stopped") from None
         except BaseException as exc:
-            self._stop_loop()
             self._forget_folder()
             if isinstance(exc, VllmNotebookError):
                 raise
@@ -97,7 +109,7 @@ class LocalEngine(Engine):
         procs.remove_at_exit(self.tmp, self._started_at)  # if the kernel dies first: the watchdog removes it
         with (logs.capture_output(self.log_path), procs.own_process_group(), procs.main_script_hidden(),
               private.engine_environment(self.tmp)):
-            from . import vllm_api
+            from ..engine import vllm_api
 
             logs.route_vllm_logs(self.log_path, vllm_api.vllm_loggers())
             try:
@@ -109,17 +121,20 @@ class LocalEngine(Engine):
             lora = self.facts.get("lora") or {}
             self.adapters = Adapters(enabled=bool(lora), max_rank=lora.get("max_lora_rank"),
                                      max_loras=lora.get("max_loras"))
-            self._vllm_version = self.facts.get("vllm_version")
+            self.vllm_version = self.facts.get("vllm_version")
 
     # ---------------------------------------------------------------- provenance
-    def _identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, Any]:
         path = str(self.facts.get("path") or getattr(self.args, "model", ""))
         # a Hugging Face cache snapshot: .../models--org--name/snapshots/<commit hash>
         revision = Path(path).name if Path(path).parent.name == "snapshots" else None
         return {"model": self.model, "path": path, "revision": revision, "flags": dict(self.key)}
 
-    def _sampling_record(self, params: Any) -> dict[str, Any]:
+    def sampling_record(self, params: Any) -> dict[str, Any]:
         return as_dict(params)
+
+    def where(self) -> dict[str, Any]:
+        return {"node": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID")}
 
     # ---------------------------------------------------------------- state
     @property
@@ -134,24 +149,29 @@ class LocalEngine(Engine):
     def tokenizer(self):
         return self._tokenizer
 
-    def _check_alive(self) -> None:
+    def check_usable(self) -> None:
         if self._llm is None or self._llm.errored:
             raise _died(self)
 
-    def _repr_markdown_(self) -> str:
-        return render.engine_markdown(self)
+    def rows(self) -> list[tuple[str, Any]]:
+        f = self.facts
+        return [
+            ("model", f.get("model")), ("dtype", f.get("dtype") or "unknown"), ("max_model_len", f.get("max_model_len")),
+            ("tensor / pipeline parallel", f"{f.get('tensor_parallel_size')} / {f.get('pipeline_parallel_size')}"),
+            ("device", f.get("device")),
+            ("KV cache", f"{f['kv_cache_tokens']:,} tokens" if f.get("kv_cache_tokens") else "unknown"),
+            ("loaded in", f"{self.load_seconds:.1f} s" if self.load_seconds else "-"),
+            ("log", self.log_path),
+        ]
 
-    def _ipython_display_(self) -> None:
-        render.show_engine(self)
-
-    def params(self, base: Any = None, overrides: dict[str, Any] | None = None):
+    def sampling(self, base: Any = None, overrides: dict[str, Any] | None = None):
         """Sampling for this engine: the model's defaults, then ``base`` (dict or SamplingParams), then ``overrides``."""
         return build_params(base, overrides, self.default_sampling())
 
     def default_sampling(self) -> dict[str, Any]:
         """The model's own sampling defaults (its generation_config), as vLLM applies them."""
         if self._defaults is None:
-            from . import vllm_api
+            from ..engine import vllm_api
 
             self._defaults = vllm_api.default_sampling(self._llm) if self._llm is not None else {}
         return dict(self._defaults)
@@ -159,7 +179,6 @@ class LocalEngine(Engine):
     # ---------------------------------------------------------------- prompts
     def chat_prompt(self, messages: Sequence[dict]) -> dict:
         """Apply the model's chat template; returns an engine prompt with token ids."""
-        self._check()
         tok = self._tokenizer
         try:
             text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
@@ -167,31 +186,31 @@ class LocalEngine(Engine):
             raise RequestError(f"cannot apply the chat template of {self.model}: {exc}") from None
         return {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
 
-    def _prepare(self, params: Any, stream: bool):
+    def prepare(self, params: Any, stream: bool):
         """The engine's form of ``params`` for one run (a copy; the caller's object is left alone)."""
-        from . import vllm_api
+        from ..engine import vllm_api
 
         if isinstance(params, Pooling):
             return vllm_api.pooling_params(params.task, params.dimensions)
         if not isinstance(params, vllm_api.SamplingParams):
-            params = self.params(params)
+            params = self.sampling(params)
         if params.prompt_logprobs is not None and self.adapters.enabled and vllm_api.is_cpu_build():
             raise UsageError(PROMPT_LOGPROBS_ON_CPU)
         params = params.clone()
         params.output_kind = vllm_api.CUMULATIVE if stream else vllm_api.FINAL_ONLY
         return params
 
-    def _sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
+    def sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
         """A batch that wants only final outputs goes as one coroutine (``_batch``); a streamed batch is
         tokenized in one call first (``vllm_api.render_batch``). A single prompt and pooling keep vLLM's own
         per-request path."""
-        from . import vllm_api
+        from ..engine import vllm_api
 
         if len(items) > 1 and isinstance(params, vllm_api.SamplingParams):
             if params.output_kind == vllm_api.FINAL_ONLY:
                 return [(0, self._batch(items, params, run))]
             items = vllm_api.render_batch(self._llm, items) or items
-        return super()._sends(items, params, run)
+        return super().sends(items, params, run)
 
     async def _batch(self, prompts: list, params, run: Run) -> None:
         """Tokenize a batch a chunk at a time and add each request, then read each one's final output as it ends.
@@ -206,7 +225,7 @@ class LocalEngine(Engine):
         others are looked at too: a result that ends before an earlier prompt's goes to the caller (and the
         journal) within ``SWEEP_S``, so a kernel or engine that dies keeps it.
         """
-        from . import vllm_api
+        from ..engine import vllm_api
 
         llm, q, added = self._llm, run.q, []
         pending: deque = deque()
@@ -254,19 +273,19 @@ class LocalEngine(Engine):
 
     def _lora_request(self, lora):
         """vLLM's request for ``lora`` (None: the base model, or its zero adapter; see lora.BASE_NAME)."""
-        from . import vllm_api
+        from ..engine import vllm_api
 
         lora = self._base if lora is None else lora
         return vllm_api.lora_request(lora) if lora is not None else None
 
-    def _abort(self, run: Run, pending: list[str]) -> None:
+    def abort(self, run: Run, pending: list[str]) -> None:
         if self.alive:
-            fut = asyncio.run_coroutine_threadsafe(self._llm.abort(pending), self._loop)
+            fut = asyncio.run_coroutine_threadsafe(self._llm.abort(pending), self.loop)
             with suppress_errors():
                 fut.result(timeout=1.0)
 
-    def _translate(self, exc: BaseException) -> BaseException:
-        from . import vllm_api
+    def translate(self, exc: BaseException) -> BaseException:
+        from ..engine import vllm_api
 
         if isinstance(exc, VllmNotebookError):
             return exc
@@ -274,8 +293,8 @@ class LocalEngine(Engine):
             return _died(self)
         return request_error(first_line(exc))
 
-    async def _request(self, i: int, prompt, params, rid: str, q: queue.Queue, lora=None) -> None:
-        from . import vllm_api
+    async def request(self, i: int, prompt, params, rid: str, q: queue.Queue, lora=None) -> None:
+        from ..engine import vllm_api
 
         lora_request = self._lora_request(lora)
         if isinstance(params, vllm_api.PoolingParams):
@@ -286,8 +305,8 @@ class LocalEngine(Engine):
             q.put((i, out))
 
     # ---------------------------------------------------------------- LoRA adapters
-    async def _add_lora(self, adapter) -> None:
-        from . import vllm_api
+    async def add_lora(self, adapter) -> None:
+        from ..engine import vllm_api
 
         try:
             await self._llm.add_lora(vllm_api.lora_request(adapter))
@@ -298,58 +317,57 @@ class LocalEngine(Engine):
             await self._llm.add_lora(vllm_api.lora_request(base))
             self._base = base
 
-    async def _remove_lora(self, adapter) -> None:
+    async def remove_lora(self, adapter) -> None:
         await self._llm.remove_lora(adapter.id)
 
     # ---------------------------------------------------------------- sleep mode
-    def _can_sleep(self) -> bool:
-        from . import vllm_api
+    def can_sleep(self) -> bool:
+        from ..engine import vllm_api
 
         return vllm_api.sleep_mode_enabled(self._llm)
 
-    async def _sleep(self, level: int) -> None:
-        from . import vllm_api
+    async def sleep(self, level: int) -> None:
+        from ..engine import vllm_api
 
         await vllm_api.sleep(self._llm, level)
 
-    async def _wake(self, level: int) -> None:
-        from . import vllm_api
+    async def wake(self, level: int) -> None:
+        from ..engine import vllm_api
 
         await vllm_api.wake(self._llm, level)
 
     # ---------------------------------------------------------------- stop
-    def unload(self) -> str:
-        """Stop the engine and its processes and release their memory."""
-        registry.unregister(self)
-        if self._closed:
-            return f"engine '{self.name}' was unloaded already"
+    def close(self) -> None:
+        """Shut vLLM down on the engine's loop; its processes are stopped if it takes long (``stop`` sweeps)."""
         self._closed = True
         llm, self._llm, self._tokenizer = self._llm, None, None
-        if llm is not None and self._loop is not None and self._loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(_shutdown(llm), self._loop)
-            try:
-                fut.result(timeout=SHUTDOWN_GRACE_S)
-            except TimeoutError:
-                # vLLM has told its processes to stop and waits ~4 s for them (measured on CPU); nothing they
-                # hold outlives them (memory, GPU memory; the /dev/shm segments are swept below): stop them now.
-                procs.terminate_groups(self._groups, grace=0.3)
-                with suppress_errors():
-                    fut.result(timeout=60)
-            except Exception:  # noqa: BLE001 - a shutdown that failed: the groups are stopped below all the same
-                pass
+        if llm is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(_shutdown(llm), self.loop)
+        try:
+            fut.result(timeout=SHUTDOWN_GRACE_S)
+        except TimeoutError:
+            # vLLM has told its processes to stop and waits ~4 s for them (measured on CPU); nothing they
+            # hold outlives them (memory, GPU memory; the /dev/shm segments are swept below): stop them now.
+            procs.terminate_groups(self._groups, grace=0.3)
+            with suppress_errors():
+                fut.result(timeout=60)
+        except Exception:  # noqa: BLE001 - a shutdown that failed: the groups are stopped below all the same
+            pass
         del llm
-        self._stop_loop()
+
+    def stop(self) -> str:
+        """Stop the engine's processes (what vLLM's shutdown left) and release their memory."""
+        self._closed = True
+        self._llm = self._tokenizer = None
         for pgid in self._groups:  # anything vLLM's shutdown left behind
             procs.stop_group(pgid)
-        for callback in self.on_unload:  # e.g. stop the Ray cluster started for this engine
-            callback(self)
         self._forget_folder()
         with suppress_errors():  # collects garbage (gc.collect) and frees cached device memory
-            from . import vllm_api
+            from ..engine import vllm_api
 
             vllm_api.free_memory()
         return f"unloaded engine '{self.name}' ({self.model})"
-
 
     def _forget_folder(self) -> None:
         """Remove the engine's private folder (sockets, rendezvous files) and the /dev/shm segments it left."""
@@ -359,17 +377,17 @@ class LocalEngine(Engine):
 
 
 async def _shutdown(llm) -> None:
-    from . import vllm_api
+    from ..engine import vllm_api
 
     vllm_api.stop_engine(llm)
 
 
-def _dead_reason(engine: Engine) -> str:
+def _dead_reason(engine: LocalBackend) -> str:
     lines = logs.root_cause(engine.log_path)
     return lines[-1] if lines else "its process exited"
 
 
-def _died(engine: LocalEngine) -> EngineDiedError:
+def _died(engine: LocalBackend) -> EngineDiedError:
     return EngineDiedError(f"engine '{engine.name}' has died ({_dead_reason(engine)}); "
                            f"run %vllm_load again to restart it  (log: {engine.log_path})")
 
