@@ -187,7 +187,7 @@ def test_nothing_outside_the_back_ends_tells_them_apart():
         for node in ast.walk(ast.parse(path.read_text())):
             text = ast.unparse(node)
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-                if node.func.id in ("isinstance", "issubclass") and "Backend" in text:
+                if node.func.id in ("isinstance", "issubclass") and ("Backend" in text or "Engine" in text):
                     bad.append(f"{name}: {text}")
                 if node.func.id in ("hasattr", "getattr") and len(node.args) > 1 and \
                         isinstance(node.args[1], ast.Constant) and node.args[1].value in one_backend_only:
@@ -203,3 +203,14 @@ def test_the_engine_layer_knows_no_back_end():
     bad = [f"{name} imports {target}" for name, path in MODULES.items() if name.startswith("vllm_notebook.engine")
            for target, _, _ in _imports(name, path) if target.startswith("vllm_notebook.backends")]
     assert not bad, "\n".join(bad)
+
+
+def test_the_magics_are_one_module_per_topic_registered_in_one_call():
+    """``magics/``: each topic's module under 300 lines, every magics class in ``MAGICS`` (``register`` adds them)."""
+    from vllm_notebook.magics import MAGICS
+
+    long = {name: n for name, path in MODULES.items() if name.startswith("vllm_notebook.magics")
+            and (n := len(path.read_text().splitlines())) > 300}
+    assert not long, long
+    defined = {k for k, (mod, _) in _classes().items() if mod.startswith("vllm_notebook.magics.") and k.endswith("Magics")}
+    assert defined == {cls.__name__ for cls in MAGICS}, defined

@@ -188,13 +188,13 @@ def test_failed_start_shows_root_cause(cell, demo_path, engine):
 def test_named_engines_coexist_and_changed_flags_replace(cell, ip, engine, demo_path):
     r, _ = cell(f"%vllm_load {demo_path} --name small --enforce-eager --max-model-len 512 --max-num-seqs 32")
     small = r.result
-    assert small is not engine and engine.alive and small.args.max_num_seqs == 32
+    assert small is not engine and engine.alive and small.backend.args.max_num_seqs == 32
     r, _ = cell("%%generate --name small --temperature 0\nA cow says")
     assert r.result.text == " moo." and r.result.engine == "small"
     r, _ = cell("%%generate --temperature 0\nA cow says")  # no --name: 'default'
     assert r.result.engine == "default"
     r, _ = cell(f"%vllm_load {demo_path} --name small --enforce-eager --max-model-len 512 --max-num-seqs 16")
-    assert r.result is not small and not small.alive and r.result.args.max_num_seqs == 16
+    assert r.result is not small and not small.alive and r.result.backend.args.max_num_seqs == 16
     _, out = cell("%vllm_unload --name small")
     assert "unloaded engine 'small'" in out
     import vllm_notebook

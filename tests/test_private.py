@@ -250,8 +250,8 @@ def test_a_result_counts_only_with_a_matching_run_record(tmp_path):
 # ------------------------------------------------------------------ kernels on IPC, job scripts
 def test_jupyter_and_the_job_scripts_keep_kernels_and_files_private(tmp_path, monkeypatch, capsys):
     from vllm_notebook import cli
-    from vllm_notebook.cluster import jobs
-    from vllm_notebook.server import slurm_job
+    from vllm_notebook.cluster import notebook_job as jobs
+    from vllm_notebook.backends import slurm_job
 
     monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path / "cache"))
     assert cli.main(["jupyter", "--dry-run", "--port", "8999"]) == 0
@@ -265,7 +265,7 @@ def test_jupyter_and_the_job_scripts_keep_kernels_and_files_private(tmp_path, mo
 
 
 def test_kernel_install_configures_ipc_and_keeps_other_settings(tmp_path, monkeypatch):
-    from vllm_notebook.cluster import jobs
+    from vllm_notebook.cluster import notebook_job as jobs
 
     monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "jupyter"))
     (tmp_path / "jupyter").mkdir()

@@ -131,7 +131,7 @@ def test_a_retitled_engine_left_by_a_dead_server_is_found_and_killed(tmp_path, m
     import socket
 
     from vllm_notebook import procs
-    from vllm_notebook.server import registry
+    from vllm_notebook.server import record as registry
 
     monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))
     rec = registry.ServerRecord(id="test-retitled", model="m", argv=[], node=socket.gethostname(),

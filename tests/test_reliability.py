@@ -44,10 +44,10 @@ def _api_cases(engine, tmp_path):
     return [
         ("load() without a model", lambda: vllm_notebook.load(None), "needs a model"),
         ("load() unknown engine argument",  # a model that exists: a missing one is told first, before vLLM loads
-         lambda: vllm_notebook.load(engine.facts.get("path") or engine.args.model, max_model_lenn=5),
+         lambda: vllm_notebook.load(engine.facts.get("path") or engine.backend.args.model, max_model_lenn=5),
          "did you mean 'max_model_len'"),
         ("load() a folder that is not a model", lambda: vllm_notebook.load(str(tmp_path)), "holds no config.json"),
-        ("load() an impossible plan", lambda: vllm_notebook.load(engine.facts.get("path") or engine.args.model,
+        ("load() an impossible plan", lambda: vllm_notebook.load(engine.facts.get("path") or engine.backend.args.model,
                                                                  tensor_parallel_size=3, dry_run=True),
          "does not divide"),
         ("load() host without server", lambda: vllm_notebook.load("x", host="0.0.0.0"), "server=True"),
@@ -64,7 +64,7 @@ def _api_cases(engine, tmp_path):
         ("sleep() without --enable-sleep-mode", lambda: engine.sleep(), "--enable-sleep-mode"),
         ("wake() an awake engine", lambda: engine.wake(), "awake already"),
         ("load() --enable-sleep-mode on the CPU build",
-         lambda: vllm_notebook.load(engine.args.model, name="sleepy", progress=False, enforce_eager=True,
+         lambda: vllm_notebook.load(engine.backend.args.model, name="sleepy", progress=False, enforce_eager=True,
                                     max_model_len=512, enable_sleep_mode=True), "Sleep mode is not supported"),
         ("parse_schema() unreadable file", lambda: parse_schema(str(unreadable)), "cannot read"),
         ("get_engine() unknown name", lambda: vllm_notebook.get_engine("nope"), "no engine named 'nope'"),

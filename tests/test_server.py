@@ -341,7 +341,7 @@ def test_failed_start_shows_root_cause_and_a_failed_replacement_serves_the_old_o
 # ------------------------------------------------------------------ a real kernel: restart, SIGKILL, unload
 def _members(rec_id: str) -> list[int]:
     from vllm_notebook import procs
-    from vllm_notebook.server.registry import MARKER
+    from vllm_notebook.server.record import MARKER
 
     return procs.marked(MARKER, rec_id)
 

@@ -36,7 +36,7 @@ def cluster():
 
 
 def _forget_all_jobs() -> None:
-    from vllm_notebook.server import slurm_job
+    from vllm_notebook.backends import slurm_job
 
     subprocess.run(["scancel", "--user", str(os.getuid())], capture_output=True)
     for rec in slurm_job.records():

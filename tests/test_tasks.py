@@ -155,7 +155,7 @@ def test_lora_magics_and_their_mistakes(lora, adapters, ip, cell, tmp_path):
         config = json.load(f)
     (big / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
     mistakes.append((f"%vllm_lora add big {big} --name lora", "has rank 16, above the engine's --max-lora-rank 8"))
-    ip.user_ns["demo"] = lora.facts.get("path") or lora.args.model
+    ip.user_ns["demo"] = lora.facts.get("path") or lora.backend.args.model
     for line, message in mistakes:
         _, out = cell(line, expect_error=UsageError)
         assert message in out, (line, out)

@@ -232,7 +232,7 @@ def test_sleep_mode_with_tp2(kernel, setup, raw, figures):
 # ------------------------------------------------------------------ a server
 def test_server_with_tp2_restart_reattach_unload(kernel, setup, raw, figures):
     from vllm_notebook import procs
-    from vllm_notebook.server.registry import MARKER
+    from vllm_notebook.server.record import MARKER
 
     _load(kernel, f"{setup[1]} --server", figures, "server_start_s")
     assert _greedy(kernel, PROMPTS) == raw["batch"]

@@ -144,7 +144,7 @@ def test_root_cause_names_a_dead_worker(tmp_path):
 
 # ------------------------------------------------------------------ server mode (no server needed)
 def test_normalize_flags():
-    from vllm_notebook.server.registry import normalize
+    from vllm_notebook.server.record import normalize
 
     a = normalize(["--max-model-len=512", "--enforce-eager", "--dtype", "bfloat16"])
     b = normalize(["--dtype", "bfloat16", "--max_model_len", "512", "--enforce-eager"])
@@ -447,7 +447,7 @@ def test_registry_writes_are_private_and_atomic(tmp_path, monkeypatch):
     try:
         servers.update(servers.ServerRecord(id="a", model="m", argv=[], node="elsewhere"))
         log = logs.new_log_path("server-1")
-        key = servers.registry.new_key_file("a")
+        key = servers.record.new_key_file("a")
     finally:
         os.umask(old)
     assert stat.S_IMODE(paths.log_dir().stat().st_mode) == 0o700 and log.parent == paths.log_dir()
@@ -516,7 +516,7 @@ def test_secrets_in_a_config_file_are_refused(tmp_path, yaml):
 
 
 def test_a_shared_kernelspec_carries_no_personal_paths(monkeypatch):
-    from vllm_notebook.cluster.jobs import kernel_env
+    from vllm_notebook.cluster.notebook_job import kernel_env
 
     monkeypatch.setenv("HF_HOME", "/home/alice/hf")
     monkeypatch.setenv("LD_LIBRARY_PATH", "/home/alice/lib")
@@ -529,7 +529,7 @@ def test_a_shared_kernelspec_carries_no_personal_paths(monkeypatch):
 
 @pytest.mark.parametrize("field", ["account", "partition", "mem", "time_limit", "job_name"])
 def test_sbatch_template_fields_cannot_add_lines(field):
-    from vllm_notebook.cluster.jobs import sbatch_template
+    from vllm_notebook.cluster.notebook_job import sbatch_template
     from vllm_notebook.errors import VllmNotebookError
 
     with pytest.raises(VllmNotebookError, match="must be one line"):
@@ -580,10 +580,10 @@ def test_the_key_is_never_sent_to_a_process_that_took_the_port(tmp_path, monkeyp
     impostor = http.server.HTTPServer(("127.0.0.1", 0), Impostor)
     threading.Thread(target=impostor.serve_forever, daemon=True).start()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                               env={**os.environ, servers.registry.MARKER: "ours"})
+                               env={**os.environ, servers.record.MARKER: "ours"})
     try:
         rec = servers.ServerRecord(id="ours", model="m", argv=[], port=impostor.server_port, pid=sleeper.pid,
-                                   node=__import__("socket").gethostname(), key_file=servers.registry.new_key_file("ours"))
+                                   node=__import__("socket").gethostname(), key_file=servers.record.new_key_file("ours"))
         with pytest.raises(EngineStartError, match="held by another process"):
             process.wait_ready(rec, sleeper, timeout=10)
         assert seen == []
@@ -656,7 +656,7 @@ def test_slurm_durations(text, seconds):
 
 
 def test_a_job_script_keeps_its_key_and_output_private(tmp_path, monkeypatch):
-    from vllm_notebook.server import slurm_job
+    from vllm_notebook.backends import slurm_job
 
     monkeypatch.setenv("VLLM_NOTEBOOK_CACHE", str(tmp_path))
     rec = slurm_job.JobRecord(id="x-1", name="x", model="org/m", flags=["--max-model-len", "512"],

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {  # public name -> the module that defines it (imported on first use)
     "load": "loader", "LoadPlan": "prepare", "attach": "loader", "submit": "loader",
-    "jobs": "server.slurm_job", "Engine": "engine.core", "Backend": "backends.base",
+    "jobs": "backends.slurm_job", "Engine": "engine.core", "Backend": "backends.base",
     "engines": "engine.registry", "get_engine": "engine.registry", "unload_all": "engine.registry",
     "servers": "server", "errors": "errors",
     "Generation": "engine.generation", "SleepReport": "engine.sleep",
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.demo import demo_adapter, demo_model
     from .models.starter import starter_model
     from .prepare import LoadPlan
-    from .server.slurm_job import listing as jobs
+    from .backends.slurm_job import listing as jobs
     from .ui.panel import PromptPanel, panel
 
 

@@ -11,7 +11,7 @@ import time
 
 from . import __version__, private
 from .cluster.allocation import Allocation
-from .cluster.jobs import configure_ipc_kernels, connection_lines, install_kernel, jupyter, sbatch_template
+from .cluster.notebook_job import configure_ipc_kernels, connection_lines, install_kernel, jupyter, sbatch_template
 from .doctor import diagnose
 from .errors import UsageError, VllmNotebookError
 from .loader import load_from_argv
@@ -19,7 +19,7 @@ from .models.demo import demo_model
 from .models.starter import starter_model
 from .models.hub import download, install_folder, models_table
 from .server import process as server_process
-from .server import slurm_job
+from .backends import slurm_job
 
 
 def _version(args) -> int:

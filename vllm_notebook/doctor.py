@@ -20,7 +20,7 @@ from . import __version__, private
 from .cluster.allocation import Allocation
 from .models import hub
 from .models.hub import human_size
-from .server import registry as servers
+from .server import record as servers
 from .tables import html_pairs
 
 NETWORK_FS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "fuse.sshfs", "cephfs", "fuse.glusterfs",

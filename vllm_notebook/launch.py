@@ -12,7 +12,7 @@ from .cluster import ray as ray_cluster
 from .engine.core import Engine
 from .errors import VllmNotebookError
 from .prepare import Prepared
-from .server import process, registry
+from .server import process, record
 from .progress import LiveLine
 
 
@@ -41,9 +41,9 @@ def command_for(prep: Prepared, user_flags: list[str], listen: Listen) -> list[s
     return process.command(target, flags, listen.host or "127.0.0.1", listen.port or "FREE_PORT")
 
 
-def alike(prep: Prepared) -> registry.ServerRecord | None:
+def alike(prep: Prepared) -> record.ServerRecord | None:
     """The running server of this configuration, if any (the loader attaches to it)."""
-    return registry.find(prep.model, key=[list(pair) for pair in prep.key])
+    return record.find(prep.model, key=[list(pair) for pair in prep.key])
 
 
 def start_new(prep: Prepared, user_flags: list[str], listen: Listen, ray_address: str | None,
@@ -63,7 +63,7 @@ def start_new(prep: Prepared, user_flags: list[str], listen: Listen, ray_address
         line.update(f"vllm-notebook: server {phase} … {elapsed:.0f} s  ({prep.model})", key=phase)
 
     try:
-        rec = process.start(prep.model, flags, target=target, match=registry.normalize(user_flags), key=key,
+        rec = process.start(prep.model, flags, target=target, match=record.normalize(user_flags), key=key,
                             host=listen.host or "127.0.0.1", port=listen.port, env=env,
                             key_file=listen.api_key_file, plan=prep.plan.as_dict(), progress=report)
     except KeyboardInterrupt:
@@ -73,7 +73,7 @@ def start_new(prep: Prepared, user_flags: list[str], listen: Listen, ray_address
         raise
     if cluster is not None and cluster.owned:  # the cluster now lives as long as the server
         rec.ray_groups = ray_cluster.release()
-        registry.update(rec)
+        record.update(rec)
     eng = connect(prep.name, rec.url, rec.api_key(), record=rec)
     line.done(f"vllm-notebook: server ready in {time.monotonic() - t0:.1f} s at {rec.url} — {eng.model} · "
               f"max_model_len {eng.facts.get('max_model_len')} · TP {prep.plan.tensor_parallel_size} / "
@@ -81,7 +81,7 @@ def start_new(prep: Prepared, user_flags: list[str], listen: Listen, ray_address
     return eng
 
 
-def connect_record(rec: registry.ServerRecord, name: str, line: LiveLine) -> Engine:
+def connect_record(rec: record.ServerRecord, name: str, line: LiveLine) -> Engine:
     """Connect to a server we started earlier (from this kernel or a previous one)."""
     t0 = time.monotonic()
     try:  # a server started by an earlier kernel may still be loading

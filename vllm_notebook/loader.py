@@ -34,8 +34,8 @@ from .errors import SecretOnLineError, UsageError, VllmNotebookError
 from .models import resolve
 from .prepare import LoadPlan, Prepared, engine_flags, scoped_env
 from .progress import LiveLine
-from .server import registry as servers
-from .server import slurm_job
+from .server import record as servers
+from .backends import slurm_job
 
 __all__ = ["LoadPlan", "LoadRequest", "attach", "install", "load", "load_from_argv", "start", "submit"]
 

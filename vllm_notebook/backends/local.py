@@ -53,6 +53,13 @@ SWEEP_S = 0.1
 SHUTDOWN_GRACE_S = 0.5  # what vLLM's own shutdown gets before the engine's processes are stopped by us
 
 
+def _vllm():
+    """vLLM, through the one module that touches it: imported on the first load, never at ``%load_ext``."""
+    from ..engine import vllm_api
+
+    return vllm_api
+
+
 class LocalBackend(Backend):
     """vLLM's ``AsyncLLM`` driven from the engine's private event-loop thread, in this kernel."""
 
@@ -109,8 +116,7 @@ class LocalBackend(Backend):
         procs.remove_at_exit(self.tmp, self._started_at)  # if the kernel dies first: the watchdog removes it
         with (logs.capture_output(self.log_path), procs.own_process_group(), procs.main_script_hidden(),
               private.engine_environment(self.tmp)):
-            from ..engine import vllm_api
-
+            vllm_api = _vllm()
             logs.route_vllm_logs(self.log_path, vllm_api.vllm_loggers())
             try:
                 self._llm = vllm_api.start_engine(self.args, self.usage)
@@ -171,8 +177,7 @@ class LocalBackend(Backend):
     def default_sampling(self) -> dict[str, Any]:
         """The model's own sampling defaults (its generation_config), as vLLM applies them."""
         if self._defaults is None:
-            from ..engine import vllm_api
-
+            vllm_api = _vllm()
             self._defaults = vllm_api.default_sampling(self._llm) if self._llm is not None else {}
         return dict(self._defaults)
 
@@ -188,8 +193,7 @@ class LocalBackend(Backend):
 
     def prepare(self, params: Any, stream: bool):
         """The engine's form of ``params`` for one run (a copy; the caller's object is left alone)."""
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         if isinstance(params, Pooling):
             return vllm_api.pooling_params(params.task, params.dimensions)
         if not isinstance(params, vllm_api.SamplingParams):
@@ -204,8 +208,7 @@ class LocalBackend(Backend):
         """A batch that wants only final outputs goes as one coroutine (``_batch``); a streamed batch is
         tokenized in one call first (``vllm_api.render_batch``). A single prompt and pooling keep vLLM's own
         per-request path."""
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         if len(items) > 1 and isinstance(params, vllm_api.SamplingParams):
             if params.output_kind == vllm_api.FINAL_ONLY:
                 return [(0, self._batch(items, params, run))]
@@ -225,8 +228,7 @@ class LocalBackend(Backend):
         others are looked at too: a result that ends before an earlier prompt's goes to the caller (and the
         journal) within ``SWEEP_S``, so a kernel or engine that dies keeps it.
         """
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         llm, q, added = self._llm, run.q, []
         pending: deque = deque()
         try:
@@ -273,8 +275,7 @@ class LocalBackend(Backend):
 
     def _lora_request(self, lora):
         """vLLM's request for ``lora`` (None: the base model, or its zero adapter; see lora.BASE_NAME)."""
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         lora = self._base if lora is None else lora
         return vllm_api.lora_request(lora) if lora is not None else None
 
@@ -285,8 +286,7 @@ class LocalBackend(Backend):
                 fut.result(timeout=1.0)
 
     def translate(self, exc: BaseException) -> BaseException:
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         if isinstance(exc, VllmNotebookError):
             return exc
         if isinstance(exc, vllm_api.EngineDeadError) or (self._llm is not None and self._llm.errored):
@@ -294,8 +294,7 @@ class LocalBackend(Backend):
         return request_error(first_line(exc))
 
     async def request(self, i: int, prompt, params, rid: str, q: queue.Queue, lora=None) -> None:
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         lora_request = self._lora_request(lora)
         if isinstance(params, vllm_api.PoolingParams):
             async for out in self._llm.encode(prompt, params, rid, lora_request=lora_request):
@@ -306,8 +305,7 @@ class LocalBackend(Backend):
 
     # ---------------------------------------------------------------- LoRA adapters
     async def add_lora(self, adapter) -> None:
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         try:
             await self._llm.add_lora(vllm_api.lora_request(adapter))
         except Exception as exc:  # noqa: BLE001 - vLLM's reason, in one line
@@ -322,18 +320,15 @@ class LocalBackend(Backend):
 
     # ---------------------------------------------------------------- sleep mode
     def can_sleep(self) -> bool:
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         return vllm_api.sleep_mode_enabled(self._llm)
 
     async def sleep(self, level: int) -> None:
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         await vllm_api.sleep(self._llm, level)
 
     async def wake(self, level: int) -> None:
-        from ..engine import vllm_api
-
+        vllm_api = _vllm()
         await vllm_api.wake(self._llm, level)
 
     # ---------------------------------------------------------------- stop
@@ -364,8 +359,7 @@ class LocalBackend(Backend):
             procs.stop_group(pgid)
         self._forget_folder()
         with suppress_errors():  # collects garbage (gc.collect) and frees cached device memory
-            from ..engine import vllm_api
-
+            vllm_api = _vllm()
             vllm_api.free_memory()
         return f"unloaded engine '{self.name}' ({self.model})"
 
@@ -377,8 +371,7 @@ class LocalBackend(Backend):
 
 
 async def _shutdown(llm) -> None:
-    from ..engine import vllm_api
-
+    vllm_api = _vllm()
     vllm_api.stop_engine(llm)
 
 

@@ -49,7 +49,7 @@ from ..errors import (
     UsageError,
     VllmNotebookError,
 )
-from ..server import process, registry
+from ..server import process, record
 from ..server.http import (
     auth_header,
     cache_facts,
@@ -83,7 +83,7 @@ class ServerBackend(Backend):
         super().__init__(("server", record.id if record is not None else url),
                          record.log if record is not None else "", plan=dict(record.plan) if record is not None else {})
         self.url = url.rstrip("/")
-        self.record: registry.ServerRecord | None = record
+        self.record: record.ServerRecord | None = record
         self._api_key = api_key  # never printed, logged or stored
         self._wanted = model
         self._client = None
@@ -518,7 +518,7 @@ class ServerBackend(Backend):
         """Keep the level in the registry, so a restarted kernel knows how to wake the server."""
         if self.record is not None:
             self.record.asleep = level
-            registry.update(self.record)
+            record.update(self.record)
 
     def sleeping_at(self) -> int:
         return self._sleeping

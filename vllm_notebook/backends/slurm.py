@@ -1,6 +1,6 @@
 """``SlurmBackend``: an engine whose server runs in a Slurm batch job, usable as soon as it is submitted.
 
-The job itself (its record, script, submission, state and cancellation) is ``server/slurm_job.py``; this is
+The job itself (its record, script, submission, state and cancellation) is ``slurm_job.py``; this is
 the engine's side. A watcher thread follows the job and, when its server is ready, connects a
 ``ServerBackend`` to it; with a chain, that back-end moves to the successor's server when it is ready, and
 a request cut off by the switch is sent again, once, to the new server (a stream goes on from its last
@@ -22,8 +22,8 @@ from ..engine.core import Engine
 from ..engine.pooling import Pooling
 from ..engine.sampling import request_fields
 from ..errors import EngineDiedError, EngineStartError, VllmNotebookError
-from ..server import registry
-from ..server.slurm_job import (
+from ..server import record
+from .slurm_job import (
     POLL_S,
     WARN_BEFORE_S,
     JobRecord,
@@ -159,7 +159,7 @@ class SlurmBackend(Backend):
 
     def _connect(self, p: Progress) -> None:
         """Use the server of job ``p.job_id`` from now on (the first one, or a chain's successor)."""
-        key = registry.read_key(self.job.key_file)
+        key = record.read_key(self.job.key_file)
         old_job = self._job_id
         if self.server is None:
             server = ServerBackend(p.server.url, key, record=p.server, model=self.job.model)

@@ -4,5 +4,5 @@
 - ``plan``: tensor/pipeline parallel sizes from an allocation and a model;
 - ``ray``: the token-protected Ray cluster across the allocation;
 - ``slurm``: questions for ``squeue``, asked once for many jobs;
-- ``jobs``: kernelspecs, ``vllm-notebook jupyter``, sbatch scripts, ``ssh -L`` lines.
+- ``notebook_job``: Jupyter on a compute node: kernelspecs, ``vllm-notebook jupyter``, its sbatch script, ``ssh -L`` lines.
 """

@@ -67,7 +67,7 @@ def _label(settings: dict[str, Any]) -> str:
 def columns(engines: Sequence[str | Engine] | None = None,
             settings: Sequence[dict[str, Any] | str] | None = None) -> list[Column]:
     """The columns of engines × settings (one engine, the default, when none is named)."""
-    engs = [e if isinstance(e, Engine) else get_engine(e) for e in (engines or [None])]
+    engs = [get_engine(e) if e is None or isinstance(e, str) else e for e in (engines or [None])]
     sets = [parse_setting(s) if isinstance(s, str) else dict(s) for s in (settings or [{}])]
     if len(engs) * len(sets) < 2:
         raise UsageError("a comparison needs two columns or more: several engines (--name a,b) "

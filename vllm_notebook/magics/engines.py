@@ -9,10 +9,9 @@ from IPython.core.magic import line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .. import logs
-from ..engine.core import Engine
 from ..engine.registry import engines, get_engine, unload_all
 from ..errors import SecretOnLineError, UsageError
-from ..loader import load_from_argv
+from ..loader import LoadPlan, load_from_argv
 from ..ui.status import Status
 from .args import engine_name, forget_secret, line_words, parse_line
 from .settings import Topic
@@ -48,7 +47,7 @@ class EngineMagics(Topic):
             raise SecretOnLineError(f"{exc}. The value was removed from IPython's history; it is still in this "
                                     "cell: delete it there, and revoke it (anyone who saw the notebook has it)",
                                     exc.secret) from None
-        if isinstance(result, Engine):
+        if result is not None and not isinstance(result, LoadPlan):  # an engine, not a dry run's plan
             result.announced_in = self.shell.execution_count
         return result
 

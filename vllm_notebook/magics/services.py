@@ -11,8 +11,8 @@ from ..cluster.allocation import Allocation
 from ..engine.registry import engines
 from ..errors import UsageError
 from ..server import process as server_process
-from ..server import registry as servers
-from ..server import slurm_job
+from ..server import record as servers
+from ..backends import slurm_job
 from ..ui.cluster_view import ClusterView
 from .args import parse_line
 from .settings import Topic

@@ -25,8 +25,8 @@ import psutil
 
 from .. import logs, private, procs
 from ..errors import EngineStartError, ServerError, UsageError
-from . import http, registry
-from .registry import MARKER, ServerRecord, new_key_file, normalize, read_key
+from . import http, record
+from .record import MARKER, ServerRecord, new_key_file, normalize, read_key
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 GUARD = "vllm_notebook.server.guard.RequireKey"
@@ -42,7 +42,7 @@ def stop(rec: ServerRecord, timeout: float = 30.0) -> None:
         raise ServerError(f"server {rec.id} runs on {rec.node}; stop it from there")
     if rec.alive():  # the server leads its session, so its group is its pid
         procs.terminate_group(rec.pid, grace=timeout)
-    registry.forget(rec)  # and whatever carries its marker outside that group
+    record.forget(rec)  # and whatever carries its marker outside that group
 
 
 def command(model: str, argv: list[str], host: str, port: int | str) -> list[str]:
@@ -89,7 +89,7 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
                                 start_new_session=True, cwd=os.getcwd(), umask=private.UMASK)
     rec.pid = proc.pid
     try:
-        registry.update(rec)  # nothing runs unregistered: if this fails (or Ctrl-C comes), the server goes
+        record.update(rec)  # nothing runs unregistered: if this fails (or Ctrl-C comes), the server goes
     except BaseException:
         procs.terminate_group(proc.pid, grace=5)
         _reap(proc)
@@ -97,7 +97,7 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
     try:
         wait_ready(rec, proc, progress)
         rec.ready = time.time()  # for kernels elsewhere (a batch job's server): it is ours, and it answers
-        registry.update(rec)
+        record.update(rec)
     except BaseException:
         stop(rec, timeout=10)
         _reap(proc)

@@ -31,7 +31,7 @@ from .. import logs, paths
 from ..cluster import slurm
 from ..errors import UsageError
 from ..tables import Table
-from . import registry
+from ..server import record as server_records
 
 WARN_BEFORE_S = 600  # warn when the serving job has less walltime left than this (and no successor)
 POLL_S = 3.0  # how often the watcher asks squeue while the job is queued or loading
@@ -175,9 +175,9 @@ def submit(name: str, model: str, flags: list[str], options: list[str], chain: i
 def cancel(rec: JobRecord) -> str:
     """Cancel every job of ``rec``, forget their servers, remove the record's folder."""
     slurm.scancel(rec.jobs)
-    for server in registry.records(prune=False):
+    for server in server_records.records(prune=False):
         if server.job_id in rec.jobs:
-            registry.forget(server)
+            server_records.forget(server)
     shutil.rmtree(rec.folder, ignore_errors=True)
     return f"cancelled job{'s' if len(rec.jobs) > 1 else ''} {', '.join(rec.jobs)} ({rec.model})"
 
@@ -190,16 +190,16 @@ class Progress:
     phase: str
     job_id: str = ""
     text: str = ""  # one line for people
-    server: registry.ServerRecord | None = None
+    server: server_records.ServerRecord | None = None
     time_left_s: int | None = None
     successor_live: bool = False
 
 
 def progress_of(rec: JobRecord, states: dict[str, slurm.JobState] | None = None,
-                servers: list[registry.ServerRecord] | None = None) -> Progress:
+                servers: list[server_records.ServerRecord] | None = None) -> Progress:
     """The newest job of the chain that serves (or will): its phase and a line saying so."""
     states = states if states is not None else slurm.job_states(rec.jobs)
-    servers = servers if servers is not None else registry.records()
+    servers = servers if servers is not None else server_records.records()
     ready = {s.job_id: s for s in servers if s.job_id in rec.jobs and s.ready}
     started = {s.job_id: s for s in servers if s.job_id in rec.jobs}
     for i, jid in reversed(list(enumerate(rec.jobs))):  # the newest ready job serves
@@ -251,7 +251,7 @@ class JobList(Table):
     COLUMNS = ("engine", "jobs", "state", "node", "time left", "model", "URL", "record")
 
     def __init__(self, recs: list[JobRecord], states: dict[str, slurm.JobState],
-                 servers: list[registry.ServerRecord]):
+                 servers: list[server_records.ServerRecord]):
         self.recs, self.states, self.servers = recs, states, servers
 
     def rows(self) -> list[tuple]:
@@ -273,4 +273,4 @@ class JobList(Table):
 def listing() -> JobList:
     recs = records()
     states = slurm.job_states(j for r in recs for j in r.jobs) if recs else {}
-    return JobList(recs, states, registry.records() if recs else [])
+    return JobList(recs, states, server_records.records() if recs else [])
