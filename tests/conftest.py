@@ -85,25 +85,35 @@ def ip(engine):
     shell.run_cell("%unload_ext vllm_notebook", store_history=False)
 
 
-@pytest.fixture
-def cell(ip, engine, capsys):
-    """Run a cell; return (ExecutionResult, printed text). Fails on an unexpected error."""
+def _cell_runner(shell, capsys, before=None):
+    """Run a cell in ``shell``; return (ExecutionResult, printed text). Fails on an unexpected error."""
 
     def run(code: str, *, expect_error: type | None = None):
-        if not engine.alive:  # a test killed it; later tests need one
-            pytest.fail("the session engine is not alive")
+        if before is not None:
+            before()
         capsys.readouterr()
-        result = ip.run_cell(code, store_history=True)
+        result = shell.run_cell(code, store_history=True)
         out = capsys.readouterr()
         text = out.out + out.err
         if expect_error is None:
             if result.error_in_exec or result.error_before_exec:
                 raise result.error_in_exec or result.error_before_exec
         else:
-            assert isinstance(result.error_in_exec, expect_error), (result.error_in_exec, text)
+            assert isinstance(result.error_in_exec or result.error_before_exec, expect_error), (result, text)
         return result, text
 
     return run
+
+
+@pytest.fixture
+def cell(ip, engine, capsys):
+    """Run a cell on the session engine; return (ExecutionResult, printed text)."""
+
+    def engine_alive():
+        if not engine.alive:  # a test killed it; later tests need one
+            pytest.fail("the session engine is not alive")
+
+    return _cell_runner(ip, capsys, engine_alive)
 
 
 @pytest.fixture
@@ -134,18 +144,5 @@ def fake_ip(monkeypatch):
 
 @pytest.fixture
 def fake_cell(fake_ip, capsys):
-    """Run a cell on the fake engine; return (ExecutionResult, printed text). Fails on an unexpected error."""
-
-    def run(code: str, *, expect_error: type | None = None):
-        capsys.readouterr()
-        result = fake_ip.run_cell(code, store_history=True)
-        out = capsys.readouterr()
-        text = out.out + out.err
-        if expect_error is None:
-            if result.error_in_exec or result.error_before_exec:
-                raise result.error_in_exec or result.error_before_exec
-        else:
-            assert isinstance(result.error_in_exec or result.error_before_exec, expect_error), (result, text)
-        return result, text
-
-    return run
+    """Run a cell on the fake engine; return (ExecutionResult, printed text)."""
+    return _cell_runner(fake_ip, capsys)

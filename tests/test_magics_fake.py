@@ -104,3 +104,24 @@ def test_a_mistake_is_one_line_and_the_engine_still_serves(fake_cell, code, erro
     assert len(lines) <= 1 and "Traceback" not in out, out
     after, _ = fake_cell("%%generate --max-tokens 2\nstill here")
     assert after.result.text == " still here"
+
+
+def test_a_batch_is_journaled_and_a_rerun_resumes_from_it(fake_cell, fake_ip, tmp_path):
+    """The journal on the fake engine: every result appended as it ends; the same batch again is taken from it."""
+    path = tmp_path / "nb.vllm-journal.jsonl"
+    fake_ip.user_ns["qs"] = ["red green", "blue"]
+    fake_cell(f"%config VllmMagics.journal_path = '{path}'")
+    fake_cell("%config VllmMagics.journal = True")
+    try:
+        first, _ = fake_cell("%generate -i qs --max-tokens 2 --temperature 0")
+        sent = len(fake_ip.user_ns["fake"].backend.sent)
+        again, out = fake_cell("%generate -i qs --max-tokens 2 --temperature 0")
+        assert again.result.texts == first.result.texts == [" red green", " blue blue"]
+        assert len(fake_ip.user_ns["fake"].backend.sent) == sent and "2 of 2 from the journal" in out
+        fresh, _ = fake_cell("%generate -i qs --max-tokens 2 --temperature 0 --fresh")
+        assert len(fake_ip.user_ns["fake"].backend.sent) == sent + 2 and fresh.result.texts == first.result.texts
+        history, _ = fake_cell("%vllm_history")
+        assert list(history.result["text"])[-2:] == [" red green", " blue blue"]
+    finally:
+        fake_cell("%config VllmMagics.journal = False")
+        fake_cell("%config VllmMagics.journal_path = ''")

@@ -19,14 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import logs, private, procs
-from ..engine.lora import (
-    BASE_ID,
-    BASE_NAME,
-    PROMPT_LOGPROBS_ON_CPU,
-    Adapter,
-    Adapters,
-    zero_adapter,
-)
+from ..engine.lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
 from ..engine.pooling import Pooled, Pooling
 from ..engine.requests import (
     PromptRejected,

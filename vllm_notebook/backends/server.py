@@ -18,14 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.core import Engine
-from ..engine.lora import (
-    BASE_ID,
-    BASE_NAME,
-    PROMPT_LOGPROBS_ON_CPU,
-    Adapter,
-    Adapters,
-    zero_adapter,
-)
+from ..engine.lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
 from ..engine.outputs import (
     Completion,
     RequestOutput,
