@@ -528,6 +528,11 @@ class ServerBackend(Backend):
     def origin(self, value) -> None:  # Backend's constructor sets it; a server's comes from its record
         pass
 
+    @property
+    def gone(self) -> str | None:
+        """Why the server is gone (it stopped answering, its process exited), or None while it serves."""
+        return self._gone
+
     def uses_server(self, record_id: str) -> bool:
         return self.record is not None and self.record.id == record_id
 

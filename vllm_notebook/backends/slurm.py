@@ -231,7 +231,11 @@ class SlurmBackend(Backend):
     def translate(self, exc: BaseException) -> BaseException:
         if self.server is None:
             return exc if isinstance(exc, VllmNotebookError) else EngineStartError(str(exc))
-        return self.server.translate(exc)
+        error = self.server.translate(exc)
+        if isinstance(error, EngineDiedError):  # the job's server is gone: said as the job's engine
+            self._gone = self.server.gone or self._gone
+            return self._died()
+        return error
 
     def sampling(self, base: Any = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         return request_fields(base, overrides)  # as a server's (the same before the job's server is ready)
