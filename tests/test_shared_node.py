@@ -178,7 +178,7 @@ ALICE_ENGINE = textwrap.dedent("""
     def batch():
         g = eng.generate(prompts, max_tokens=8, temperature=0)
         return {"texts": g.texts, "reused": g.reused}
-    print("READY", json.dumps({"runtime": os.environ["VLLM_NOTEBOOK_RUNTIME_DIR"], "tmp": str(eng.tmp),
+    print("READY", json.dumps({"runtime": os.environ["VLLM_NOTEBOOK_RUNTIME_DIR"], "tmp": str(eng.backend.tmp),
                                "first": batch()}), flush=True)
     for line in sys.stdin:
         if line.strip() == "batch":

@@ -77,13 +77,13 @@ def test_a_notebook_outside_any_allocation_gets_exact_completions_from_a_job(dem
         t0 = time.monotonic()
         out = k.run(f"%load_ext vllm_notebook\neng = {load}\nprint(eng.state)", timeout=120)
         assert time.monotonic() - t0 < 60, "the load returns at once, while the job waits in the queue"
-        assert "submitted job" in out and "PENDING" in _wait(lambda: k.run("print(eng.poll().text)"), 30), out
+        assert "submitted job" in out and "PENDING" in _wait(lambda: k.run("print(eng.backend.poll().text)"), 30), out
         jobs = _wait(lambda: (lambda t: "PENDING (Resources)" in t and t)(k.run("%vllm_jobs")), 60, every=2)
         assert demo_path in jobs, jobs
-        _, error = k.collect(k.submit("eng.wait = False\neng.generate('The capital of France is')"))
+        _, error = k.collect(k.submit("eng.backend.wait = False\neng.generate('The capital of France is')"))
         assert error is not None and error["ename"] == "EngineStartError" and "not ready yet" in error["evalue"]
         assert len(error["traceback"]) == 1
-        k.run("eng.wait = True")
+        k.run("eng.backend.wait = True")
 
         subprocess.run(["scancel", blocker], check=True)  # the node frees up: the job runs, its server loads
         out, error = k.collect(k.submit(gen), timeout=300)
@@ -177,9 +177,9 @@ def test_a_chained_successor_takes_over_and_a_cut_stream_goes_on_from_its_last_t
         prompt, sampling = "Once upon a time", {"max_tokens": 2000, "ignore_eos": True, "temperature": 0,
                                                 "stop": ["@@ never in it @@@@"]}
         reference = eng.generate(prompt, **sampling).text
-        assert eng.progress.successor_live
+        assert eng.backend.progress.successor_live
 
-        _wait(lambda: eng.poll() and eng._job_id == second, 300, every=2)  # no request needed to move
+        _wait(lambda: eng.backend.poll() and eng.backend._job_id == second, 300, every=2)  # no request needed to move
         assert eng.generate("The capital of France is", max_tokens=8, temperature=0).text == PARIS
         _wait(lambda: not vllm_notebook.jobs().states[first].live, 120)  # the first job is gone
 
@@ -208,7 +208,7 @@ def test_a_chained_successor_takes_over_and_a_cut_stream_goes_on_from_its_last_t
         gen = eng.run([prompt], eng.params(None, sampling), stream=True, on_output=end_second_job)
         took = time.monotonic() - started
         timing = f"killed {cut[0] - started if cut else '-'} s after the send; the run took {took} s"
-        assert cut and not gen.interrupted and eng._job_id == third and "READY" in eng.progress.text, timing
+        assert cut and not gen.interrupted and eng.backend._job_id == third and "READY" in eng.backend.progress.text, timing
         # continued, not sent again whole: every update extends the text shown before it (a request sent again
         # would start over from its first token), and the continuation asked only for the tokens left: 2,000 in all,
         # on the prompt's own tokens. Greedy text over 2,000 tokens may drift between two engines whose CPU threads

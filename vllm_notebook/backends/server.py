@@ -173,7 +173,7 @@ class ServerBackend(Backend):
         return {"model": self.model, "path": root, "revision": revision, "flags": flags}
 
     def sampling_record(self, params: Any) -> dict[str, Any]:
-        return {k: v for k, v in dict(params).items() if k != "stream"}
+        return fields_record(params)
 
     def where(self) -> dict[str, Any]:
         if self.record is None:
@@ -588,6 +588,11 @@ class ServerBackend(Backend):
             rows += [("pid", self.record.pid), ("uptime", self.record.uptime()), ("job", self.record.job_id or "-"),
                      ("log", self.log_path)]
         return rows
+
+
+def fields_record(params: Any) -> dict[str, Any]:
+    """A request's sampling fields as the journal and the run record keep them."""
+    return {k: v for k, v in dict(params).items() if k != "stream"}
 
 
 def new_client(url: str, api_key: str | None):

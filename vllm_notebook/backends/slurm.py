@@ -34,7 +34,7 @@ from .slurm_job import (
 )
 from ..progress import LiveLine
 from .base import Backend
-from .server import ServerBackend
+from .server import ServerBackend, fields_record
 
 
 class SlurmBackend(Backend):
@@ -247,7 +247,7 @@ class SlurmBackend(Backend):
         return self._server().chat_prompt(messages)
 
     def sampling_record(self, params: Any) -> dict[str, Any]:
-        return self._server().sampling_record(params)
+        return fields_record(params)  # before the job's server is ready too: a run's record is made first
 
     def identity(self) -> dict[str, Any]:
         return self.server.identity() if self.server is not None else {"model": self.model, "path": "",
