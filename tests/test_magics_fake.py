@@ -125,3 +125,19 @@ def test_a_batch_is_journaled_and_a_rerun_resumes_from_it(fake_cell, fake_ip, tm
     finally:
         fake_cell("%config VllmMagics.journal = False")
         fake_cell("%config VllmMagics.journal_path = ''")
+
+
+def test_the_loading_cell_shows_an_engines_table_unless_the_load_line_summarised_it(fake_ip, capsys):
+    from vllm_notebook.ui import render
+
+    eng = fake_ip.user_ns["fake"]
+    eng.announced_in = fake_ip.execution_count  # as %vllm_load does for the engine it returns
+    capsys.readouterr()
+    render.show_engine(eng)  # a server's or a job's table says more than its load line: shown
+    assert capsys.readouterr().out
+    eng.backend.summarised_on_load = True  # as an in-kernel engine's "ready in … — model · dtype · …" line
+    render.show_engine(eng)
+    assert not capsys.readouterr().out
+    eng.announced_in = None  # any later cell shows it
+    render.show_engine(eng)
+    assert capsys.readouterr().out

@@ -36,6 +36,9 @@ class Backend(abc.ABC):
     outlives_kernel: ClassVar[bool] = False
     #: It holds devices (or memory) on this node that a replacement needs, so it goes before one starts.
     holds_devices_here: ClassVar[bool] = True
+    #: The load's last line already summarised the engine, so the cell that loaded it does not show its table
+    #: again (a server's or a job's table says more: URL, pid, script, output file).
+    summarised_on_load: ClassVar[bool] = False
     #: ``add_lora`` checks an adapter's rank against the engine's ``--max-lora-rank`` (known to the back-end).
     checks_rank: bool = True
 

@@ -57,6 +57,7 @@ class LocalBackend(Backend):
     """vLLM's ``AsyncLLM`` driven from the engine's private event-loop thread, in this kernel."""
 
     kind = "local"
+    summarised_on_load = True
 
     def __init__(self, args: Any, key: tuple, log_path: str, plan: dict | None = None):
         super().__init__(key, log_path, plan)

@@ -111,12 +111,12 @@ def register(shell) -> None:
 
 
 def show_engine(engine) -> None:
-    """Display an engine (its ``_repr_markdown_``), except right after %vllm_load, whose line summarised it."""
+    """Display an engine (its ``_repr_markdown_``), except right after the %vllm_load whose line summarised it."""
     from IPython import get_ipython
     from IPython.display import Markdown, display
 
     shell = get_ipython()
-    if shell is not None and engine.announced_in == shell.execution_count:
+    if shell is not None and engine.announced_in == shell.execution_count and engine.backend.summarised_on_load:
         return
     display(Markdown(engine._repr_markdown_()))
 
