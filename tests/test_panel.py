@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from panel_steps import mistakes, show_mistake, stop_mid_stream
+
 from vllm_notebook.ui.panel import PromptPanel
 
 
@@ -37,20 +39,9 @@ def test_generate_shows_the_exact_completion(engine):
 def test_stop_ends_a_long_generation_within_a_second(engine):
     p = _panel("Once upon a time", max_tokens=500)
     p.extra_params = {"ignore_eos": True}
-    p._generate.click()
-    deadline = time.monotonic() + 10
-    while not p.text and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert p.busy and p._generate.disabled and not p._stop.disabled
-    t0 = time.monotonic()
-    p._stop.click()
-    p.wait(5)
-    assert time.monotonic() - t0 < 1.0
-    gen = p.last_generation
-    assert gen.interrupted and 0 < len(gen.outputs[0].outputs[0].token_ids) < 500
+    stop_mid_stream(p, 500)
     full = engine.generate("Once upon a time", temperature=0, max_tokens=500, ignore_eos=True).text
-    assert p.text == gen.text and p.text and full.startswith(p.text)  # the partial text is kept
-    assert not p._generate.disabled and p._stop.disabled and p.status == "idle"
+    assert p.text and full.startswith(p.text)  # the partial text is kept
 
 
 def test_two_panels_generate_at_once_and_cells_still_run(engine, cell):
@@ -105,23 +96,12 @@ def test_system_prompt(engine):
     assert p.text == "The sky is blue."
 
 
-@pytest.mark.parametrize("setup,match", [
-    (lambda p: setattr(p._prompt, "value", "  "), "write a prompt first"),
-    (lambda p: setattr(p._seed, "value", "abc"), "seed must be a whole number"),
-    (lambda p: setattr(p._prompt, "value", "word " * 600), "max-model-len"),
-    (lambda p: setattr(p, "_engine_name", "nope"), "no engine named 'nope'"),
-    (lambda p: setattr(p._var, "value", "not a name"), "not a valid variable name"),
-])
+@pytest.mark.parametrize("setup,match", mistakes(600, "max-model-len"))
 def test_errors_show_as_one_red_line(engine, setup, match):
     p = _panel("The capital of France is")
-    setup(p)
-    (p._save if "name" in match and "engine" not in match else p._generate).click()
-    p.wait(30)
-    assert match in p.error and "\n" not in p.error and "Traceback" not in p.error
-    assert "#c62828" in p._error.value and p.status == "error"
-    assert not p._generate.disabled and p._stop.disabled
-    p._engine_name = "default"
-    p._prompt.value, p._seed.value = "The capital of France is", ""
+    show_mistake(p, setup, match, 30)
+    assert "#c62828" in p._error.value
+    p._prompt.value = "The capital of France is"
     p._generate.click()
     p.wait(30)
     assert p.text == " Paris." and not p.error and p.status == "idle"

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from panel_steps import mistakes, show_mistake, stop_mid_stream
+
 from vllm_notebook.ui.panel import PromptPanel
 
 
@@ -33,18 +35,7 @@ def test_generate_shows_the_completion_and_its_stats(fake_ip):
 def test_stop_keeps_the_partial_text(fake_ip):
     fake_ip.user_ns["fake"].backend.delay = 0.02
     p = _panel("a b c", max_tokens=500)
-    p._generate.click()
-    deadline = time.monotonic() + 10
-    while not p.text and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert p.busy and p._generate.disabled and not p._stop.disabled
-    t0 = time.monotonic()
-    p._stop.click()
-    p.wait(5)
-    assert time.monotonic() - t0 < 1.0
-    gen = p.last_generation
-    assert gen.interrupted and 0 < len(gen.outputs[0].outputs[0].token_ids) < 500 and p.text == gen.text
-    assert not p._generate.disabled and p._stop.disabled and p.status == "idle"
+    stop_mid_stream(p, 500)
 
 
 def test_updates_are_throttled(fake_ip):
@@ -75,22 +66,11 @@ def test_chat_mode_remembers_saves_and_clears(fake_ip):
     assert p.conversation == [] and p.text == "" and p._rendered.outputs == ()
 
 
-@pytest.mark.parametrize("setup,match", [
-    (lambda p: setattr(p._prompt, "value", "  "), "write a prompt first"),
-    (lambda p: setattr(p._seed, "value", "abc"), "seed must be a whole number"),
-    (lambda p: setattr(p._prompt, "value", "word " * 80), "maximum context length"),
-    (lambda p: setattr(p, "_engine_name", "nope"), "no engine named 'nope'"),
-    (lambda p: setattr(p._var, "value", "not a name"), "not a valid variable name"),
-])
+@pytest.mark.parametrize("setup,match", mistakes(80, "maximum context length"))
 def test_errors_show_as_one_red_line(fake_ip, setup, match):
     p = _panel("still here", max_tokens=2)
-    setup(p)
-    (p._save if "name" in match and "engine" not in match else p._generate).click()
-    p.wait(10)
-    assert match in p.error and "\n" not in p.error and "Traceback" not in p.error
-    assert p.status == "error" and not p._generate.disabled and p._stop.disabled
-    p._engine_name = "default"
-    p._prompt.value, p._seed.value = "still here", ""
+    show_mistake(p, setup, match, 10)
+    p._prompt.value = "still here"
     p._generate.click()
     p.wait(10)
     assert p.text == " still here" and not p.error and p.status == "idle"
