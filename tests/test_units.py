@@ -96,6 +96,28 @@ def test_phase_of():
     assert logs.phase_of("nothing here", "starting engine") == "starting engine"
 
 
+def test_phases_follow_the_log_in_order():
+    """The phases of a real CPU load's log (abridged), line by line: in vLLM's order, never backwards, and the config
+    dump's ``compilation_config`` or a later "JIT kernel warmup" warning moves nothing."""
+    log = [
+        "(MainProcess) WARNING [vllm.py:1727] Inductor compilation was disabled by user settings",
+        "(EngineCore pid=1) INFO [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: model='/m', "
+        "compilation_config={'mode': 0, 'cudagraph_capture_sizes': []}, kv_cache_dtype=auto",
+        "(Worker pid=2) INFO [cpu_model_runner.py:68] Starting to load model /m...",
+        "(Worker pid=2) INFO [default_loader.py:501] Loading weights took 0.01 seconds",
+        "(EngineCore pid=1) INFO [kv_cache_utils.py:2327] CPU KV cache size: 1,048,576 tokens",
+        "(EngineCore pid=1) INFO [core.py:402] init engine (profile, create kv cache, warmup model) took 0.63 s",
+        "(EngineCore pid=1) WARNING [vllm.py:1703] Enforce eager set, disabling torch.compile, CUDAGraphs, and JIT "
+        "kernel warmup.",
+    ]
+    seen, phase = [], "resolving"
+    for n in range(1, len(log) + 1):
+        phase = logs.phase_of("\n".join(log[max(0, n - 3):n]), phase)
+        if not seen or seen[-1] != phase:
+            seen.append(phase)
+    assert seen == ["resolving", "starting engine", "loading weights", "allocating KV cache", "finishing"]
+
+
 def test_import_and_load_ext_do_not_import_vllm_or_torch():
     code = (
         "import sys\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import difflib
 import os
 import shlex
@@ -178,9 +179,28 @@ def load_from_argv(argv: list[str], default_model: str = "", progress: bool = Tr
 
 
 # ------------------------------------------------------------------ request -> engine
+#: The one progress line of the request being started: the import, the phases and "ready" share it, so a load
+#: shows one line from the first moment, and its "ready in" counts from the start of the request (the cell).
+_line: contextvars.ContextVar[LiveLine | None] = contextvars.ContextVar("vllm_notebook_load_line", default=None)
+
+
+def _load_line(enabled: bool) -> LiveLine:
+    """The current request's line (a new one outside a request)."""
+    line = _line.get()
+    return line if line is not None else LiveLine(enabled=enabled)
+
+
 def start(req: LoadRequest):
     """The one function that turns a request into an engine (or, for ``dry_run``, the plan; for ``help``, None)."""
     req.check()
+    token = _line.set(LiveLine(enabled=req.progress and not req.help))
+    try:
+        return _start(req)
+    finally:
+        _line.reset(token)
+
+
+def _start(req: LoadRequest):
     if req.backend == "attach" and not req.help:
         return _attach(req)
     if req.backend == "slurm" and not req.help:
@@ -288,7 +308,7 @@ def _attach(req: LoadRequest) -> Engine:
     t0 = time.monotonic()
     eng = install(req.name, None, lambda line: connect(req.name, url, api_key, model=model), progress=False,
                   needs_devices=False)
-    LiveLine(enabled=req.progress).done(
+    _load_line(req.progress).done(
         f"vllm-notebook: attached to {url} in {time.monotonic() - t0:.2f} s — {eng.model} "
         f"(max_model_len {eng.facts.get('max_model_len')}); %vllm_unload detaches, the server keeps running")
     return eng
@@ -358,7 +378,7 @@ def install(name: str, key: tuple | None, make: Callable[[LiveLine], Engine], *,
       detached if it is the same server or job, else unloaded.
     """
     old = engine_registry.engines().get(name)
-    line = LiveLine(enabled=progress)
+    line = _load_line(progress)
     if old is not None and key is not None and old.backend.same_as(key) and old.alive:
         if on_reuse is not None:
             line.done(on_reuse(old))
@@ -393,7 +413,7 @@ def start_server(prep: Prepared, user_flags: list[str], listen, ray_address: str
 def restored(old: Engine, exc: VllmNotebookError, progress: bool) -> VllmNotebookError:
     """The engine a failed replacement had unloaded, started again from its origin: an in-kernel engine from what
     it was prepared from, a server we started from its line. The error to raise, saying which way it went."""
-    line = LiveLine(enabled=progress)
+    line = _load_line(progress)
     origin = old.backend.origin
     if isinstance(origin, Prepared):
         return restart_previous(old, origin, exc, line)
@@ -439,7 +459,8 @@ def start_local(prep: Prepared, progress: bool = True, ray_address: str | None =
     if started:
         for name, path in loras:
             eng.add_lora(name, path)
-        LiveLine(enabled=progress).done(f"vllm-notebook: ready in {time.monotonic() - t0:.1f} s — {summary(eng)}")
+        line = _load_line(progress)
+        line.done(f"vllm-notebook: ready in {line.elapsed():.1f} s{_import_note(line)} — {summary(eng)}")
     return eng
 
 
@@ -471,13 +492,13 @@ def _start_new(prep: Prepared, args, line: LiveLine, t0: float, ray_address: str
     eng = Engine(prep.name, backend)
 
     def report(phase: str, elapsed: float) -> None:
-        line.update(f"vllm-notebook: {phase} … {elapsed:.0f} s  ({prep.model})", key=phase)
+        line.update(f"vllm-notebook: {phase} … {line.elapsed():.0f} s  ({prep.model})", key=phase)
 
     try:
         with scoped_env(prep.env):
             eng.start(report)
     except VllmNotebookError:
-        line.done(f"vllm-notebook: failed after {time.monotonic() - t0:.0f} s")
+        line.done(f"vllm-notebook: failed after {line.elapsed():.0f} s")
         raise
     if cluster is not None:
         _ray_users[eng] = cluster
@@ -546,14 +567,20 @@ def _own_parser() -> argparse.ArgumentParser:
 
 def _import_line(enabled: bool):
     """A progress line for vLLM's first import in this process (~10 s, silent before)."""
-    line = LiveLine(enabled=enabled)
+    line = _load_line(enabled)
 
     def waiting(seconds: float, done: bool) -> None:
         if done:
-            line.done(f"vllm-notebook: vLLM and torch imported in {seconds:.1f} s (once per kernel)")
+            line.notes["import"] = seconds
+            line.update(f"vllm-notebook: vLLM and torch imported in {seconds:.1f} s (once per kernel)")
         else:
             line.update(f"vllm-notebook: importing vLLM and torch (once per kernel) … {seconds:.0f} s", key="import")
     return waiting
+
+
+def _import_note(line: LiveLine) -> str:
+    seconds = line.notes.get("import")
+    return f" (importing vLLM and torch: {seconds:.1f} s, once per kernel)" if seconds and seconds >= 0.5 else ""
 
 
 def _resolve_early(rest: list[str]) -> tuple[tuple, str] | None:

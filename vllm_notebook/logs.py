@@ -17,7 +17,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import paths
+from . import paths, progress
 
 _PREFIX = re.compile(r"^\((?:[\w-]+) pid=\d+\)\s*")
 _EXC = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit|Interrupt))(?::\s*(.*))?$")
@@ -26,13 +26,19 @@ _GENERIC = re.compile(
     r"Worker failed with error|WorkerProc initialization failed|^$"
 )
 _DIED = re.compile(r"\S+ died unexpectedly \(exit code: -?\d+\)")
-# Log markers of the start phases, newest first (the first match wins).
+# Log markers of the start phases, in the order vLLM goes through them. A line names a phase only by a message
+# vLLM prints when it gets there (not by words of the config dump, such as ``compilation_config``), and the phase
+# never goes back: a later marker that shows up in an older line cannot move the line backwards.
 PHASES = [
-    (re.compile(r"init engine \(profile|Graph capturing finished|Compil(ing|ation)"), "warming up"),
-    (re.compile(r"KV cache size|num_gpu_blocks|Available KV cache|KV cache"), "allocating KV cache"),
-    (re.compile(r"Loading weights|Starting to load model|Loading safetensors"), "loading weights"),
     (re.compile(r"Initializing a V1 LLM engine|EngineCore|Waiting for init message"), "starting engine"),
+    (re.compile(r"Starting to load model|Loading weights|Loading safetensors"), "loading weights"),
+    (re.compile(r"torch\.compile takes|Compiling a graph|Dynamo bytecode transform|Memory profiling takes"),
+     "compiling and profiling"),
+    (re.compile(r"KV cache size|Available KV cache memory"), "allocating KV cache"),
+    (re.compile(r"Capturing CUDA graph|Graph capturing finished"), "capturing CUDA graphs"),
+    (re.compile(r"init engine \(profile|Starting vLLM API server|Application startup complete"), "finishing"),
 ]
+_ORDER = {name: i for i, (_, name) in enumerate(PHASES)}
 
 
 def new_log_path(name: str) -> Path:
@@ -49,9 +55,11 @@ def tail(path: str | os.PathLike, n: int = 40) -> list[str]:
 
 
 def phase_of(text: str, current: str) -> str:
-    for pattern, name in PHASES:
-        if pattern.search(text):
-            return name
+    """The latest start phase ``text`` (a log's tail) shows, never one before ``current``."""
+    at = _ORDER.get(current, -1)
+    for i, (pattern, name) in enumerate(PHASES):
+        if i > at and pattern.search(text):
+            at, current = i, name
     return current
 
 
@@ -167,6 +175,8 @@ def capture_output(path: str | os.PathLike):
         log = open(path, "a", buffering=1)
         saved = (os.dup(1), os.dup(2))
         old_streams = sys.stdout, sys.stderr
+        old_terminal = progress.terminal
+        progress.terminal = open(os.dup(saved[1]), "w", buffering=1, errors="replace")
         try:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
@@ -174,6 +184,9 @@ def capture_output(path: str | os.PathLike):
             yield log
         finally:
             sys.stdout, sys.stderr = old_streams
+            with contextlib.suppress(OSError):
+                progress.terminal.close()
+            progress.terminal = old_terminal
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])

@@ -4,6 +4,15 @@ plain lines in a log. Used by every layer that starts something slow (loads, ser
 from __future__ import annotations
 
 import sys
+import time
+
+
+#: Where terminal lines go while fds 1 and 2 point at an engine's log (``logs.capture_output``): the terminal.
+terminal = None
+
+
+def _stderr():
+    return terminal if terminal is not None else sys.stderr
 
 
 def in_kernel() -> bool:
@@ -22,10 +31,16 @@ class LiveLine:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._kernel = enabled and in_kernel()
-        self._tty = sys.stderr.isatty()
+        self._tty = _stderr().isatty()
         self._handle = None
         self._last = ""
         self._last_key = None
+        self.started = time.monotonic()
+        self.notes: dict[str, float] = {}  # what the final line reports (e.g. the import's seconds)
+
+    def elapsed(self) -> float:
+        """Seconds since the line was made (the start of the operation it reports)."""
+        return time.monotonic() - self.started
 
     def update(self, text: str, key: str | None = None) -> None:
         """Show ``text``; where lines cannot be rewritten, only when ``key`` (e.g. the phase) changes."""
@@ -43,10 +58,11 @@ class LiveLine:
             else:
                 self._handle.update(data, raw=True)
         else:
-            sys.stderr.write("\r\x1b[2K" + text if self._tty else text + "\n")
-            sys.stderr.flush()
+            out = _stderr()
+            out.write("\r\x1b[2K" + text if self._tty else text + "\n")
+            out.flush()
 
     def done(self, text: str) -> None:
         self.update(text)
         if self.enabled and not self._kernel and self._tty:
-            sys.stderr.write("\n")
+            _stderr().write("\n")

@@ -178,6 +178,11 @@ class Backend(abc.ABC):
     async def remove_lora(self, adapter: Adapter) -> None:
         raise UsageError(f"engine '{self.name}' cannot remove adapters")
 
+    def tokens_in_flight(self, run: Run) -> int | None:
+        """Output tokens made so far by ``run``'s unfinished requests (a batch's progress while no output has come
+        back yet), or None where the back-end cannot tell without slowing the run."""
+        return None
+
     def refresh_usage(self) -> None:
         """Update ``usage`` (KV-cache use, queue lengths) where the back-end must ask for it."""
 

@@ -273,6 +273,11 @@ class LocalBackend(Backend):
         lora = self._base if lora is None else lora
         return vllm_api.lora_request(lora) if lora is not None else None
 
+    def tokens_in_flight(self, run: Run) -> int | None:
+        if self._llm is None:
+            return None
+        return _vllm().tokens_in_flight(self._llm, run.rid_set)
+
     def abort(self, run: Run, pending: list[str]) -> None:
         if self.alive:
             fut = asyncio.run_coroutine_threadsafe(self._llm.abort(pending), self.loop)

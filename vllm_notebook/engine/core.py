@@ -34,6 +34,7 @@ from .generation import Generation
 from .outputs import from_record, merged
 from .pooling import Pooling
 from .requests import (
+    Progress,
     Prompt,
     PromptRejected,
     Run,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _DONE = object()
 _ids = itertools.count()
+PROGRESS_S = 0.2  # how often a batch's progress is told (``Engine.run``'s ``on_progress``)
 
 
 @dataclass
@@ -268,6 +270,7 @@ class Engine(TaskMethods):
         resume: bool | None = None,
         journal_results: bool = True,
         lora: str | Sequence[str | None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> Generation:
         """Submit all prompts at once and wait for them.
 
@@ -283,6 +286,9 @@ class Engine(TaskMethods):
         (greedy ones, or sampled with a seed); None means "for batches".
 
         ``lora``: the name of a LoRA adapter for every prompt, or one name (None: the base model) per prompt.
+
+        ``on_progress(Progress)`` is called in the calling thread about five times a second while the run goes on,
+        with the tokens made so far (also while no output has come back, where the back-end can count them).
         """
         adapters = self.adapters.for_prompts(lora, len(prompts))
         record = self._record(params, adapters)
@@ -300,11 +306,15 @@ class Engine(TaskMethods):
         if book is not None:
             self._journaled(run, book, record, [keys[i] for i in todo], [prompts[i] for i in todo])
         interrupted = False
+        tick = self._progress_ticker(run, len(prompts), restored, on_progress) if on_progress else None
         try:
             with _ctrl_c_flag() as ctrl_c:
-                for j, out in self._events(run, stop_event=_AnyOf(stop_event, ctrl_c), keep_going=len(todo) > 1):
+                for j, out in self._events(run, stop_event=_AnyOf(stop_event, ctrl_c), keep_going=len(todo) > 1,
+                                           tick=tick):
                     if on_output is not None:
                         on_output(todo[j], out)
+            if tick is not None:
+                tick(final=True)
         except (KeyboardInterrupt, _Stopped):
             interrupted = True
             self._stop_run(run)
@@ -317,6 +327,24 @@ class Engine(TaskMethods):
             first = min(run.errors)
             raise RequestError(f"every prompt failed; prompt {first}: {run.errors[first]}")
         return self._merged(run, prompts, todo, restored, record, interrupted)
+
+    def _progress_ticker(self, run: Run, prompts: int, restored: dict[int, Any],
+                         on_progress: Callable[[Progress], None]) -> Callable[..., None]:
+        """A function ``_events`` calls while it waits: ``on_progress`` at most every ``PROGRESS_S``."""
+        base_tokens = sum(len(c.token_ids) for o in restored.values() for c in o.outputs)
+        next_at = 0.0
+
+        def tick(final: bool = False) -> None:
+            nonlocal next_at
+            now = time.monotonic()
+            if now < next_at and not final:
+                return
+            next_at = now + PROGRESS_S
+            done_tokens = base_tokens + run.finished_tokens
+            flying = None if final else self.backend.tokens_in_flight(run)
+            on_progress(Progress(prompts=prompts, done=len(restored) + run.finished, done_tokens=done_tokens,
+                                 tokens=done_tokens + (flying or 0), elapsed=now - run.started))
+        return tick
 
     def _record(self, params: Any, adapters: list) -> dict[str, Any]:
         """The run record of ``params`` on this engine, with the adapters the prompts use."""
@@ -442,7 +470,7 @@ class Engine(TaskMethods):
         return run
 
     def _events(self, run: Run, deadline: float | None = None, stop_event: threading.Event | None = None,
-                keep_going: bool = False) -> Iterator[tuple[int, Any]]:
+                keep_going: bool = False, tick: Callable[[], None] | None = None) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, output)`` until the run ends (or ``deadline``); one-line errors on failure. With
         ``keep_going`` a request's own error (a prompt too long, refused) goes to ``run.errors`` and the others
         go on; an engine's death still raises."""
@@ -453,6 +481,8 @@ class Engine(TaskMethods):
                 timeout = max(0.0, deadline - time.monotonic())
             else:
                 timeout = 0.05 if stop_event is not None else None
+            if tick is not None:
+                tick()
             try:
                 item = run.q.get(timeout=timeout)
             except queue.Empty:
@@ -473,8 +503,11 @@ class Engine(TaskMethods):
             if run.first_token_at is None:
                 run.first_token_at = time.monotonic()
             run.outputs[i] = out = merged(run.outputs[i], out)
-            if run.book is not None and out.finished and not aborted(out):
-                self._journal(run, i, out)
+            if out.finished and not aborted(out):
+                run.finished += 1
+                run.finished_tokens += sum(len(c.token_ids) for c in out.outputs)
+                if run.book is not None:
+                    self._journal(run, i, out)
             yield i, out
 
     def _journal(self, run: Run, i: int, out: Any) -> None:

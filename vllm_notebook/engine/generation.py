@@ -28,6 +28,7 @@ class Generation:
         self.errors: dict[int, str] = dict(errors or {})  # prompts that failed on their own: index -> one line
         self.provenance: dict[str, Any] = {}  # what made it: model, revision, versions, flags, sampling, node, job
         self.format = "auto"  # how it is shown: auto, markdown, text, json (``ui/render.py``)
+        self.written_to: str | None = None  # where the texts went (``%generate --out-col``): shown instead of a table
         n_tokens = sum(len(c.token_ids) for o in self.outputs if o for c in o.outputs)
         reused = set(reused)
         new_tokens = sum(len(c.token_ids) for i, o in enumerate(self.outputs) if o and i not in reused

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ..errors import RequestError, UsageError
@@ -31,6 +32,24 @@ class Run:
     texts: list[str] = field(default_factory=list)  # each request's prompt as text
     run_id: str = ""
     errors: dict[int, str] = field(default_factory=dict)  # a prompt's own error (too long, refused), by index
+    finished: int = 0  # requests that ended with an output
+    finished_tokens: int = 0  # their output tokens
+
+    @cached_property
+    def rid_set(self) -> set[str]:
+        return set(self.rids)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a batch is, about five times a second (``Engine.run``'s ``on_progress``): prompts done of all,
+    output tokens so far (of the finished prompts, and of all including those still running)."""
+
+    prompts: int
+    done: int
+    tokens: int
+    done_tokens: int
+    elapsed: float
 
 
 class PromptRejected(Exception):

@@ -150,6 +150,23 @@ def render_batch(llm: AsyncLLM, prompts: list) -> list | None:
         return None
 
 
+def tokens_in_flight(llm: AsyncLLM, request_ids: set[str]) -> int | None:
+    """Output tokens so far of the unfinished requests ``request_ids`` (the front end's detokenizer counts them
+    even when only final outputs are sent), or None where this vLLM keeps them elsewhere. Read from another thread:
+    the state dict is copied in one C call, and each count is one ``len``."""
+    try:
+        states = list(llm.output_processor.request_states.values())
+        total = 0
+        for state in states:
+            parent = state.parent_req
+            rid = getattr(state, "external_req_id", None) or (parent.request_id if parent else state.request_id)
+            if rid in request_ids:
+                total += state.detokenizer.num_output_tokens()
+        return total
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def default_sampling(llm: AsyncLLM) -> dict[str, Any]:
     """The model's generation-config defaults (what ``LLM.generate`` applies too)."""
     get = getattr(llm.model_config, "get_diff_sampling_param", None)

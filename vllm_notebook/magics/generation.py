@@ -10,7 +10,7 @@ from ..engine import compare, journal
 from ..engine.prompts import interpolate, prompts_from_rows, prompts_from_value, split
 from ..engine.sampling import parse_schema
 from ..errors import UsageError
-from ..ui.display import TextStream
+from ..ui.display import BatchBar, TextStream
 from .args import parse_line, value_of
 from .settings import Topic
 
@@ -114,6 +114,7 @@ class GenerationMagics(Topic):
         gen = self._run(engine, prompts, params, args)
         if cell is None and args.out_col:
             value[args.out_col] = gen.first_texts(missing=None)
+            gen.written_to = f"{args.input}[{args.out_col!r}]"
         return gen
 
     @magic_arguments()
@@ -171,7 +172,7 @@ class GenerationMagics(Topic):
 
         base, flags = self._sampling(args)
         cols = compare.columns(names, args.compare)
-        bar = tqdm(total=len(prompts) * len(cols), desc="comparing", unit="result", leave=False, delay=0.5)
+        bar = tqdm(total=len(prompts) * len(cols), desc="comparing", unit="result", leave=False)
         try:
             result = compare.compare(prompts, names, args.compare, params=base, chat=args.chat, system=args.system,
                                      lora=args.lora,
@@ -217,15 +218,15 @@ class GenerationMagics(Topic):
         if streaming:
             view = TextStream(self.settings.max_updates_per_second)
             on_output = lambda i, out: view.update(out.outputs[0].text)  # noqa: E731
+        elif len(prompts) > 1:
+            bar = BatchBar(engine.name, len(prompts), _max_tokens(params), params_n(params))
+            on_output = None
         else:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(prompts), desc=f"generating ({engine.name})", unit="prompt",
-                       leave=False, delay=0.5, disable=len(prompts) == 1)
-            on_output = lambda i, out: bar.update(1)  # noqa: E731
+            on_output = None
         try:
             gen = engine.run(prompts, params, stream=streaming, on_output=on_output, lora=args.lora,
-                             resume=False if args.fresh else None, journal_results=not args.no_journal)
+                             resume=False if args.fresh else None, journal_results=not args.no_journal,
+                             on_progress=bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -240,6 +241,11 @@ class GenerationMagics(Topic):
         if args.out:
             self.shell.user_ns[args.out] = gen
         return gen
+
+
+def _max_tokens(params) -> int | None:
+    value = params.get("max_tokens") if isinstance(params, dict) else getattr(params, "max_tokens", None)
+    return int(value) if value else None
 
 
 def params_n(params) -> int:

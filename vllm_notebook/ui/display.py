@@ -56,3 +56,35 @@ class TextStream:
         """Hand the output area to the result, which renders its final form there."""
         self._flush()
         _streamed[gen] = self._handle if self._handle is not None else True
+
+
+class BatchBar:
+    """A batch's progress bar (``tqdm.auto``: a widget in a notebook, a text bar in a terminal) in output tokens,
+    with the prompts done beside it, drawn at once and moved about five times a second while tokens flow
+    (``Engine.run``'s ``on_progress``). Its end is an estimate: the tokens of the prompts done plus ``max_tokens``
+    for each prompt still running, so it reaches the end when the last prompt does, early stops or not."""
+
+    def __init__(self, name: str, prompts: int, max_tokens: int | None, n: int = 1):
+        from tqdm.auto import tqdm
+
+        self._each = max_tokens * n if max_tokens else None
+        total = prompts * self._each if self._each else None
+        # delay: a batch that is done in a blink draws nothing (the first tick comes at ``PROGRESS_S``)
+        self.bar = tqdm(total=total, desc=f"generating ({name})", unit=" tok", leave=False, delay=0.1,
+                        dynamic_ncols=True, smoothing=0.3, mininterval=0.1)
+        self.bar.set_postfix_str(f"0/{prompts:,} prompts", refresh=False)
+
+    def __call__(self, p) -> None:
+        bar = self.bar
+        if self._each:
+            total = max(p.done_tokens + (p.prompts - p.done) * self._each, p.tokens, 1)
+            if total != bar.total:
+                bar.total = total
+                widget = getattr(bar, "container", None)
+                if widget is not None:  # tqdm.notebook's bar keeps its own maximum
+                    widget.children[1].max = total
+        bar.set_postfix_str(f"{p.done:,}/{p.prompts:,} prompts", refresh=False)
+        bar.update(p.tokens - bar.n)  # draws (once ``delay`` has passed), at most every ``mininterval``
+
+    def close(self) -> None:
+        self.bar.close()

@@ -11,16 +11,46 @@ from ..tables import html_table
 from .display import streamed_into
 
 _MAX_CELL = 400
+#: A result of more rows shows its first and last ``_EDGE_ROWS`` with a count between them, as pandas does: a
+#: 2,000-row batch is one screen, and a saved notebook stays small. The object keeps every row.
+MAX_ROWS = 20
+_EDGE_ROWS = 5
+
+
+def _bounded(rows: list) -> tuple[list, int]:
+    """``rows``, or its head and tail with ``None`` where the rest would be; and how many rows were left out."""
+    if len(rows) <= MAX_ROWS:
+        return rows, 0
+    return rows[:_EDGE_ROWS] + [None] + rows[-_EDGE_ROWS:], len(rows) - 2 * _EDGE_ROWS
+
+
+def _all_rows_hint(gen, skipped: int) -> str:
+    n = len(gen.to_records()) if skipped else 0
+    return f"{n:,} rows, {skipped:,} not shown: all of them in .to_pandas() or .texts" if skipped else ""
 
 
 def plain(gen) -> str:
     if gen.format == "json":
         return json.dumps(gen.to_records(), indent=2, ensure_ascii=False)
+    if gen.written_to:
+        return written_line(gen)
     if gen.single:
         return f"{gen.text}\n\n[{gen.footer()}]"
-    rows = [f"[{i}] {r['prompt']!r} -> {_shown(r)!r} ({r['tokens']} tokens, {r['finish_reason']})"
-            for i, r in enumerate(gen.to_records())]
-    return "\n".join(rows + [f"[{gen.footer()}]"])
+    numbered, skipped = _bounded(list(enumerate(gen.to_records())))
+    rows = [f"... {skipped:,} more rows ..." if item is None else
+            f"[{item[0]}] {item[1]['prompt']!r} -> {_cut(_shown(item[1]))!r} ({item[1]['tokens']} tokens, "
+            f"{item[1]['finish_reason']})" for item in numbered]
+    hint = _all_rows_hint(gen, skipped)
+    return "\n".join(rows + [f"[{gen.footer()}]"] + ([hint] if hint else []))
+
+
+def written_line(gen) -> str:
+    """What ``%generate --out-col`` shows: where the texts went, not a table of what the DataFrame shows."""
+    return f"{len(gen.prompts):,} texts written to {gen.written_to} · {gen.footer()}"
+
+
+def _cut(text: str, limit: int = _MAX_CELL) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 # Code spans and blocks: Markdown shows them literally, so they are left as written.
@@ -44,8 +74,16 @@ def safe_markdown(text: str) -> str:
     return "".join(parts)
 
 
+_SINGLE_BREAK = re.compile(r"(?<!\n)\n(?!\n)")
+
+
 def markdown(gen) -> str:
-    return f"{safe_markdown(gen.text)}\n\n<sub>{html.escape(gen.footer())}</sub>"
+    """One completion as Markdown that keeps the streamed text's shape: each line break is a hard break (Markdown
+    would join single lines, so poems, lists and addresses would lose theirs), code left as written."""
+    parts = _CODE.split(safe_markdown(gen.text))
+    for i in range(0, len(parts), 2):
+        parts[i] = _SINGLE_BREAK.sub("  \n", parts[i])
+    return f"{''.join(parts)}\n\n<sub>{html.escape(gen.footer())}</sub>"
 
 
 def _shown(record: dict) -> str:
@@ -54,14 +92,19 @@ def _shown(record: dict) -> str:
 
 
 def table_html(gen) -> str:
-    rows = [(i, r["prompt"], _shown(r), r["tokens"], r["finish_reason"]) for i, r in enumerate(gen.to_records())]
+    rows, skipped = _bounded([(i, r["prompt"], _shown(r), r["tokens"], r["finish_reason"])
+                              for i, r in enumerate(gen.to_records())])
+    rows = [("…", f"{skipped:,} more rows", "", "", "") if r is None else r for r in rows]
+    hint = _all_rows_hint(gen, skipped)
     return (html_table(rows, ("#", "prompt", "output", "tokens", "finish"), limit=_MAX_CELL)
-            + f"<p><sub>{html.escape(gen.footer())}</sub></p>")
+            + f"<p><sub>{html.escape(gen.footer())}{'<br>' + html.escape(hint) if hint else ''}</sub></p>")
 
 
 def bundle(gen) -> dict[str, Any]:
     fmt = gen.format
     data: dict[str, Any] = {"text/plain": plain(gen)}
+    if gen.written_to:
+        return data
     if fmt == "json":
         data["application/json"] = gen.to_records()
     elif fmt == "text":
@@ -124,7 +167,9 @@ def show_engine(engine) -> None:
 def comparison_html(cmp) -> str:
     """Prompt per row, one column per engine or setting; model output escaped (``html_table``)."""
     columns = [g.first_texts() for g in cmp.generations.values()]
-    rows = [(i, p, *(col[i] for col in columns)) for i, p in enumerate(cmp.prompts)]
+    rows, skipped = _bounded([(i, p, *(col[i] for col in columns)) for i, p in enumerate(cmp.prompts)])
+    rows = [("…", f"{skipped:,} more rows (all of them: .to_pandas())", *([""] * len(columns))) if r is None else r
+            for r in rows]
     rows.append(("", "", *(cmp.footer(label) for label in cmp.labels)))
     note = "<p><sub>interrupted: the columns hold what was made</sub></p>" if cmp.interrupted else ""
     return html_table(rows, ("#", "prompt", *cmp.labels), limit=_MAX_CELL) + note
