@@ -38,6 +38,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import kernel as kernel_driver  # noqa: E402
 from kernel import Kernel  # noqa: E402 - the same kernel driver the tests use
 
 PROMPTS = ["The capital of France is", "A dog says", "Once upon a time", "The capital of Japan is",
@@ -310,8 +311,13 @@ def main() -> None:
     ap.add_argument("--rows", default="load,batch,stream,panel,concurrency,server",
                     help="which rows, comma-separated")
     ap.add_argument("--json", default="artifacts/kernels.json")
+    ap.add_argument("--kernel-nice", type=int, default=None,
+                    help="the kernels' session nice as they start (default: the tests' 10; 0 leaves them as a "
+                         "user's kernel starts, so ours takes nice 10 itself on vLLM's CPU build)")
     ap.add_argument("flags", nargs="*", help="engine flags, after --")
     a = ap.parse_args()
+    if a.kernel_nice is not None:
+        kernel_driver.YIELD_NICE = a.kernel_nice
     if a.model:
         model = a.model
     else:

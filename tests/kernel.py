@@ -71,7 +71,7 @@ def kernel_manager(kernel_name: str = "python3") -> KernelManager:
 YIELD_NICE = 10
 
 
-def yield_cpu(pid: int, nice: int = YIELD_NICE) -> None:
+def yield_cpu(pid: int, nice: int | None = None) -> None:
     """Lower the scheduler weight of ``pid``'s session (a Linux autogroup: a kernel and the engines it starts, or a
     server in its own session) so that this process, the client, is not starved while they use every core.
 
@@ -82,7 +82,7 @@ def yield_cpu(pid: int, nice: int = YIELD_NICE) -> None:
     that this machine's noise shows. docs/cluster.md's Troubleshooting gives users the same line.
     """
     with contextlib.suppress(OSError):  # no autogroups (kernel built without them, not Linux)
-        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+        Path(f"/proc/{pid}/autogroup").write_text(str(YIELD_NICE if nice is None else nice))
 
 
 class Kernel:

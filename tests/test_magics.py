@@ -101,7 +101,7 @@ BAD = [
     ("%vllm_logs -n 0", UsageError, "positive"),
     ("%vllm_logs --name nope", NoEngineError, "no engine named"),
     ("%vllm_unload --name nope", NoEngineError, "no engine named"),
-    ("%vllm_status extra", UsageError, "no arguments"),
+    ("%vllm_status extra", UsageError, "unrecognized arguments: extra"),
     ("%vllm_load --enforce-eagr", UsageError, "did you mean --enforce-eager"),
     ("%vllm_load /no/such/dir", VllmNotebookError, "no model folder"),
     ("%vllm_load --max-model-len notanumber x", UsageError, "max-model-len"),
@@ -141,7 +141,12 @@ def test_prompt_too_long_is_one_line(cell, ip):
 
 
 def test_status_logs_and_dry_run(cell, demo_path):
-    r, _ = cell("%vllm_status")
+    r, _ = cell("%vllm_status")  # compact: one row per engine that fits 100 characters
+    lines = str(r.result).splitlines()
+    assert lines[0].split() == ["engine", "model", "where", "state", "tok/s", "KV", "use"], lines
+    assert lines[1].startswith("default") and max(map(len, lines[:2])) <= 100, lines
+    assert r.result.to_pandas().loc[0, "max_model_len"] == 512
+    r, _ = cell("%vllm_status --all")
     text = str(r.result)
     assert "engine 'default'" in text and "KV cache tokens" in text
     assert "requests" in text and "plan" in text and "memory: kernel" in text

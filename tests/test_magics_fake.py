@@ -89,7 +89,7 @@ BAD = [
     ("%%generate --split words\nx", UsageError, "invalid choice"),
     ("%%chat\n  \n", UsageError, "message is empty"),
     ("%vllm_unload --name nope", NoEngineError, "no engine named"),
-    ("%vllm_status extra", UsageError, "no arguments"),
+    ("%vllm_status extra", UsageError, "unrecognized arguments: extra"),
     ("%%generate -n 0\nx", UsageError, "-n must be >= 1"),
     ("%%generate\n" + "word " * 80, Exception, "maximum context length"),
 ]

@@ -16,9 +16,9 @@ def _shell(ip):
     """Widgets live in a shell, as in a kernel."""
 
 
-def _panel(prompt: str, **controls) -> PromptPanel:
-    p = PromptPanel()
-    p._prompt.value = prompt
+def _panel(prompt: str, chat: bool = False, **controls) -> PromptPanel:
+    p = PromptPanel(chat=chat)
+    p._box.draft = prompt
     p._temperature.value = controls.pop("temperature", 0.0)
     for name, value in controls.items():
         getattr(p, f"_{name}").value = value
@@ -28,12 +28,14 @@ def _panel(prompt: str, **controls) -> PromptPanel:
 def test_generate_shows_the_exact_completion(engine):
     p = _panel("The capital of France is")
     assert p.status == "idle" and "default" in p._header.value
-    p._generate.click()
+    p.send()
     p.wait(30)
     assert p.text == " Paris." and p.status == "idle" and not p.error
-    assert p._rendered.outputs[0]["data"]["text/markdown"] == " Paris."
-    assert "finish: stop" in p._stats.value and "TTFT" in p._stats.value and "tok/s" in p._stats.value
-    assert not p._generate.disabled and p._stop.disabled
+    last = p._box.messages[-1]
+    assert [m["role"] for m in p._box.messages] == ["user", "assistant"] and p._box.draft == ""  # taken
+    assert last["text"] == " Paris." and last["html"] == "<p>Paris.</p>\n"
+    assert "finish: stop" in last["footer"] and "TTFT" in last["footer"] and "tok/s" in last["footer"]
+    assert not p._box.busy
 
 
 def test_stop_ends_a_long_generation_within_a_second(engine):
@@ -47,8 +49,8 @@ def test_stop_ends_a_long_generation_within_a_second(engine):
 def test_two_panels_generate_at_once_and_cells_still_run(engine, cell):
     a, b = _panel("The capital of France is", max_tokens=200), _panel("A dog says", max_tokens=200)
     a.extra_params = b.extra_params = {"ignore_eos": True}
-    a._generate.click()
-    b._generate.click()
+    a.send()
+    b.send()
     assert a.busy and b.busy
     r, _ = cell("%%generate --temperature 0\nThe capital of Japan is")  # the kernel is free meanwhile
     assert r.result.text == " Tokyo."
@@ -64,7 +66,7 @@ def test_updates_are_throttled(engine):
     p = _panel("Once upon a time", max_tokens=400)
     p.extra_params = {"ignore_eos": True}
     t0 = time.monotonic()
-    p._generate.click()
+    p.send()
     p.wait(60)
     elapsed = time.monotonic() - t0
     assert p.updates <= 20 * elapsed + 2, (p.updates, elapsed)
@@ -72,26 +74,27 @@ def test_updates_are_throttled(engine):
 
 def test_chat_mode_clear_and_save(engine, ip):
     p = _panel("What is the capital of France?", chat=True)
-    p._generate.click()
+    p.send()
     p.wait(30)
     assert p.text == "The capital of France is Paris."
-    p._prompt.value = "What does a dog say?"
-    p._generate.click()
+    p._box.draft = "What does a dog say?"
+    p.send()
     p.wait(30)
     assert p.text == "A dog says woof." and len(p.conversation) == 4
-    shown = p._rendered.outputs[-1]["data"]["text/markdown"]
-    assert "**You:** What is the capital of France?" in shown and "**Assistant:** A dog says woof." in shown
+    shown = [(m["role"], m["text"]) for m in p._box.messages]
+    assert shown == [("user", "What is the capital of France?"), ("assistant", "The capital of France is Paris."),
+                     ("user", "What does a dog say?"), ("assistant", "A dog says woof.")]
     p._var.value = "talk"
     p._save.click()
     assert ip.user_ns["talk"]["conversation"] == p.conversation
     assert ip.user_ns["talk"]["generation"].text == "A dog says woof."
-    p._clear.click()
-    assert p.conversation == [] and p.text == "" and p._rendered.outputs == ()
+    p.clear()
+    assert p.conversation == [] and p.text == "" and p._box.messages == []
 
 
 def test_system_prompt(engine):
     p = _panel("What color is the sky?", system="Answer briefly.")
-    p._generate.click()
+    p.send()
     p.wait(30)
     assert p.text == "The sky is blue."
 
@@ -100,9 +103,9 @@ def test_system_prompt(engine):
 def test_errors_show_as_one_red_line(engine, setup, match):
     p = _panel("The capital of France is")
     show_mistake(p, setup, match, 30)
-    assert "#c62828" in p._error.value
-    p._prompt.value = "The capital of France is"
-    p._generate.click()
+    assert "--jp-error-color0" in p._error.value
+    p._box.draft = "The capital of France is"
+    p.send()
     p.wait(30)
     assert p.text == " Paris." and not p.error and p.status == "idle"
 

@@ -212,7 +212,7 @@ def test_magics_over_server(server, cell):
     _, out = cell("%%generate --name srv --json-schema '{\"type\": \"object\"}' --max-tokens 24\nA JSON object:")
     res, _ = cell("_.text.strip().startswith('{')")
     assert res.result is True
-    _, out = cell("%vllm_status")  # the server's own facts: its dtype and KV cache (once "None" and "0")
+    _, out = cell("%vllm_status --all")  # the server's own facts: its dtype and KV cache (once "None" and "0")
     assert "srv" in out and re.search(r"dtype\s+float32 \(auto\)", out) and not re.search(r"KV cache tokens\s+0\b", out)
     assert re.search(r"KV cache tokens\s+[1-9][\d,]+", out), out
     _, out = cell("%vllm_logs --name srv -n 5")

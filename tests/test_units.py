@@ -756,3 +756,36 @@ def test_an_error_whose_first_line_announces_the_rest_keeps_it():
     bad = ValueError("regex parse error:\n    ([\n     ^\nerror: unclosed character class")
     assert first_line(bad) == "regex parse error: ([ ^ error: unclosed character class"
     assert first_line(ValueError("one line\nand a traceback")) == "one line"
+
+
+@pytest.mark.parametrize("vllm_says,count,we_say", [
+    ("This model's maximum context length is 512 tokens. However, your prompt contains 3,000 characters (more than "
+     "2,044 characters, which is the upper bound for 511 input tokens). Please reduce the length of the input prompt.",
+     None, "the prompt is too long: 3,000 characters, more than 512 tokens (max_model_len) can hold — shorten"),
+    ("This model's maximum context length is 512 tokens. However, your prompt contains 3,000 characters (more)",
+     601, "the prompt has 601 tokens; this engine takes at most 512 (max_model_len), and the reply needs room too"),
+    ("The decoder prompt (length 601) is longer than the maximum model length of 512. Make sure that `max_model_len` "
+     "is no smaller than the number of text tokens.", None, "the prompt has 601 tokens; this engine takes at most 512"),
+    ("This model's maximum context length is 512 tokens. However, you requested 700 tokens (600 in the messages, 100 "
+     "in the completion).", None, "the prompt and the reply need 700 tokens; this engine takes at most 512"),
+])
+def test_a_prompt_too_long_is_told_in_tokens(vllm_says, count, we_say):
+    from vllm_notebook.engine.requests import request_error, too_long
+
+    error = request_error(vllm_says, count)
+    assert str(error).startswith(we_say) and "--max-model-len" in str(error) and "\n" not in str(error), str(error)
+    if count is None and "characters" in vllm_says:  # counted later by the engine, where it has the tokenizer
+        assert str(too_long(error, lambda: 601)).startswith("the prompt has 601 tokens; this engine takes at most 512")
+
+
+def test_doctor_shows_pitfalls_first_with_code_not_backticks():
+    from vllm_notebook.doctor import Report
+
+    r = Report()
+    r.add("software", "python", "3.11")
+    r.problem("the Hub is unreachable", "export `HF_HUB_OFFLINE=1` before <starting>")
+    page = r._repr_html_()
+    assert page.index("pitfalls found: 1") < page.index("<details>") < page.index("python")
+    assert "<code>HF_HUB_OFFLINE=1</code>" in page and "`" not in page and "&lt;starting&gt;" in page
+    assert "var(--jp-error-color0)" in page and "#b00" not in page
+    assert str(r).splitlines()[0] == "pitfalls found: 1"

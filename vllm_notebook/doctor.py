@@ -7,6 +7,7 @@ is broken.
 
 from __future__ import annotations
 
+import html
 import os
 import platform
 import re
@@ -49,32 +50,41 @@ class Report:
         self.problems.append(Problem(what, fix))
 
     def __str__(self) -> str:
+        """Pitfalls first (what to act on), then the facts they came from."""
         width = max((len(k) for _, rows in self.sections for k, _ in rows), default=10)
         out = []
-        for name, rows in self.sections:
-            out.append(name)
-            out += [f"  {k:<{width}}  {v}" for k, v in rows]
         if self.problems:
             out.append(f"pitfalls found: {len(self.problems)}")
             for i, p in enumerate(self.problems, 1):
                 out += [f"  {i}. {p.what}", f"     fix: {p.fix}"]
         else:
             out.append("pitfalls found: none")
+        for name, rows in self.sections:
+            out.append(name)
+            out += [f"  {k:<{width}}  {v}" for k, v in rows]
         return "\n".join(out)
 
     def _repr_pretty_(self, p, cycle) -> None:
         p.text(str(self))
 
     def _repr_html_(self) -> str:
-        import html
-
-        parts = [f"<b>{html.escape(name)}</b>{html_pairs(rows)}" for name, rows in self.sections]
+        """Pitfalls first, each with its fix (commands as code, not literal backticks); the facts folded below.
+        Colours are JupyterLab's theme variables."""
         if self.problems:
-            items = "".join(f"<li>{html.escape(p.what)}<br><b>fix:</b> {html.escape(p.fix)}</li>" for p in self.problems)
-            parts.append(f"<b style='color:#b00'>pitfalls found: {len(self.problems)}</b><ol>{items}</ol>")
+            items = "".join(f"<li>{_code(p.what)}<br><b>fix:</b> {_code(p.fix)}</li>" for p in self.problems)
+            head = (f"<p><b style='color:var(--jp-error-color0)'>pitfalls found: {len(self.problems)}</b></p>"
+                    f"<ol>{items}</ol>")
         else:
-            parts.append("<b style='color:#080'>pitfalls found: none</b>")
-        return "".join(parts)
+            head = "<p><b style='color:var(--jp-success-color0)'>pitfalls found: none</b></p>"
+        names = ", ".join(html.escape(name) for name, _ in self.sections)
+        facts = "".join(f"<p><b>{html.escape(name)}</b></p>{html_pairs(rows)}" for name, rows in self.sections)
+        return f"{head}<details><summary>this environment: {names}</summary>{facts}</details>"
+
+
+def _code(text: str) -> str:
+    """Escaped text with its `backticked` parts as code."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
 def _dist_version(*names: str) -> tuple[str, str] | None:
@@ -161,7 +171,7 @@ def diagnose(in_kernel: bool = False, check_hub: bool = True) -> Report:
     if alloc.source == "slurm":
         left = alloc.time_left()
         r.add("Slurm allocation", "time left", f"{left // 3600}h{left % 3600 // 60:02d}m" if left else "unlimited or ?")
-    elif shutil.which("sinfo"):
+    elif not gpus and _run(["sinfo", "-h", "-o", "%P"], timeout=5):  # a cluster answers, and no GPU is here
         r.problem("not inside a Slurm job: an engine started here runs on this (login) node",
                   "salloc --gpus-per-node=1 --time=2:00:00 then `vllm-notebook jupyter`, or use a JupyterHub "
                   "Slurm spawner, or `vllm-notebook sbatch-template`")

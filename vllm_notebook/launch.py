@@ -65,7 +65,8 @@ def start_new(prep: Prepared, user_flags: list[str], listen: Listen, ray_address
     try:
         rec = process.start(prep.model, flags, target=target, match=record.normalize(user_flags), key=key,
                             host=listen.host or "127.0.0.1", port=listen.port, env=env,
-                            key_file=listen.api_key_file, plan=prep.plan.as_dict(), progress=report)
+                            key_file=listen.api_key_file, plan=prep.plan.as_dict(), progress=report,
+                            share_cores=prep.cpu_build)
     except KeyboardInterrupt:
         raise VllmNotebookError("load interrupted; the half-started server was stopped") from None
     except VllmNotebookError:

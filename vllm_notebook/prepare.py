@@ -41,6 +41,7 @@ class Prepared:
     hub_id: str | None  # the Hub id when the model comes from the Hugging Face cache
     env: dict[str, str] = field(default_factory=dict)  # for the engine processes
     key: tuple = ()
+    cpu_build: bool = False  # vLLM's CPU build: its engine keeps every core busy (``procs.share_cores``)
 
     def dry_run(self, server_command: list[str] | None = None) -> LoadPlan:
         shown = {k: getattr(self.args, k) for k in sorted(self.explicit - {"model"}) if hasattr(self.args, k)}
@@ -62,7 +63,8 @@ def prepare(name: str, args: Any, path: str, explicit: set[str], *, gpu_count: i
     env = dict(HUB_OFFLINE) if hub_id else {}
     if cpu_build and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         env["VLLM_CPU_KVCACHE_SPACE"] = "4"  # vLLM's CPU build would take half the node's RAM
-    return Prepared(name=name, model=model, path=path, args=args, explicit=set(explicit), allocation=alloc,
+    return Prepared(cpu_build=cpu_build, name=name, model=model, path=path, args=args, explicit=set(explicit),
+                    allocation=alloc,
                     plan=plan, hub_id=hub_id, env=env, key=engine_key(args))
 
 

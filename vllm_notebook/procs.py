@@ -36,6 +36,7 @@ import threading
 import time
 
 import psutil
+from pathlib import Path
 
 _lock = threading.Lock()
 _keep: list[subprocess.Popen] = []  # never garbage-collected, so subprocess never reaps them
@@ -275,3 +276,54 @@ def free_port(host: str = "127.0.0.1", *, start: int | None = None, span: int = 
     where = f"from {start} ({tries} tried)" if start is not None else f"in {scan[0]}-{scan[1]}"
     raise OSError(f"no {span} free port(s) on {host} {where}")
 
+
+# ------------------------------------------------------------------ sharing the cores with the notebook server
+#: The autogroup nice a session takes while a CPU engine of it runs (``share_cores``); 0 turns that off.
+CPU_NICE_ENV = "VLLM_NOTEBOOK_CPU_NICE"
+_sharing = 0
+_nice_before: int | None = None
+
+
+def _autogroup_nice(pid: int | str) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().rsplit("nice", 1)[1])
+    except (OSError, ValueError, IndexError):  # not Linux, or a kernel without autogroups
+        return None
+
+
+def share_cores(pid: int | str = "self") -> int | None:
+    """Lower the scheduler weight of ``pid``'s session (a Linux autogroup: a kernel and the engines it starts, or a
+    server started in its own session) to nice ``$VLLM_NOTEBOOK_CPU_NICE`` (10 unless set), while a CPU engine runs
+    in a Jupyter kernel (a script has no notebook server to make room for, and is left alone).
+
+    vLLM's CPU engine keeps every core busy while it generates, and Linux then holds back processes of other
+    sessions for seconds, such as the Jupyter server that relays streamed text and the Stop button (measured on
+    2 cores: updates in bursts 2.7 s apart, Stop acting after the run had ended). At nice 10 the engine still gets
+    every core no one else wants, so its throughput is unchanged (``docs/performance.md``), and the server gets
+    the moment it needs. Only raises the nice (lowering it needs privileges); returns the value it had."""
+    try:
+        nice = int(os.environ.get(CPU_NICE_ENV, "10"))
+    except ValueError:
+        nice = 10
+    before = _autogroup_nice(pid)
+    if before is None or nice <= 0 or before >= nice:
+        return before
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    return before
+
+
+def share_cores_while(started: bool) -> None:
+    """Count this process's CPU engines: the first one lowers the session's weight (``share_cores``), the last
+    one to stop gives it back."""
+    global _sharing, _nice_before
+    with _lock:
+        if started:
+            _sharing += 1
+            if _sharing == 1:
+                _nice_before = share_cores()
+        elif _sharing > 0:
+            _sharing -= 1
+            if _sharing == 0 and _nice_before is not None and _autogroup_nice("self") != _nice_before:
+                with contextlib.suppress(OSError):  # lowering it back works where we raised it
+                    Path("/proc/self/autogroup").write_text(str(_nice_before))

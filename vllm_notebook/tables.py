@@ -9,16 +9,22 @@ import html
 from collections.abc import Iterable, Sequence
 
 
+MAX_LINES = 6  # a cut cell's most lines: a row of a result table stays a few lines tall
+
+
 def cell(value, limit: int | None = None) -> str:
-    """One escaped HTML cell (newlines kept as line breaks, long text cut at ``limit``)."""
+    """One escaped HTML cell (newlines kept as line breaks; long text cut at ``limit`` characters and
+    ``MAX_LINES`` lines)."""
     text = str(value)
     if limit is not None and len(text) > limit:
         text = text[:limit] + "…"
+    if limit is not None and text.count("\n") >= MAX_LINES:
+        text = "\n".join(text.split("\n")[:MAX_LINES]) + " …"
     return html.escape(text).replace("\n", "<br>")
 
 
 def html_table(rows: Iterable[Sequence], header: Sequence[str] = (), limit: int | None = None) -> str:
-    head = "<tr>" + "".join(f"<th>{cell(h)}</th>" for h in header) + "</tr>" if header else ""
+    head = "<tr>" + "".join(f"<th style='text-align:left'>{cell(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{cell(v, limit)}</td>" for v in r) + "</tr>"
                    for r in rows)
     return f"<table>{head}{body}</table>"

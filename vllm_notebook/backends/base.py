@@ -99,6 +99,11 @@ class Backend(abc.ABC):
         """The display's heading, after the engine's name."""
         return "vLLM engine"
 
+    def place(self) -> str:
+        """Where the engine runs, in a word or two, for ``%vllm_status``'s compact table (e.g. ``kernel``,
+        ``server :8123``, ``job 42``)."""
+        return self.kind
+
     # ---------------------------------------------------------------- start
     @abc.abstractmethod
     def start(self, progress: Callable[[str, float], None] | None = None) -> None:

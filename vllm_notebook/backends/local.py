@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import logs, private, procs
+from ..progress import in_kernel
 from ..engine.lora import BASE_ID, BASE_NAME, PROMPT_LOGPROBS_ON_CPU, Adapter, Adapters, zero_adapter
 from ..engine.pooling import Pooled, Pooling
 from ..engine.requests import (
@@ -68,6 +69,7 @@ class LocalBackend(Backend):
         self._groups: list[int] = []
         self._base = None  # the all-zero adapter base-model requests use on vLLM's CPU build (lora.BASE_NAME)
         self.tmp: Path | None = None  # the engine's private folder: its sockets and rendezvous files
+        self._sharing_cores = False
         self._started_at = time.time()
         self._closed = False
 
@@ -104,6 +106,9 @@ class LocalBackend(Backend):
             raise EngineStartError(f"engine failed to start: {msg}  (full log: {self.log_path})") from None
         self.load_seconds = time.monotonic() - t0
         self._groups = [g for g in procs.started_groups() if g not in groups_before]
+        if _vllm().is_cpu_build() and in_kernel():  # it keeps every core busy: the Jupyter server gets its moments
+            self._sharing_cores = True
+            procs.share_cores_while(True)
 
     async def _create(self) -> None:
         self.tmp = private.engine_dir("kernel", self.name)
@@ -132,6 +137,9 @@ class LocalBackend(Backend):
 
     def sampling_record(self, params: Any) -> dict[str, Any]:
         return as_dict(params)
+
+    def place(self) -> str:
+        return "kernel"
 
     def where(self) -> dict[str, Any]:
         return {"node": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID")}
@@ -353,6 +361,9 @@ class LocalBackend(Backend):
     def stop(self) -> str:
         """Stop the engine's processes (what vLLM's shutdown left) and release their memory."""
         self._closed = True
+        if self._sharing_cores:
+            self._sharing_cores = False
+            procs.share_cores_while(False)
         self._llm = self._tokenizer = None
         for pgid in self._groups:  # anything vLLM's shutdown left behind
             procs.stop_group(pgid)

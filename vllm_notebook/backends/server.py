@@ -175,6 +175,10 @@ class ServerBackend(Backend):
     def sampling_record(self, params: Any) -> dict[str, Any]:
         return fields_record(params)
 
+    def place(self) -> str:
+        port = self.url.rstrip("/").rsplit(":", 1)[-1].split("/")[0] if self.url else "?"
+        return f"server :{port}"
+
     def where(self) -> dict[str, Any]:
         if self.record is None:
             return {"node": None, "job": None, "url": self.url}

@@ -253,6 +253,9 @@ class SlurmBackend(Backend):
         return self.server.identity() if self.server is not None else {"model": self.model, "path": "",
                                                                        "revision": None, "flags": {}}
 
+    def place(self) -> str:
+        return f"job {self._job_id or self.progress.job_id or '?'}"
+
     def where(self) -> dict[str, Any]:
         return self.server.where() if self.server is not None else {"node": None, "job": self.progress.job_id}
 

@@ -43,6 +43,7 @@ from .requests import (
     engine_prompt,
     first_line,
     prompt_text,
+    too_long,
 )
 from .sleep import SleepReport
 from .tasks import TaskMethods
@@ -62,6 +63,7 @@ class Stats:
     output_tokens: int = 0
     aborted: int = 0
     running: int = 0
+    last_tokens_per_s: float | None = None  # output tokens per second of the last run that made any
 
 
 class Engine(TaskMethods):
@@ -463,6 +465,7 @@ class Engine(TaskMethods):
         run = Run(rids=[f"{self.name}-{next(_ids)}" for _ in items], outputs=[None] * len(items),
                   loras=list(loras) if loras else [None] * len(items))
         run.params = params
+        run.texts = [prompt_text(p) if isinstance(p, str) else "" for p in prompts]
         with self._lock:
             self.stats.running += len(items)
         run.started = time.monotonic()
@@ -496,6 +499,8 @@ class Engine(TaskMethods):
             if isinstance(out, BaseException):
                 rejected = isinstance(out, PromptRejected)
                 error = self.backend.translate(out.error if rejected else out)
+                if run.texts and i < len(run.texts):  # vLLM counts characters first: told in tokens
+                    error = too_long(error, lambda: len(self.token_ids(run.texts[i] or _no_text())))
                 if not (keep_going and rejected and isinstance(error, RequestError)):
                     raise error from None
                 run.errors[i] = str(error)  # this prompt's alone: the others go on (run() raises if all fail)
@@ -557,10 +562,15 @@ class Engine(TaskMethods):
             self.stats.running -= len(run.rids)
             self.stats.requests += len(run.rids)
             self.stats.aborted += aborted_requests
+            made = 0
             for o in run.outputs:
                 if o is not None:
                     self.stats.prompt_tokens += len(o.prompt_token_ids or [])
-                    self.stats.output_tokens += sum(len(c.token_ids) for c in o.outputs)
+                    made += sum(len(c.token_ids) for c in o.outputs)
+            self.stats.output_tokens += made
+            elapsed = time.monotonic() - run.started
+            if made and elapsed > 0:
+                self.stats.last_tokens_per_s = made / elapsed
 
     async def _drive(self, items, params, run: Run) -> None:
         """Run every request of ``run`` concurrently; outputs and errors go to ``run.q``, then ``_DONE``."""
@@ -678,6 +688,10 @@ def _ctrl_c_flag() -> Iterator[threading.Event]:
     finally:
         signal.signal(signal.SIGINT, previous)
 
+
+
+def _no_text() -> str:
+    raise ValueError("not a text prompt")
 
 
 def _not_journaled(run: Run, exc: BaseException) -> None:

@@ -113,18 +113,21 @@ class Generation:
     def footer(self) -> str:
         m = self.metrics
         parts = [f"{m['output_tokens']} tokens"]
-        if m["ttft_s"] is not None and m["prompts"] == 1:
-            parts.append(f"TTFT {m['ttft_s'] * 1000:.0f} ms")
-        parts.append(f"{m['tokens_per_s']:.1f} tok/s")
-        parts.append(f"{m['elapsed_s']:.2f} s")
+        if self.reused and self.reused == m["prompts"]:  # nothing ran: no speed to tell (not "0.0 tok/s")
+            parts.append(f"all {self.reused:,} from the journal, none generated")
+        else:
+            if m["ttft_s"] is not None and m["prompts"] == 1:
+                parts.append(f"TTFT {m['ttft_s'] * 1000:.0f} ms")
+            parts.append(f"{m['tokens_per_s']:.1f} tok/s")
+            parts.append(f"{m['elapsed_s']:.2f} s")
         parts.append(f"finish: {reasons_text(m['finish_reasons'])}")
-        if self.reused:
+        if self.reused and self.reused != m["prompts"]:
             parts.append(f"{self.reused:,} of {m['prompts']:,} from the journal")
         if self.errors:
             first = min(self.errors)
             parts.append(f"{len(self.errors)} prompt(s) failed (.errors), e.g. prompt {first}: {self.errors[first]}")
         if self.interrupted:
-            parts.append(f"interrupted: {self.aborted} request(s) aborted")
+            parts.append(f"interrupted: aborted {self.aborted} request(s), the text so far is kept")
         return " · ".join(parts)
 
     @property

@@ -5,6 +5,8 @@ engine's form and errors into one line."""
 from __future__ import annotations
 
 import queue
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -117,8 +119,52 @@ def first_line(exc: BaseException) -> str:
     return lines[0]
 
 
-def request_error(msg: str) -> RequestError:
-    """A rejected request, with what to do when the prompt is too long."""
+_TOO_LONG = [  # vLLM's ways of saying a prompt is too long: (pattern, the limit's group, the prompt's, its unit)
+    (re.compile(r"maximum context length is ([\d,]+) tokens\. However, your prompt contains ([\d,]+) characters"),
+     "characters"),
+    (re.compile(r"prompt \(length ([\d,]+)\) (?:plus the number of requested output tokens \(at least 1\) )?is longer "
+                r"than the maximum model length of ([\d,]+)"), "tokens"),
+    (re.compile(r"maximum context length is ([\d,]+) tokens\. However, you requested ([\d,]+) tokens"), "requested"),
+]
+_FIX = "shorten the prompt, or load with a larger --max-model-len"
+
+
+def request_error(msg: str, prompt_tokens: int | None = None) -> RequestError:
+    """A rejected request in one line. A prompt too long is told in tokens (``prompt_tokens``, where the caller
+    could count them; vLLM's front end counts characters first), with the engine's limit and what to do."""
+    for pattern, unit in _TOO_LONG:
+        m = pattern.search(msg)
+        if m is None:
+            continue
+        a, b = (int(g.replace(",", "")) for g in m.groups())
+        if unit == "tokens":
+            has, limit = a, b
+        else:
+            limit, has = a, b
+        if prompt_tokens is not None:
+            return RequestError(f"the prompt has {prompt_tokens:,} tokens; this engine takes at most {limit:,} "
+                                f"(max_model_len), and the reply needs room too — {_FIX}")
+        if unit == "characters":
+            return RequestError(f"the prompt is too long: {has:,} characters, more than {limit:,} tokens "
+                                f"(max_model_len) can hold — {_FIX}")
+        if unit == "requested":
+            return RequestError(f"the prompt and the reply need {has:,} tokens; this engine takes at most {limit:,} "
+                                f"(max_model_len) — {_FIX}, or ask for fewer --max-tokens")
+        return RequestError(f"the prompt has {has:,} tokens; this engine takes at most {limit:,} (max_model_len), "
+                            f"and the reply needs room too — {_FIX}")
     if "maximum context length" in msg or "maximum model length" in msg:
-        msg += " — shorten the prompt, or load with a larger --max-model-len"
+        msg += f" — {_FIX}"
     return RequestError(msg)
+
+
+def too_long(error: BaseException, count: Callable[[], int]) -> BaseException:
+    """``error`` told in tokens (``count()``: the prompt's) when it says the prompt is too long in characters."""
+    if not isinstance(error, RequestError) or "characters, more than" not in str(error):
+        return error
+    try:
+        n = count()
+    except Exception:  # noqa: BLE001 - no tokenizer here: the characters' line stands
+        return error
+    limit = re.search(r"more than ([\d,]+) tokens", str(error))
+    return RequestError(f"the prompt has {n:,} tokens; this engine takes at most {limit.group(1) if limit else '?'} "
+                        f"(max_model_len), and the reply needs room too — {_FIX}")

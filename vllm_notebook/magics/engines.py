@@ -88,13 +88,16 @@ class EngineMagics(Topic):
         args = parse_line(self.vllm_wake, line, self.shell.user_ns)
         print(self._engine(args.name).wake())
 
+    @magic_arguments()
+    @argument("--all", action="store_true", help="every field (parallel sizes, dtype, LoRA, requests, tokens, "
+              "plan, log), not only the compact table")
     @no_var_expand
     @line_magic
     def vllm_status(self, line: str):
-        """Loaded engines: model, parallel sizes, devices, KV cache, requests, tokens, memory."""
-        if line.strip():
-            raise UsageError("%vllm_status takes no arguments")
-        return Status.collect()
+        """Loaded engines, one compact row each: model, where, state, tokens/s, KV-cache use (--all: every field;
+        .to_pandas() on the result gives them as a DataFrame)."""
+        args = parse_line(self.vllm_status, line, self.shell.user_ns)
+        return Status.collect(all=args.all)
 
     @magic_arguments()
     @argument("-n", type=int, default=40, help="lines to show (default 40)")

@@ -236,8 +236,6 @@ class GenerationMagics(Topic):
         if gen.reused:
             print(f"{gen.reused:,} of {len(prompts):,} from the journal ({journal.default_path().name}); "
                   "--fresh generates them again")
-        if gen.interrupted:
-            print(f"interrupted: aborted {gen.aborted} request(s); the partial text is in the result (_)")
         if args.out:
             self.shell.user_ns[args.out] = gen
         return gen

@@ -58,11 +58,13 @@ def command(model: str, argv: list[str], host: str, port: int | str) -> list[str
 
 def start(model: str, argv: list[str], *, target: str | None = None, match: list[str] | None = None, key: list | None = None, host: str = "127.0.0.1",
           port: int | None = None, env: dict[str, str] | None = None, key_file: str | None = None,
-          plan: dict | None = None, progress: Callable[[str, float], None] | None = None) -> ServerRecord:
+          plan: dict | None = None, progress: Callable[[str, float], None] | None = None,
+          share_cores: bool = False) -> ServerRecord:
     """Start a server for ``model`` with ``argv`` (``vllm serve`` flags) and wait until it answers.
 
     ``target`` is what the server loads (a cached snapshot folder of the Hub id ``model``);
     ``match`` is what a later ``find`` compares flags with (the user's flags, before the plan's).
+    ``share_cores``: a CPU engine's server session yields the cores to others (``procs.share_cores``).
     """
     port = _port(host, port)
     rec_id = f"{socket.gethostname()}-{port}-{secrets.token_hex(3)}"
@@ -88,6 +90,8 @@ def start(model: str, argv: list[str], *, target: str | None = None, match: list
         proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=os.getcwd(), umask=private.UMASK)
     rec.pid = proc.pid
+    if share_cores:
+        procs.share_cores(proc.pid)
     try:
         record.update(rec)  # nothing runs unregistered: if this fails (or Ctrl-C comes), the server goes
     except BaseException:

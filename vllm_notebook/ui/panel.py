@@ -1,10 +1,9 @@
-"""``PromptPanel``: an ipywidgets GUI over a loaded engine.
+"""``PromptPanel``: a chat over a loaded engine, in ipywidgets (and one anywidget, the conversation: ``chatbox.py``).
 
-Standard widgets only, so it works in JupyterLab 4, Notebook 7 and VS Code.
-Generation runs in a background thread: the kernel stays free for cells, and two
-panels (or a panel and a ``%%generate`` cell) generate at the same time and are
-batched by vLLM. The thread only sets widget values and appends to an Output
-widget; it never uses ``with output:``.
+Works in JupyterLab 4 and Notebook 7 (and wherever anywidget does). Generation runs in a background thread: the
+kernel stays free for cells, and two panels (or a panel and a ``%%generate`` cell) generate at the same time and
+are batched by vLLM. The thread only sets widget values; it never uses ``with output:``. Every colour is one of
+JupyterLab's theme variables (``--jp-*``), so light and dark themes both read well.
 """
 
 from __future__ import annotations
@@ -17,17 +16,25 @@ import ipywidgets as widgets
 
 from ..engine.registry import engines, get_engine
 from ..errors import VllmNotebookError
-from . import render
+from .chatbox import ChatBox, safe_html
 
-_STATUS = {"idle": "#2e7d32", "generating": "#1565c0", "error": "#c62828"}
+#: The status dot's colour per state: theme variables (their contrast holds in light and dark themes).
+_STATUS = {"idle": "var(--jp-success-color0)", "generating": "var(--jp-brand-color0)",
+           "error": "var(--jp-error-color0)", "no engine": "var(--jp-warn-color0)"}
+_WIDE = {"description_width": "initial"}  # a control's label at its own width: never cut ("Temperat…")
 
 
 class PromptPanel(widgets.VBox):
-    """Prompt, sampling controls, Generate / Stop / Clear / Save, streamed output and stats."""
+    """A chat: the conversation with Copy buttons, an input at the bottom (Enter sends, Shift+Enter: new line;
+    Stop keeps the text so far), settings (system prompt, sampling) folded away, Clear and Save below.
+
+    Chat mode (the default where the model has a chat template) sends the conversation through the template;
+    without it each message is a plain prompt completed on its own, and the panel still lists them."""
 
     def __init__(self, engine=None, *, temperature: float = 0.7, max_tokens: int = 256,
-                 max_updates_per_second: float = 20.0, **sampling):
-        """``sampling``: other sampling parameters without a control (e.g. ``ignore_eos=True``)."""
+                 max_updates_per_second: float = 20.0, chat: bool | None = None, **sampling):
+        """``sampling``: other sampling parameters without a control (e.g. ``ignore_eos=True``); ``chat``: keep
+        the conversation and apply the chat template (None: where the model has one)."""
         self._engine_name = getattr(engine, "name", engine)
         self._interval = 1.0 / max_updates_per_second
         self._stop_event = threading.Event()
@@ -37,38 +44,45 @@ class PromptPanel(widgets.VBox):
         self.extra_params: dict = dict(sampling)  # sampling parameters without a control
         self.updates = 0
 
-        self._picker = widgets.Dropdown(description="Engine", layout=widgets.Layout(width="260px"))
+        self._picker = widgets.Dropdown(description="Engine", style=_WIDE, layout=widgets.Layout(width="auto"))
         self._header = widgets.HTML()
-        self._system = widgets.Textarea(placeholder="System prompt (optional)", rows=1,
+        self._box = ChatBox()
+        self._system = widgets.Textarea(placeholder="System prompt (optional)", rows=2,
                                         layout=widgets.Layout(width="100%"))
-        self._prompt = widgets.Textarea(placeholder="Prompt", rows=4, layout=widgets.Layout(width="100%"))
-        self._chat = widgets.Checkbox(description="Chat mode (keep the conversation)", value=False, indent=False)
-        self._temperature = widgets.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05, description="Temperature")
-        self._top_p = widgets.FloatSlider(value=1.0, min=0.01, max=1.0, step=0.01, description="Top-p")
-        self._max_tokens = widgets.BoundedIntText(value=max_tokens, min=1, max=1_000_000, description="Max tokens")
-        self._seed = widgets.Text(placeholder="random", description="Seed")
-        self._stop_strings = widgets.Text(placeholder="comma-separated", description="Stop at")
-        self._generate = widgets.Button(description="Generate", button_style="primary", icon="play")
-        self._stop = widgets.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
-        self._clear = widgets.Button(description="Clear", icon="eraser")
+        self._chat = widgets.Checkbox(description="Chat mode: keep the conversation, use the chat template",
+                                      value=bool(chat), indent=False, layout=widgets.Layout(width="auto"))
+        self._chat_given = chat is not None
+        self._temperature = widgets.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05,
+                                                description="Temperature", style=_WIDE)
+        self._top_p = widgets.FloatSlider(value=1.0, min=0.01, max=1.0, step=0.01, description="Top-p", style=_WIDE)
+        self._max_tokens = widgets.BoundedIntText(value=max_tokens, min=1, max=1_000_000, description="Max tokens",
+                                                  style=_WIDE, layout=widgets.Layout(width="200px"))
+        self._seed = widgets.Text(placeholder="random", description="Seed", style=_WIDE,
+                                  layout=widgets.Layout(width="200px"))
+        self._stop_strings = widgets.Text(placeholder="comma-separated", description="Stop at", style=_WIDE,
+                                          layout=widgets.Layout(width="260px"))
+        self._clear = widgets.Button(description="Clear", icon="eraser", tooltip="Forget the conversation")
         self._var = widgets.Text(placeholder="variable name", layout=widgets.Layout(width="160px"))
-        self._save = widgets.Button(description="Save to variable", icon="save")
-        self._stream = widgets.HTML()
-        self._rendered = widgets.Output()
+        self._save = widgets.Button(description="Save to variable", icon="save", layout=widgets.Layout(width="auto"),
+                                    tooltip="The conversation and the last Generation, as a variable of the kernel")
         self._stats = widgets.HTML()
         self._error = widgets.HTML()
 
-        self._generate.on_click(self._on_generate_click)
-        self._stop.on_click(self._on_stop_click)
-        self._clear.on_click(self._on_clear_click)
-        self._save.on_click(self._on_save_click)
+        self._box.on_msg(self._on_box_message)
+        self._clear.on_click(lambda _: self.clear())
+        self._save.on_click(lambda _: self.save(self._var.value))
         self._picker.observe(self._on_pick, names="value")
-        sampling = widgets.HBox([widgets.VBox([self._temperature, self._top_p]),
-                                 widgets.VBox([self._max_tokens, self._seed, self._stop_strings])])
-        buttons = widgets.HBox([self._generate, self._stop, self._clear, self._var, self._save])
-        super().__init__(children=[widgets.HBox([self._picker, self._header]), self._system, self._prompt,
-                                   self._chat, sampling, buttons, self._error, self._stream, self._rendered,
-                                   self._stats])
+        settings = widgets.VBox([
+            self._system, self._chat,
+            widgets.HBox([self._temperature, self._top_p], layout=widgets.Layout(flex_flow="row wrap")),
+            widgets.HBox([self._max_tokens, self._seed, self._stop_strings],
+                         layout=widgets.Layout(flex_flow="row wrap"))])
+        self._settings = widgets.Accordion(children=[settings], selected_index=None)
+        self._settings.set_title(0, "Settings: system prompt, sampling")
+        below = widgets.HBox([self._clear, self._var, self._save], layout=widgets.Layout(flex_flow="row wrap"))
+        super().__init__(children=[widgets.HBox([self._picker, self._header]), self._settings, self._box,
+                                   self._error, self._stats, below],
+                         layout=widgets.Layout(width="100%", max_width="980px"))
         self.add_class("vllm-notebook-panel")
         self._refresh_engines()
         self._set_status("idle")
@@ -97,14 +111,15 @@ class PromptPanel(widgets.VBox):
         if self._thread is not None:
             self._thread.join(timeout)
 
-    # ------------------------------------------------------------ handlers
-    def _on_generate_click(self, _=None) -> None:
+    # ------------------------------------------------------------ actions (the browser's, or a script's)
+    def send(self, text: str | None = None) -> None:
+        """Send ``text`` (default: what is typed in the input), as Enter or Send does; the reply streams in."""
         if self.busy:
             return
         self._error.value = ""
-        prompt = self._prompt.value.strip()
+        prompt = (self._box.draft if text is None else text).strip()
         if not prompt:
-            self._fail("write a prompt first")
+            self._fail("write a message first")
             return
         try:
             engine = self._engine()
@@ -112,30 +127,39 @@ class PromptPanel(widgets.VBox):
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never a traceback
             self._fail(_one_line(exc))
             return
-        self._generate.disabled, self._stop.disabled = True, False
         self._stop_event.clear()
+        self._text = ""
+        with self._box.hold_sync():
+            self._box.draft = ""  # taken: the input is free for the next message
+            self._box.messages = [*self._box.messages, {"role": "user", "html": safe_html(prompt), "text": prompt}]
+            self._box.live = ""
+            self._box.busy = True
         self._set_status("generating")
         self._thread = threading.Thread(target=self._run, args=(engine, prompt, params), daemon=True,
                                         name="vllm-notebook-panel")
         self._thread.start()
 
-    def _on_stop_click(self, _=None) -> None:
+    def stop(self) -> None:
+        """Stop the reply being made (as the Stop button does); the text so far is kept."""
         self._stop_event.set()
 
-    def _on_clear_click(self, _=None) -> None:
+    def clear(self) -> None:
+        """Forget the conversation (a reply being made is stopped first)."""
         if self.busy:
             self._stop_event.set()
             self.wait(5)
         self.conversation = []
         self._text = ""
-        self._stream.value = ""
-        self._rendered.outputs = ()
+        with self._box.hold_sync():
+            self._box.messages = []
+            self._box.live = ""
+            self._box.draft = ""
         self._stats.value = ""
         self._error.value = ""
-        self._prompt.value = ""
 
-    def _on_save_click(self, _=None) -> None:
-        name = self._var.value.strip()
+    def save(self, name: str) -> None:
+        """Put the conversation and the last Generation in the kernel's variable ``name``."""
+        name = name.strip()
         if not name.isidentifier():
             self._fail(f"{name!r} is not a valid variable name" if name else "type a variable name first")
             return
@@ -149,6 +173,13 @@ class PromptPanel(widgets.VBox):
         self._error.value = ""
         self._stats.value = _small(f"saved to <code>{html.escape(name)}</code> (conversation and last Generation)")
 
+    def _on_box_message(self, _widget, content, _buffers) -> None:
+        event = content.get("event") if isinstance(content, dict) else None
+        if event == "send":
+            self.send(str(content.get("text", "")))
+        elif event == "stop":
+            self.stop()
+
     def _on_pick(self, change) -> None:
         if change["new"]:
             self._engine_name = change["new"]
@@ -158,9 +189,6 @@ class PromptPanel(widgets.VBox):
     def _run(self, engine, prompt: str, params) -> None:
         messages = self._messages(prompt)
         shown = [0.0]
-        self._text = ""
-        self._stream.value = ""
-        self._rendered.outputs = ()
 
         def on_output(i, out):
             self._text = out.outputs[0].text
@@ -174,35 +202,36 @@ class PromptPanel(widgets.VBox):
             gen = engine.run([prompt_in], params, stream=True, on_output=on_output, stop_event=self._stop_event)
             self.last_generation = gen
             self._text = gen.text
-            if messages:
+            if self._chat.value:
                 self.conversation = messages + [{"role": "assistant", "content": gen.text}]
-            self._stream.value = ""
-            self._render(gen)
-            self._stats.value = _small(html.escape(gen.footer()))
+            else:
+                self.conversation = [*self.conversation, {"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": gen.text}]
+            self._reply(gen.text, gen.footer())
+            self._stats.value = ""
             self._set_status("idle")
         except Exception as exc:  # noqa: BLE001 - one red line in the panel, never a traceback
-            self._show_stream()
+            if self._text:
+                self._reply(self._text, "")
+            else:
+                self._box.busy = False
             self._fail(_one_line(exc))
-        finally:
-            self._generate.disabled, self._stop.disabled = False, True
 
     def _show_stream(self) -> None:
         self.updates += 1
-        self._stream.value = ("<div style='white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace)'>"
-                              f"{html.escape(self._text)}</div>")
+        self._box.live = self._text
 
-    def _render(self, gen) -> None:
-        """Show the result (or the whole conversation) as Markdown, with a plain-text fallback."""
-        if self._chat.value:
-            text = "\n\n".join(f"**{'You' if m['role'] == 'user' else 'Assistant'}:** {m['content']}"
-                                for m in self.conversation if m["role"] != "system")
-        else:
-            text = gen.text
-        self._rendered.outputs = ({"output_type": "display_data", "metadata": {},
-                                   "data": {"text/markdown": render.safe_markdown(text), "text/plain": text}},)
+    def _reply(self, text: str, footer: str) -> None:
+        """The finished reply in the conversation: Markdown made safe, line breaks kept, its figures below it."""
+        with self._box.hold_sync():
+            self._box.messages = [*self._box.messages,
+                                  {"role": "assistant", "html": safe_html(text), "text": text, "footer": footer}]
+            self._box.live = ""
+            self._box.busy = False
 
     # ------------------------------------------------------------ helpers
     def _messages(self, prompt: str) -> list[dict] | None:
+        """The chat messages to send (None: ``prompt`` goes as a plain prompt)."""
         system = self._system.value.strip()
         if not self._chat.value and not system:
             return None
@@ -231,23 +260,32 @@ class PromptPanel(widgets.VBox):
         if self._engine_name in names:
             self._picker.value = self._engine_name
         self._picker.layout.display = "" if len(names) > 1 else "none"
+        eng = engines().get(self._engine_name) if self._engine_name else None
+        if eng is not None and not self._chat_given:  # chat mode where the model has a chat template
+            self._chat.value = _has_chat_template(eng)
+            self._chat_given = True
 
     def _set_status(self, status: str) -> None:
         self._status = status
         eng = engines().get(self._engine_name) if self._engine_name else None
         if eng is None:
-            what = "no engine loaded — run %vllm_load MODEL"
+            what, shown = "no engine: run <code>%vllm_load MODEL</code> first", "no engine"
         else:
             f = eng.facts
             what = (f"<b>{html.escape(eng.name)}</b>: {html.escape(eng.model)} · TP {f.get('tensor_parallel_size')}"
                     f" / PP {f.get('pipeline_parallel_size')}")
-        self._header.value = (f"<span>{what}</span> &nbsp; <span style='color:{_STATUS[status]}'>● {status}</span>")
+            shown = status
+        self._box.ready = eng is not None
+        self._box.hint = ("No engine yet: run %vllm_load MODEL in a cell, then write here." if eng is None
+                          else "Write a message below: Enter sends, Shift+Enter starts a new line.")
+        self._header.value = (f"<span style='color:var(--jp-ui-font-color1)'>{what}</span> &nbsp; "
+                              f"<span style='color:{_STATUS[shown]}'>● {shown}</span>")
 
     def _fail(self, message: str) -> None:
         self._error_text = message
         self._error.value = f"<span style='color:{_STATUS['error']}'>{html.escape(message)}</span>"
         self._set_status("error")
-        self._generate.disabled, self._stop.disabled = False, True
+        self._box.busy = False
 
     _text = ""
     _status = "idle"
@@ -260,13 +298,21 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _small(text: str) -> str:
-    return f"<span style='font-size:smaller;color:#666'>{text}</span>"
+    return f"<span style='font-size:smaller;color:var(--jp-ui-font-color1)'>{text}</span>"
+
+
+def _has_chat_template(engine) -> bool:
+    try:
+        return bool(getattr(engine.tokenizer, "chat_template", None))
+    except Exception:  # noqa: BLE001 - a server's tokenizer may not be here: plain prompts
+        return False
 
 
 def panel(engine=None, **options) -> PromptPanel:
-    """A prompt panel over ``engine`` (an Engine or its name; default: the only or 'default' engine).
+    """A chat panel over ``engine`` (an Engine or its name; default: the only or 'default' engine).
 
-    ``options``: ``temperature``, ``max_tokens`` (the controls' start values) and any other
-    sampling parameter (e.g. ``ignore_eos=True``).
+    ``options``: ``temperature``, ``max_tokens`` (the controls' start values), ``chat`` (keep the conversation and
+    use the chat template; default: where the model has one) and any other sampling parameter (e.g.
+    ``ignore_eos=True``).
     """
     return PromptPanel(engine, **options)
