@@ -764,6 +764,9 @@ def test_an_error_whose_first_line_announces_the_rest_keeps_it():
      None, "the prompt is too long: 3,000 characters, more than 512 tokens (max_model_len) can hold — shorten"),
     ("This model's maximum context length is 512 tokens. However, your prompt contains 3,000 characters (more)",
      601, "the prompt has 601 tokens; this engine takes at most 512 (max_model_len), and the reply needs room too"),
+    ("This model's maximum context length is 512 tokens. However, your prompt contains at least 513 input tokens, "
+     "which exceeds this limit even without any output tokens.", None,
+     "the prompt has at least 513 tokens; this engine takes at most 512"),
     ("The decoder prompt (length 601) is longer than the maximum model length of 512. Make sure that `max_model_len` "
      "is no smaller than the number of text tokens.", None, "the prompt has 601 tokens; this engine takes at most 512"),
     ("This model's maximum context length is 512 tokens. However, you requested 700 tokens (600 in the messages, 100 "
@@ -774,7 +777,7 @@ def test_a_prompt_too_long_is_told_in_tokens(vllm_says, count, we_say):
 
     error = request_error(vllm_says, count)
     assert str(error).startswith(we_say) and "--max-model-len" in str(error) and "\n" not in str(error), str(error)
-    if count is None and "characters" in vllm_says:  # counted later by the engine, where it has the tokenizer
+    if count is None and ("characters" in vllm_says or "at least" in vllm_says):  # counted where the tokenizer is
         assert str(too_long(error, lambda: 601)).startswith("the prompt has 601 tokens; this engine takes at most 512")
 
 

@@ -125,6 +125,8 @@ _TOO_LONG = [  # vLLM's ways of saying a prompt is too long: (pattern, the limit
     (re.compile(r"prompt \(length ([\d,]+)\) (?:plus the number of requested output tokens \(at least 1\) )?is longer "
                 r"than the maximum model length of ([\d,]+)"), "tokens"),
     (re.compile(r"maximum context length is ([\d,]+) tokens\. However, you requested ([\d,]+) tokens"), "requested"),
+    (re.compile(r"maximum context length is ([\d,]+) tokens\. However, your prompt contains at least ([\d,]+) input "
+                r"tokens"), "at least"),
 ]
 _FIX = "shorten the prompt, or load with a larger --max-model-len"
 
@@ -147,6 +149,9 @@ def request_error(msg: str, prompt_tokens: int | None = None) -> RequestError:
         if unit == "characters":
             return RequestError(f"the prompt is too long: {has:,} characters, more than {limit:,} tokens "
                                 f"(max_model_len) can hold — {_FIX}")
+        if unit == "at least":
+            return RequestError(f"the prompt has at least {has:,} tokens; this engine takes at most {limit:,} "
+                                f"(max_model_len), and the reply needs room too — {_FIX}")
         if unit == "requested":
             return RequestError(f"the prompt and the reply need {has:,} tokens; this engine takes at most {limit:,} "
                                 f"(max_model_len) — {_FIX}, or ask for fewer --max-tokens")
@@ -158,13 +163,15 @@ def request_error(msg: str, prompt_tokens: int | None = None) -> RequestError:
 
 
 def too_long(error: BaseException, count: Callable[[], int]) -> BaseException:
-    """``error`` told in tokens (``count()``: the prompt's) when it says the prompt is too long in characters."""
-    if not isinstance(error, RequestError) or "characters, more than" not in str(error):
+    """``error`` with the prompt's exact count of tokens (``count()``) when vLLM gave characters or a lower bound."""
+    if not isinstance(error, RequestError) or not ("characters, more than" in str(error)
+                                                   or str(error).startswith("the prompt has at least")):
         return error
     try:
         n = count()
     except Exception:  # noqa: BLE001 - no tokenizer here: the characters' line stands
         return error
-    limit = re.search(r"more than ([\d,]+) tokens", str(error))
-    return RequestError(f"the prompt has {n:,} tokens; this engine takes at most {limit.group(1) if limit else '?'} "
+    limit = re.search(r"more than ([\d,]+) tokens|takes at most ([\d,]+)", str(error))
+    return RequestError(f"the prompt has {n:,} tokens; this engine takes at most "
+                        f"{(limit.group(1) or limit.group(2)) if limit else '?'} "
                         f"(max_model_len), and the reply needs room too — {_FIX}")
