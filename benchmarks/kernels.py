@@ -113,14 +113,14 @@ def _raw_run(prompts, params, show=False):
     return _aio.run_coroutine_threadsafe(_raw(prompts, params, show), _eng._loop).result()
 from vllm_notebook.ui.panel import PromptPanel as _Panel
 def _panels(prompts, n):  # made (and shown) before the clock starts: the user has the panel open already
-    ps = [_Panel(_eng, temperature=0.0, max_tokens=n, ignore_eos=True) for _ in prompts]
+    ps = [_Panel(_eng, temperature=0.0, max_tokens=n, ignore_eos=True, chat=False) for _ in prompts]
     for p, s in zip(ps, prompts):
-        p._prompt.value = s
+        p._box.draft = s
         display(p)
     return ps
 def _click(ps):
     for p in ps:
-        p._generate.click()
+        p.send()
     return ps
 """
 STREAM_OURS = """_s = _t.perf_counter()  # what a %%generate cell runs, timed inside the cell

@@ -161,8 +161,8 @@ def measure_stream(sh: Shell, engine, max_tokens: int, trials: int) -> dict:
         rows["magic"].append({"ttft_s": first[0] - t0, "tokens_per_s": gen.metrics["output_tokens"] / wall,
                               "updates_per_s": _rate(shown_at)})
 
-        panel = PromptPanel(engine, temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        panel._prompt.value = prompt
+        panel = PromptPanel(engine, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, chat=False)
+        panel._box.draft = prompt
         shown: list[float] = []
         show = panel._show_stream
 
@@ -172,7 +172,7 @@ def measure_stream(sh: Shell, engine, max_tokens: int, trials: int) -> dict:
 
         panel._show_stream = timed_show
         t0 = time.perf_counter()
-        panel._generate.click()
+        panel.send()
         panel.wait(600)
         wall = time.perf_counter() - t0
         g = panel.last_generation
@@ -214,11 +214,10 @@ def measure_concurrency(sh: Shell, engine, n_batch: int, max_tokens: int, trials
         _, n, wall = _on_loop(engine, _raw_requests(engine.backend._llm, streams + batch, params, "c"))
         raw.append(n / wall)
 
-        panels = [PromptPanel(engine, temperature=0.0, max_tokens=max_tokens, ignore_eos=True) for _ in streams]
+        panels = [PromptPanel(engine, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, chat=False) for _ in streams]
         t0 = time.perf_counter()
         for p, s in zip(panels, streams):
-            p._prompt.value = s
-            p._generate.click()
+            p.send(s)
         gen = sh(f"%generate -i conc_batch --temperature 0 --max-tokens {max_tokens} --ignore-eos")
         for p in panels:
             p.wait(600)

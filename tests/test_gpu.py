@@ -226,8 +226,8 @@ def test_ten_interrupts_then_a_correct_generation(kernel, raw, figures):
 
 
 def test_panel(kernel, raw):
-    kernel.run(f"import vllm_notebook\np = vllm_notebook.panel(temperature=0, max_tokens={TOKENS})\n"
-               f"p._prompt.value = {PROMPTS[0]!r}\np._generate.click(); p.wait(60)")
+    kernel.run(f"import vllm_notebook\np = vllm_notebook.panel(temperature=0, max_tokens={TOKENS}, chat=False)\n"
+               f"p.send({PROMPTS[0]!r}); p.wait(60)")
     assert _value(kernel, "p.text") == raw["single"]
 
 

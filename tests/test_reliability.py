@@ -138,11 +138,10 @@ def test_64_concurrent_requests_from_threads_and_panels(engine):
     threads = [threading.Thread(target=work, args=(i, p)) for i, (p, _) in enumerate(thread_items)]
     for t in threads:
         t.start()
-    panels = [PromptPanel(engine, temperature=0.0, max_tokens=16) for _ in panel_items]
+    panels = [PromptPanel(engine, temperature=0.0, max_tokens=16, chat=False) for _ in panel_items]
     start.wait(30)
     for p, (prompt, _) in zip(panels, panel_items):
-        p._prompt.value = prompt
-        p._generate.click()
+        p.send(prompt)
     for t in threads:
         t.join(120)
     for p in panels:

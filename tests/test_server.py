@@ -226,9 +226,8 @@ def test_magics_over_server(server, cell):
 def test_panel_over_server(server):
     from vllm_notebook.ui.panel import PromptPanel
 
-    panel = PromptPanel("srv", temperature=0.0, max_tokens=8)
-    panel._prompt.value = "The capital of France is"
-    panel._generate.click()
+    panel = PromptPanel("srv", temperature=0.0, max_tokens=8, chat=False)
+    panel.send("The capital of France is")
     panel.wait(30)
     assert panel.last_generation.text == PARIS
 
