@@ -792,3 +792,32 @@ def test_doctor_shows_pitfalls_first_with_code_not_backticks():
     assert "<code>HF_HUB_OFFLINE=1</code>" in page and "`" not in page and "&lt;starting&gt;" in page
     assert "var(--jp-error-color0)" in page and "#b00" not in page
     assert str(r).splitlines()[0] == "pitfalls found: 1"
+
+
+def test_sharing_the_cores_gives_the_weight_back_unless_someone_changed_it(monkeypatch):
+    """``procs.share_cores_while``: the first CPU engine raises the session's nice, the last one to stop lowers it
+    back to what it was, and a nice someone set meanwhile stands."""
+    from pathlib import Path
+
+    from vllm_notebook import procs
+
+    group = Path("/proc/self/autogroup")
+    before = procs._autogroup_nice("self")
+    if before is None or before >= 3:
+        pytest.skip("no autogroups here, or this session's nice is 3 or more already")
+    monkeypatch.setenv(procs.CPU_NICE_ENV, "3")
+    try:
+        procs.share_cores_while(True)
+        procs.share_cores_while(True)  # a second engine: nothing more
+        assert procs._autogroup_nice("self") == 3
+        procs.share_cores_while(False)
+        assert procs._autogroup_nice("self") == 3  # one engine still runs
+        procs.share_cores_while(False)
+        assert procs._autogroup_nice("self") == before
+        procs.share_cores_while(True)
+        group.write_text("2")  # the user's own choice, while an engine runs
+        procs.share_cores_while(False)
+        assert procs._autogroup_nice("self") == 2  # theirs stands
+    finally:
+        group.write_text(str(before))
+        procs._sharing, procs._nice_set = 0, None

@@ -281,7 +281,8 @@ def free_port(host: str = "127.0.0.1", *, start: int | None = None, span: int = 
 #: The autogroup nice a session takes while a CPU engine of it runs (``share_cores``); 0 turns that off.
 CPU_NICE_ENV = "VLLM_NOTEBOOK_CPU_NICE"
 _sharing = 0
-_nice_before: int | None = None
+_nice_before: int | None = None  # the session's nice before we raised it
+_nice_set: int | None = None  # what we raised it to (None: we did not)
 
 
 def _autogroup_nice(pid: int | str) -> int | None:
@@ -289,6 +290,13 @@ def _autogroup_nice(pid: int | str) -> int | None:
         return int(Path(f"/proc/{pid}/autogroup").read_text().rsplit("nice", 1)[1])
     except (OSError, ValueError, IndexError):  # not Linux, or a kernel without autogroups
         return None
+
+
+def _cpu_nice() -> int:
+    try:
+        return int(os.environ.get(CPU_NICE_ENV, "10"))
+    except ValueError:
+        return 10
 
 
 def share_cores(pid: int | str = "self") -> int | None:
@@ -300,30 +308,34 @@ def share_cores(pid: int | str = "self") -> int | None:
     sessions for seconds, such as the Jupyter server that relays streamed text and the Stop button (measured on
     2 cores: updates in bursts 2.7 s apart, Stop acting after the run had ended). At nice 10 the engine still gets
     every core no one else wants, so its throughput is unchanged (``docs/performance.md``), and the server gets
-    the moment it needs. Only raises the nice (lowering it needs privileges); returns the value it had."""
-    try:
-        nice = int(os.environ.get(CPU_NICE_ENV, "10"))
-    except ValueError:
-        nice = 10
+    the moment it needs. Only raises the nice (lowering it needs privileges). Returns the nice it set, or None
+    where it set none (already as low, turned off, no autogroups)."""
+    nice = _cpu_nice()
     before = _autogroup_nice(pid)
     if before is None or nice <= 0 or before >= nice:
-        return before
-    with contextlib.suppress(OSError):
+        return None
+    try:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
-    return before
+    except OSError:
+        return None
+    return nice
 
 
 def share_cores_while(started: bool) -> None:
-    """Count this process's CPU engines: the first one lowers the session's weight (``share_cores``), the last
-    one to stop gives it back."""
-    global _sharing, _nice_before
+    """Count this process's CPU engines: the first one lowers the session's weight (``share_cores``); when the last
+    one stops, the weight it had comes back, unless someone has set another since (theirs stands)."""
+    global _sharing, _nice_before, _nice_set
     with _lock:
         if started:
             _sharing += 1
             if _sharing == 1:
-                _nice_before = share_cores()
+                _nice_before = _autogroup_nice("self")
+                _nice_set = share_cores()
         elif _sharing > 0:
             _sharing -= 1
-            if _sharing == 0 and _nice_before is not None and _autogroup_nice("self") != _nice_before:
-                with contextlib.suppress(OSError):  # lowering it back works where we raised it
+            if _sharing == 0 and _nice_set is not None and _nice_before is not None \
+                    and _autogroup_nice("self") == _nice_set:
+                with contextlib.suppress(OSError):  # lowering it back to where it was is allowed
                     Path("/proc/self/autogroup").write_text(str(_nice_before))
+            if _sharing == 0:
+                _nice_set = None
