@@ -8,6 +8,7 @@ heights and widths. The screenshots go to ``artifacts/ui/`` (CI keeps them); ``d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -326,8 +327,9 @@ def _scenes(tour: Tour, first: bool) -> None:
     tour.check(panel, "panel-chat", max_height=900)
 
 
-def test_what_the_researcher_sees_in_light_and_dark(lab):
-    """Every scene in JupyterLab's light theme, then again in its dark theme (the engine and outputs stay)."""
+@contextlib.contextmanager
+def _page(lab, failure_shot: str):
+    """A Chromium page on the tour notebook; on failure, a screenshot of the whole page."""
     from playwright.sync_api import sync_playwright
 
     url, token = lab
@@ -337,60 +339,55 @@ def test_what_the_researcher_sees_in_light_and_dark(lab):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         try:
             _open(page, url, token)
-            for first, theme in ((True, "light"), (False, "dark")):
-                _scenes(_theme(page, theme), first)
+            yield page
         except Exception:
-            page.screenshot(path=str(SHOTS / "failure.png"), full_page=True)
+            page.screenshot(path=str(SHOTS / failure_shot), full_page=True)
             raise
         finally:
             browser.close()
+
+
+def test_what_the_researcher_sees_in_light_and_dark(lab):
+    """Every scene in JupyterLab's light theme, then again in its dark theme (the engine and outputs stay)."""
+    with _page(lab, "failure.png") as page:
+        for first, theme in ((True, "light"), (False, "dark")):
+            _scenes(_theme(page, theme), first)
 
 
 def test_panel_stop_in_jupyterlab(lab):
     """Stop, clicked in the page during a long reply, ends it within a second and keeps the text so far."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    url, token = lab
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        try:
-            _open(page, url, token)
-            tour = _theme(page, "light")
-            for i in (LOAD, STOP_PANEL):
-                tour.run(i)
-                tour.done(i)
-            panel = page.locator(PANEL).last
-            expect(panel).to_be_visible(timeout=60_000)
-            _renice_engines()
-            page.evaluate("""() => {
-                const panels = document.querySelectorAll('.vllm-notebook-panel');
-                const panel = panels[panels.length - 1];
-                const stop = panel.querySelector('button.vnb-stop');
-                window.__stopClickedAt = null;
-                const observer = new MutationObserver(() => {
-                    if (!stop.disabled && !window.__stopClickedAt) {
-                        window.__stopClickedAt = performance.now();
-                        stop.click();
-                        observer.disconnect();
-                    }
-                });
-                observer.observe(panel, {subtree: true, childList: true, attributes: true, characterData: true});
-            }""")
-            box = panel.locator("textarea.vnb-input")
-            box.fill("Once upon a time")
-            box.press("Enter")
-            reply = panel.locator(".vnb-assistant").last
-            expect(reply.locator(".vnb-footer")).to_contain_text("interrupted: aborted 1 request(s)", timeout=30_000)
-            stopped_in = (page.evaluate("performance.now()") - page.evaluate("window.__stopClickedAt")) / 1000
-            text = reply.locator(".vnb-body").inner_text()
-            assert "there was a small robot".startswith(text.strip()[:23]), text  # the text so far is kept
-            expect(panel.locator("button.vnb-send")).to_be_enabled()
-            panel.screenshot(path=str(SHOTS / "panel-stop-light.png"))
-            assert stopped_in < 3.0, stopped_in  # the abort is < 1 s; the rest is browser round trips
-        except Exception:
-            page.screenshot(path=str(SHOTS / "panel-stop-failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+    with _page(lab, "panel-stop-failure.png") as page:
+        tour = _theme(page, "light")
+        for i in (LOAD, STOP_PANEL):
+            tour.run(i)
+            tour.done(i)
+        panel = page.locator(PANEL).last
+        expect(panel).to_be_visible(timeout=60_000)
+        _renice_engines()
+        page.evaluate("""() => {
+            const panels = document.querySelectorAll('.vllm-notebook-panel');
+            const panel = panels[panels.length - 1];
+            const stop = panel.querySelector('button.vnb-stop');
+            window.__stopClickedAt = null;
+            const observer = new MutationObserver(() => {
+                if (!stop.disabled && !window.__stopClickedAt) {
+                    window.__stopClickedAt = performance.now();
+                    stop.click();
+                    observer.disconnect();
+                }
+            });
+            observer.observe(panel, {subtree: true, childList: true, attributes: true, characterData: true});
+        }""")
+        box = panel.locator("textarea.vnb-input")
+        box.fill("Once upon a time")
+        box.press("Enter")
+        reply = panel.locator(".vnb-assistant").last
+        expect(reply.locator(".vnb-footer")).to_contain_text("interrupted: aborted 1 request(s)", timeout=30_000)
+        stopped_in = (page.evaluate("performance.now()") - page.evaluate("window.__stopClickedAt")) / 1000
+        text = reply.locator(".vnb-body").inner_text()
+        assert "there was a small robot".startswith(text.strip()[:23]), text  # the text so far is kept
+        expect(panel.locator("button.vnb-send")).to_be_enabled()
+        panel.screenshot(path=str(SHOTS / "panel-stop-light.png"))
+        assert stopped_in < 3.0, stopped_in  # the abort is < 1 s; the rest is browser round trips
