@@ -18,5 +18,9 @@ fi
 # them installed transformers fails ("operator torchvision::nms does not exist").
 # Text models need none of them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# An editable install leaves out the wheel's data files: JupyterLab finds our extension through a link instead
+# (what `jupyter labextension develop` did; JupyterLab 4.6 moved that to the jupyter-builder package).
+mkdir -p "$VENV/share/jupyter/labextensions"
+ln -sfn "$PWD/vllm_notebook/labextension" "$VENV/share/jupyter/labextensions/vllm-notebook"
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (vllm-notebook)" >/dev/null
 echo "$want" > "$stamp"

@@ -1,7 +1,8 @@
 """End to end, as a researcher sees it: real JupyterLab on localhost, real Chromium (Debian's) driven by Playwright.
 
 One notebook (``_tour``) loads the demo model, streams a cell, runs a long batch, shows a 2,000-row result and
-``%vllm_status``, and opens the chat panel; a second pass does it again in the dark theme. Each scene is checked
+``%vllm_status``, opens the chat panel (its Insert buttons put a reply into a new cell), and shows a user mistake
+whose command must not be cut mid-word; a second pass does it again in the dark theme. Each scene is checked
 for what is visible: no clipped label, text colours at least 4.5:1 against what is behind them (WCAG AA), bounded
 heights and widths. The screenshots go to ``artifacts/ui/`` (CI keeps them); ``docs/ui.md`` shows them.
 """
@@ -30,7 +31,10 @@ SHOTS = ROOT / "artifacts" / "ui"
 THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
 
 # Cell indexes of the tour notebook.
-LOAD, STREAM, BATCH_SETUP, BATCH, MANY, STATUS, PANEL_CELL, STOP_PANEL = range(8)
+LOAD, STREAM, BATCH_SETUP, BATCH, MANY, STATUS, PANEL_CELL, STOP_PANEL, ERROR, CODE_REPLY = range(10)
+CODE_REPLY_SOURCE = """from vllm_notebook.ui.chatbox import ChatBox, safe_html
+reply = "Print it:\\n\\n```python\\nprint('hello')\\n```"
+ChatBox(messages=[{"role": "assistant", "text": reply, "html": safe_html(reply)}])"""
 
 
 def _tour(demo_path: str) -> dict:
@@ -46,6 +50,10 @@ def _tour(demo_path: str) -> dict:
         "import vllm_notebook\npanel = vllm_notebook.panel(temperature=0, max_tokens=64)\npanel",
         "import vllm_notebook\nlong_panel = vllm_notebook.panel(temperature=0, max_tokens=2000, ignore_eos=True, chat=False)\n"
         "long_panel",
+        # A user mistake whose message ends in the command to use: one line, wrapped at spaces.
+        f"%vllm_load {demo_path} --max-model-len 999999 --enforce-eager --dtype float32 --seed 0",
+        # A reply with a code block (the demo model writes none): the chat box as the panel shows it.
+        CODE_REPLY_SOURCE,
     ]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -214,6 +222,42 @@ class Tour:
         return found
 
 
+# Words of text broken across lines (a command cut mid-word), and the number of lines, in an element.
+_BROKEN_WORDS_JS = """
+(root) => {
+  const broken = [];
+  const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    for (const m of n.textContent.matchAll(/\\S+/g)) {
+      const r = document.createRange();
+      r.setStart(n, m.index);
+      r.setEnd(n, m.index + m[0].length);
+      const tops = new Set([...r.getClientRects()].filter(x => x.width > 0).map(x => Math.round(x.top)));
+      if (tops.size > 1) broken.push(m[0]);
+    }
+  }
+  const pre = root.querySelector('pre');
+  const lines = pre ? Math.round(pre.getBoundingClientRect().height / parseFloat(getComputedStyle(pre).lineHeight)) : 0;
+  return {broken, lines};
+}
+"""
+
+_CELLS_JS = "() => window.jupyterapp.shell.currentWidget.content.model.sharedModel.cells.map(c => [c.cell_type, c.source])"
+
+
+def _inserted(page, after: int, button) -> tuple[str, str]:
+    """Click an Insert ``button``; return the cell it put below cell ``after`` (type, source), then delete it (the
+    tour's cell indexes stay)."""
+    before = len(page.evaluate(_CELLS_JS))
+    button.click()
+    page.wait_for_function(f"() => ({_CELLS_JS})().length === {before + 1}", timeout=10_000)
+    cell_type, source = page.evaluate(_CELLS_JS)[after + 1]
+    active = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.activeCellIndex")
+    assert active == after + 1, f"the inserted cell is not the active one ({active})"
+    page.evaluate(f"() => window.jupyterapp.shell.currentWidget.content.model.sharedModel.deleteCell({after + 1})")
+    return cell_type, source
+
+
 def _open(page, url: str, token: str) -> None:
     page.goto(f"{url}/lab/tree/tour.ipynb?token={token}")
     page.wait_for_function("window.jupyterapp && document.querySelector('.jp-Notebook .jp-Cell')", timeout=120_000)
@@ -325,6 +369,35 @@ def _scenes(tour: Tour, first: bool) -> None:
     expect(panel.locator(".vnb-assistant .vnb-copy").last).to_be_visible()
     page.locator(".jp-Notebook").evaluate("n => n.scrollTop = n.scrollHeight")
     tour.check(panel, "panel-chat", max_height=900)
+    if first:  # Insert: the reply as a Markdown cell right below the panel's cell (our JupyterLab extension)
+        insert = panel.locator(".vnb-assistant .vnb-head .vnb-insert").last
+        assert _inserted(page, PANEL_CELL, insert) == ("markdown", "A dog says woof.")
+
+    # A user mistake ending in the command to use: wrapped at spaces, no word cut (at a narrow width, too).
+    if first:
+        tour.run(ERROR)
+        tour.done(ERROR)
+    error = tour.output(ERROR)
+    expect(error).to_contain_text("use --max-model-len")
+    page.set_viewport_size({"width": 900, "height": 1000})
+    try:
+        page.wait_for_timeout(300)
+        words = error.locator(".jp-OutputArea-output").first.evaluate(_BROKEN_WORDS_JS)
+        assert words["lines"] >= 2 and not words["broken"], words
+        tour.check(error, "error")
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 1000})
+
+    # A reply with code: Copy and Insert on the code block; Insert makes a code cell of the code alone.
+    if first:
+        tour.run(CODE_REPLY)
+        tour.done(CODE_REPLY)
+    bar = tour.output(CODE_REPLY).locator(".vnb-code-bar")
+    expect(bar).to_have_count(1, timeout=30_000)
+    expect(bar.locator(".vnb-copy")).to_be_visible()
+    tour.check(tour.output(CODE_REPLY), "panel-code")
+    if first:
+        assert _inserted(page, CODE_REPLY, bar.locator(".vnb-insert")) == ("code", "print('hello')")
 
 
 @contextlib.contextmanager

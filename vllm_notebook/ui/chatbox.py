@@ -3,8 +3,11 @@
 What ipywidgets' own controls cannot do is here: Enter sends and Shift+Enter starts a new line, the input is cleared
 once a message is taken, the conversation scrolls to its newest message (unless the reader has scrolled up), and
 each reply has a Copy button. The kernel sends the messages as HTML it made safe (``safe_html``: model output is
-untrusted, so no raw HTML, no images, no script links); the reply being generated is plain text. Colours and fonts
-are JupyterLab's theme variables only, so it reads the same in light and dark themes.
+untrusted, so no raw HTML, no images, no script links); the reply being generated is plain text. Where
+vllm-notebook's JupyterLab extension runs (it ships in the wheel: ``vllm_notebook/labextension``), each reply has an
+Insert button (the reply as a Markdown cell below the panel's cell), and each code block in it Copy and Insert (the
+code as a code cell). Colours and fonts are JupyterLab's theme variables only, so it reads the same in light and
+dark themes.
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ function el(tag, cls, text) {
   return e;
 }
 
+function flash(button, said) {
+  const label = button.textContent;
+  button.textContent = said;
+  setTimeout(() => { button.textContent = label; }, 1200);
+}
+
 function copy(text, button) {
-  const done = () => { button.textContent = "Copied"; setTimeout(() => { button.textContent = "Copy"; }, 1200); };
+  const done = () => flash(button, "Copied");
   if (navigator.clipboard && window.isSecureContext) {
     navigator.clipboard.writeText(text).then(done, () => fallback());
   } else {
@@ -32,6 +41,38 @@ function copy(text, button) {
   function fallback() {
     const area = el("textarea"); area.value = text; document.body.appendChild(area); area.select();
     try { document.execCommand("copy"); done(); } finally { area.remove(); }
+  }
+}
+
+// vllm-notebook's JupyterLab extension (in the wheel) inserts cells: a widget cannot reach the notebook itself.
+const INSERT = "vllm-notebook:insert-cell";
+const canInsert = () => document.documentElement.hasAttribute("data-vllm-notebook-insert");
+
+function insertButton(title, source, cellType) {
+  const b = el("button", "vnb-insert jp-mod-styled", "Insert");
+  b.title = title;
+  b.addEventListener("click", () => {
+    const event = new CustomEvent(INSERT, { bubbles: true, cancelable: true, detail: { source: source(), cellType } });
+    flash(b, b.dispatchEvent(event) ? "Not here" : "Inserted");  // cancelled = the extension took it
+  });
+  return b;
+}
+
+function copyButton(title, text) {
+  const c = el("button", "vnb-copy jp-mod-styled", "Copy");
+  c.title = title;
+  c.addEventListener("click", () => copy(text(), c));
+  return c;
+}
+
+// A toolbar on each code block of a reply: Copy, and Insert as a code cell.
+function codeBars(body) {
+  for (const pre of body.querySelectorAll("pre")) {
+    const code = () => pre.textContent.replace(/\n$/, "");
+    const bar = el("div", "vnb-code-bar");
+    bar.append(copyButton("Copy this code", code));
+    if (canInsert()) bar.append(insertButton("Insert this code in a new code cell below the panel", code, "code"));
+    pre.before(bar);
   }
 }
 
@@ -64,13 +105,15 @@ function render({ model, el: root }) {
     const head = el("div", "vnb-head");
     head.append(el("span", "vnb-role", m.role === "user" ? "You" : "Assistant"));
     if (m.role === "assistant" && m.text) {
-      const c = el("button", "vnb-copy jp-mod-styled", "Copy");
-      c.title = "Copy this reply";
-      c.addEventListener("click", () => copy(m.text, c));
-      head.append(c);
+      const tools = el("span", "vnb-tools");
+      tools.append(copyButton("Copy this reply", () => m.text));
+      if (canInsert()) tools.append(insertButton("Insert this reply in a new Markdown cell below the panel",
+                                                 () => m.text, "markdown"));
+      head.append(tools);
     }
     const body = el("div", "vnb-body jp-RenderedHTMLCommon");
     body.innerHTML = m.html;  // made safe in the kernel (safe_html): escaped text, checked links, no images
+    if (m.role === "assistant") codeBars(body);
     b.append(head, body);
     if (m.footer) b.append(el("div", "vnb-footer", m.footer));
     return b;
@@ -164,9 +207,13 @@ _CSS = """
 .vnb-head { display: flex; align-items: center; gap: 8px; font-size: var(--jp-ui-font-size1);
   color: var(--jp-ui-font-color1); font-weight: 600; }
 .vnb-typing { font-weight: normal; font-style: italic; }
-.vnb-copy { margin-left: auto; font-size: var(--jp-ui-font-size0); padding: 0 6px; height: 20px;
-  color: var(--jp-ui-font-color1); background: var(--jp-layout-color2);
+.vnb-tools { margin-left: auto; display: flex; gap: 4px; }
+.vnb-chat button.vnb-copy, .vnb-chat button.vnb-insert { font-size: var(--jp-ui-font-size0); padding: 0 6px;
+  height: 22px; line-height: 20px; min-width: 52px;
+  font-weight: normal; color: var(--jp-ui-font-color1); background: var(--jp-layout-color2);
   border: var(--jp-border-width) solid var(--jp-border-color1); border-radius: var(--jp-border-radius); cursor: pointer; }
+.vnb-code-bar { display: flex; justify-content: flex-end; gap: 4px; margin: 6px 0 2px; }
+.vnb-body .vnb-code-bar + pre { margin-top: 0; }
 .vnb-body { line-height: var(--jp-content-line-height); }
 .vnb-body > :first-child { margin-top: 2px; }
 .vnb-body > :last-child { margin-bottom: 2px; }
