@@ -230,5 +230,5 @@ def test_the_jupyterlab_extension_ships_every_file_where_jupyterlab_looks():
     assert files == shipped, (files ^ shipped)
     package = json.loads((ext / "package.json").read_text())
     entry = ext / package["jupyterlab"]["_build"]["load"]
-    assert entry.is_file() and f'_JUPYTERLAB[NAME]' in entry.read_text()
+    assert entry.is_file() and '_JUPYTERLAB[NAME]' in entry.read_text()
     assert f'var NAME = "{package["name"]}";' in entry.read_text()
