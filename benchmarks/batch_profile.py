@@ -111,8 +111,10 @@ def main() -> int:
                 seconds, n = _seconds(k.run(cells[name], timeout=300))
                 times[name].append(seconds)
                 tokens[name] = n
+        from vllm_notebook.engine import gpus
+
         result = {"model": a.model, "flags": flags, "size": a.size, "tokens": a.tokens, "trials": a.trials,
-                  "seconds": times, "output_tokens": tokens}
+                  "card": (gpus.cards() or [None])[0], "seconds": times, "output_tokens": tokens}
         print(f"{a.size} prompts x {a.tokens} tokens, {a.trials} trials (seconds: median, lowest..highest)")
         for name in names:
             t = times[name]

