@@ -159,16 +159,17 @@ def test_every_back_end_implements_the_one_contract_and_nothing_subclasses_engin
 
     from vllm_notebook.backends.base import Backend
     from vllm_notebook.backends.local import LocalBackend
+    from vllm_notebook.backends.replicas import ReplicasBackend
     from vllm_notebook.backends.server import ServerBackend
     from vllm_notebook.backends.slurm import SlurmBackend
     from vllm_notebook.engine.core import Engine
 
     classes = _classes()
     backends = {k: v for k, v in classes.items() if k.endswith("Backend") and k != "Backend"}
-    assert set(backends) == {"LocalBackend", "ServerBackend", "SlurmBackend"}, backends
+    assert set(backends) == {"LocalBackend", "ServerBackend", "SlurmBackend", "ReplicasBackend"}, backends
     assert all(bases == ["Backend"] and mod.startswith("vllm_notebook.backends.") for mod, bases in backends.values()), \
         backends
-    for cls in (LocalBackend, ServerBackend, SlurmBackend):
+    for cls in (LocalBackend, ServerBackend, SlurmBackend, ReplicasBackend):
         assert not inspect.isabstract(cls), (cls, cls.__abstractmethods__)
         assert cls.kind and cls.kind in Engine.kind.__doc__
     assert not [k for k, (_, bases) in classes.items() if "Engine" in bases], "Engine is one concrete class"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
+import copy
 import difflib
 import os
 import shlex
@@ -26,8 +27,10 @@ from typing import Any
 from . import launch, logs, prepare
 from .backends import slurm as slurm_backend
 from .backends.local import LocalBackend
+from .backends.replicas import ReplicasBackend
 from .backends.server import connect
 from .cluster import ray as ray_cluster
+from .cluster.plan import replica_layout
 from .engine import lora, vllm_import
 from .engine import registry as engine_registry
 from .engine.core import Engine
@@ -69,6 +72,7 @@ class LoadRequest:
     chain: int = 0  # slurm: successor jobs that keep the model up past the walltime
     wait: bool = True  # slurm: requests before the job is ready wait for it (else they fail at once)
     server_flag: bool = field(default=False, repr=False)  # ``--server`` typed: with --attach or --slurm, a mistake
+    replicas: int = 1  # local: that many engines of the same model and flags, as one (``backends/replicas.py``)
 
     @classmethod
     def from_argv(cls, argv: list[str], default_model: str = "", progress: bool = True) -> LoadRequest:
@@ -82,7 +86,8 @@ class LoadRequest:
             "server" if ours.server else "local"
         req = cls(name=ours.name, backend=backend, default_model=default_model, dry_run=ours.dry_run,
                   progress=progress, help=ours.help, ray_address=ours.ray_address, host=ours.host, port=ours.port,
-                  api_key_file=ours.api_key_file, url=ours.attach, chain=ours.chain, wait=not ours.no_wait)
+                  api_key_file=ours.api_key_file, url=ours.attach, chain=ours.chain, wait=not ours.no_wait,
+                  replicas=ours.replicas)
         if backend == "slurm" and not ours.help:
             try:
                 req.slurm = shlex.split(ours.slurm)
@@ -115,6 +120,11 @@ class LoadRequest:
             return
         if self.chain or not self.wait:
             raise UsageError("%vllm_load: --chain and --no-wait go with --slurm 'SBATCH OPTIONS'")
+        if not isinstance(self.replicas, int) or self.replicas < 1:
+            raise UsageError(f"%vllm_load: --replicas takes a number of engines, 1 or more (not {self.replicas!r})")
+        if self.replicas > 1 and self.backend != "local":
+            raise UsageError(f"%vllm_load: --replicas runs engines in this kernel; with --{self.backend} it is not "
+                             "supported yet")
         if self.backend == "local" and (self.host or self.port or self.api_key_file):
             raise UsageError("%vllm_load: --host, --port and --api-key-file go with --server (or --attach URL)")
 
@@ -126,9 +136,11 @@ class LoadRequest:
 # ------------------------------------------------------------------ the Python API
 def load(model: str | None = None, *, name: str = "default", dry_run: bool = False,
          progress: bool = True, ray_address: str | None = None, server: bool = False,
-         host: str | None = None, port: int | None = None, api_key_file: str | None = None, **engine_args: Any):
+         host: str | None = None, port: int | None = None, api_key_file: str | None = None, replicas: int = 1,
+         **engine_args: Any):
     """Start (or reuse) an engine called ``name``; keyword arguments are ``EngineArgs`` fields, and
     ``lora_modules={"name": "/adapter/folder"}`` (with ``enable_lora=True``) loads LoRA adapters with it.
+    ``replicas=N`` starts N engines of the same model and arguments as one (``%vllm_load --replicas``).
 
     Loading the same model with the same arguments again returns the running
     engine at once; different ones replace the old engine (which serves on if the new one fails). With
@@ -141,7 +153,7 @@ def load(model: str | None = None, *, name: str = "default", dry_run: bool = Fal
         raise UsageError("host, port and api_key_file are for server=True")
     return start(LoadRequest(model=str(model), name=name, backend="server" if server else "local",
                              engine_args=engine_args, dry_run=dry_run, progress=progress, ray_address=ray_address,
-                             host=host, port=port, api_key_file=api_key_file))
+                             host=host, port=port, api_key_file=api_key_file, replicas=replicas))
 
 
 def attach(url: str, *, name: str = "default", api_key_file: str | None = None, api_key: str | None = None,
@@ -244,7 +256,7 @@ def _prepared_from_keywords(req: LoadRequest) -> tuple[Prepared, list[tuple[str,
         raise UsageError(f"unknown engine argument {bad!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
     args = _vllm.engine_args(model=req.model, **engine_args)
     prep = prepare.prepare(req.name, args, path, set(engine_args), gpu_count=_vllm.device_count(),
-                           cpu_build=_vllm.is_cpu_build())
+                           cpu_build=_vllm.is_cpu_build(), replicas=req.replicas)
     return prep, loras
 
 
@@ -289,7 +301,7 @@ def _prepared_from_line(req: LoadRequest, words: list[str]):
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
     prep = prepare.prepare(req.name, args, path, explicit, gpu_count=_vllm.device_count(),
-                           cpu_build=_vllm.is_cpu_build())
+                           cpu_build=_vllm.is_cpu_build(), replicas=req.replicas)
     return prep, loras, user_flags
 
 
@@ -487,7 +499,10 @@ def _start_new(prep: Prepared, args, line: LiveLine, t0: float, ray_address: str
     if prep.plan.needs_ray:
         line.update(f"vllm-notebook: starting the Ray cluster on {prep.allocation.num_nodes} nodes …")
         cluster = ray_cluster.up(prep.allocation, ray_address)
-    backend = LocalBackend(args, prep.key, logs.new_log_path(prep.name), plan=prep.plan.as_dict())
+    if prep.plan.replicas > 1:
+        backend = _replicas(prep, args)
+    else:
+        backend = LocalBackend(args, prep.key, logs.new_log_path(prep.name), plan=prep.plan.as_dict())
     backend.origin = prep  # what it was started from: a failed replacement starts it again (restart_previous)
     eng = Engine(prep.name, backend)
 
@@ -507,6 +522,30 @@ def _start_new(prep: Prepared, args, line: LiveLine, t0: float, ray_address: str
     if prep.hub_id is not None:
         eng.facts.update(model=prep.hub_id, path=prep.path)
     return eng
+
+
+def _replicas(prep: Prepared, args) -> ReplicasBackend:
+    """``--replicas N``: N in-kernel back-ends of the same arguments, each with its share of the node."""
+    gpu_ids = visible_gpus() if not prep.cpu_build else []
+    memory = getattr(args, "gpu_memory_utilization", None)
+    layout = replica_layout(prep.plan, cores=sorted(os.sched_getaffinity(0)), gpu_ids=gpu_ids, memory=memory)
+    members = []
+    for k, replica in enumerate(layout):
+        own = copy.deepcopy(args)
+        if replica.memory_share is not None and "gpu_memory_utilization" not in prep.explicit:
+            own.gpu_memory_utilization = replica.memory_share
+        members.append(LocalBackend(own, prep.key, logs.new_log_path(f"{prep.name}-{k + 1}"),
+                                    plan=prep.plan.as_dict()))
+    return ReplicasBackend(members, [r.env for r in layout], prep.key, members[0].log_path,
+                           plan=prep.plan.as_dict(), places=[r.place for r in layout])
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (or 0..N-1)."""
+    spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if spec is not None and spec.strip():
+        return [t.strip() for t in spec.split(",") if t.strip()]
+    return [str(i) for i in range(vllm_import.vllm_api(None).device_count())]
 
 
 #: The engines of this kernel that run on a Ray cluster, and that cluster.
@@ -561,6 +600,10 @@ def _own_parser() -> argparse.ArgumentParser:
                       help="with --slurm: N successor jobs, each starting before the previous one's walltime ends")
     ours.add_argument("--no-wait", action="store_true",
                       help="with --slurm: requests before the job is ready fail at once instead of waiting")
+    ours.add_argument("--replicas", type=int, default=1, metavar="N",
+                      help="N engines of the same model and flags as one (data parallel): a batch is spread over "
+                           "them; each gets its own GPUs (--tensor-parallel-size each, else one; more replicas "
+                           "than GPUs share them) or, on the CPU build, its own cores")
     ours.add_argument("-h", "--help", action="store_true", help="show this help")
     return p
 
@@ -682,6 +725,8 @@ def _explain(message: str, argv: list[str], *parsers) -> str:
 
 def summary(eng) -> str:
     f = eng.facts
+    each = " each" if f.get("replicas") else ""
     return (f"{f['model']} · {f['dtype']} · max_model_len {f['max_model_len']} · "
-            f"TP {f['tensor_parallel_size']} / PP {f['pipeline_parallel_size']} · {f['device']} · "
-            f"KV cache {f['kv_cache_tokens']:,} tokens")
+            + (f"{f['replicas']} replicas · " if f.get("replicas") else "")
+            + f"TP {f['tensor_parallel_size']} / PP {f['pipeline_parallel_size']}{each} · {f['device']} · "
+            f"KV cache {f['kv_cache_tokens']:,} tokens{each}")

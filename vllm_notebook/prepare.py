@@ -52,12 +52,14 @@ class Prepared:
                         allocation=self.allocation, server_command=server_command)
 
 
-def prepare(name: str, args: Any, path: str, explicit: set[str], *, gpu_count: int, cpu_build: bool) -> Prepared:
-    """Allocation, plan, environment and configuration key for loading ``args`` (model at ``path``)."""
+def prepare(name: str, args: Any, path: str, explicit: set[str], *, gpu_count: int, cpu_build: bool,
+            replicas: int = 1) -> Prepared:
+    """Allocation, plan, environment and configuration key for loading ``args`` (model at ``path``), as one engine
+    or as ``replicas`` engines of the same configuration."""
     alloc = Allocation.from_env(gpu_count=gpu_count)
     config = resolve.read_config(path)
     check_max_model_len(args, config)
-    plan = make_plan(alloc, config, explicit, args)
+    plan = make_plan(alloc, config, explicit, args, replicas=replicas)
     model = str(args.model)
     hub_id = model if resolve.from_cache(model, path) else None
     env = dict(HUB_OFFLINE) if hub_id else {}
@@ -65,7 +67,8 @@ def prepare(name: str, args: Any, path: str, explicit: set[str], *, gpu_count: i
         env["VLLM_CPU_KVCACHE_SPACE"] = "4"  # vLLM's CPU build would take half the node's RAM
     return Prepared(cpu_build=cpu_build, name=name, model=model, path=path, args=args, explicit=set(explicit),
                     allocation=alloc,
-                    plan=plan, hub_id=hub_id, env=env, key=engine_key(args))
+                    plan=plan, hub_id=hub_id, env=env,
+                    key=engine_key(args) + ((("replicas", replicas),) if replicas > 1 else ()))
 
 
 def check_max_model_len(args: Any, config: dict) -> None:

@@ -7,7 +7,9 @@ A back-end says how a request goes out and comes back, and what the engine is:
 - ``LocalBackend`` (``local.py``): vLLM's ``AsyncLLM`` in this kernel;
 - ``ServerBackend`` (``server.py``): a vLLM OpenAI-compatible server over HTTP;
 - ``SlurmBackend`` (``slurm.py``): a server in a Slurm batch job; it wraps a ``ServerBackend`` once the job's
-  server is up, and moves it to a chained successor's.
+  server is up, and moves it to a chained successor's;
+- ``ReplicasBackend`` (``replicas.py``): several back-ends of one configuration as one (data parallel), a batch
+  spread over them with work stealing.
 
 Everything above the back-ends talks to ``Engine`` only: what differs between back-ends is asked of the
 back-end through this contract (``kind``, ``holds_devices_here``, ``outlives_kernel``, ``same_as``), never by
@@ -30,7 +32,7 @@ from ..errors import UsageError
 class Backend(abc.ABC):
     """How one engine's requests go out and come back, and what the engine is (see the module's text)."""
 
-    #: ``"local"``, ``"server"`` or ``"slurm"``: shown to the user (status, provenance), never dispatched on.
+    #: ``"local"``, ``"server"``, ``"slurm"`` or ``"replicas"``: shown to the user (status, provenance), never dispatched on.
     kind: ClassVar[str] = ""
     #: The engine lives on after the kernel (a server, a job): kernel exit and ``detach`` only let go of it.
     outlives_kernel: ClassVar[bool] = False
@@ -98,6 +100,11 @@ class Backend(abc.ABC):
     def title(self) -> str:
         """The display's heading, after the engine's name."""
         return "vLLM engine"
+
+    def parts(self) -> list[dict[str, Any]]:
+        """The engines this one is made of, for ``%vllm_status`` (each: ``where``, ``state``, ``in flight``,
+        ``served``, ``log``); none for a back-end that is one engine."""
+        return []
 
     def place(self) -> str:
         """Where the engine runs, in a word or two, for ``%vllm_status``'s compact table (e.g. ``kernel``,

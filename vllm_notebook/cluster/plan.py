@@ -33,6 +33,7 @@ class Plan:
     tensor_parallel_size: int
     pipeline_parallel_size: int
     executor: str | None  # None: vLLM's default for one process
+    replicas: int = 1  # independent engines of the same model and flags (``--replicas``), one engine handle
 
     @property
     def devices(self) -> str:
@@ -43,24 +44,39 @@ class Plan:
         return self.executor == "ray"
 
     def rows(self) -> list[tuple[str, str]]:
-        return [("devices", self.devices), ("tensor parallel", str(self.tensor_parallel_size)),
+        rows = [("devices", self.devices), ("tensor parallel", str(self.tensor_parallel_size)),
                 ("pipeline parallel", str(self.pipeline_parallel_size)),
                 ("executor", self.executor or "single process")]
+        if self.replicas > 1:
+            rows.insert(1, ("replicas", str(self.replicas)))
+        return rows
 
     def as_dict(self) -> dict:
         return {"devices": self.devices, **asdict(self)}
 
 
-def make_plan(alloc, model_config: dict, explicit: set[str], args) -> Plan:
-    """Fill the parallel fields of ``args`` (EngineArgs) from the allocation; return the plan."""
+def make_plan(alloc, model_config: dict, explicit: set[str], args, replicas: int = 1) -> Plan:
+    """Fill the parallel fields of ``args`` (EngineArgs) from the allocation; return the plan. With ``replicas``
+    the engines share this node's GPUs (or cores): each gets the tensor-parallel size given, else one GPU."""
     gpus, nodes = alloc.gpus_per_node, alloc.num_nodes
     heads = model_config.get("num_attention_heads")
     layers = model_config.get("num_hidden_layers")
+    if replicas < 1:
+        raise PlanError("--replicas must be at least 1")
+    if replicas > 1 and nodes > 1:
+        raise PlanError(f"--replicas over {nodes} nodes is not supported yet: replicas share this node's GPUs "
+                        "(or run one engine per node with --slurm)")
     if nodes > 1 and gpus == 0:
         raise PlanError(f"the allocation has {nodes} nodes but no GPUs on them: multi-node needs GPUs "
                         "(ask Slurm for them, e.g. --gpus-per-node=4)")
-    tp = int(args.tensor_parallel_size) if "tensor_parallel_size" in explicit else largest_valid_tp(gpus, heads)
+    if "tensor_parallel_size" in explicit:
+        tp = int(args.tensor_parallel_size)
+    else:
+        tp = 1 if replicas > 1 else largest_valid_tp(gpus, heads)
     pp = int(args.pipeline_parallel_size) if "pipeline_parallel_size" in explicit else (nodes if gpus else 1)
+    if replicas > 1 and gpus and tp * pp > 1 and replicas * tp * pp > gpus:
+        raise PlanError(f"{replicas} replicas x {tp * pp} GPUs each = {replicas * tp * pp} GPUs, but this node has "
+                        f"{gpus}: use fewer replicas or a smaller --tensor-parallel-size")
     if "distributed_executor_backend" in explicit:
         executor = args.distributed_executor_backend
     elif nodes > 1 and tp * pp > gpus:
@@ -84,4 +100,46 @@ def make_plan(alloc, model_config: dict, explicit: set[str], args) -> Plan:
     if executor in ("ray", "mp") and "distributed_executor_backend" not in explicit:
         args.distributed_executor_backend = executor
     return Plan(nodes=nodes, gpus_per_node=gpus, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                executor=executor)
+                executor=executor, replicas=replicas)
+
+
+@dataclass
+class Replica:
+    """Where one replica runs: the environment its processes start with, and a few words for the user."""
+
+    env: dict[str, str]
+    place: str
+    memory_share: float | None = None  # its ``--gpu-memory-utilization`` when replicas share a GPU
+
+
+def replica_layout(plan: Plan, *, cores: list[int], gpu_ids: list[str], memory: float | None) -> list[Replica]:
+    """Each replica's share of this node: GPU groups of ``tensor x pipeline`` GPUs (``CUDA_VISIBLE_DEVICES``); more
+    replicas than GPUs share them, one after another on each card, with ``memory`` (vLLM's
+    ``--gpu-memory-utilization``, 0.9 if not given) divided between them; on the CPU build, its own cores
+    (``VLLM_CPU_OMP_THREADS_BIND``, one list per tensor-parallel rank)."""
+    n, width = plan.replicas, plan.tensor_parallel_size * plan.pipeline_parallel_size
+    if not gpu_ids:
+        if n * width > len(cores):
+            raise PlanError(f"{n} replicas x {width} worker(s) need {n * width} cores, and this process may use "
+                            f"{len(cores)}: use fewer replicas")
+        per = len(cores) // n
+        out = []
+        for k in range(n):
+            mine = cores[k * per:(k + 1) * per]
+            ranks = [mine[r * (per // width):(r + 1) * (per // width)] for r in range(width)]
+            bind = "|".join(",".join(map(str, rank)) for rank in ranks)
+            out.append(Replica({"VLLM_CPU_OMP_THREADS_BIND": bind},
+                               f"cores {_ids(mine)}"))
+        return out
+    if width > 1 or n <= len(gpu_ids):
+        return [Replica({"CUDA_VISIBLE_DEVICES": ",".join(gpu_ids[k * width:(k + 1) * width])},
+                        f"GPU {','.join(gpu_ids[k * width:(k + 1) * width])}") for k in range(n)]
+    per_card = -(-n // len(gpu_ids))
+    share = round((memory or 0.9) / per_card, 3)
+    return [Replica({"CUDA_VISIBLE_DEVICES": gpu_ids[k % len(gpu_ids)]},
+                    f"GPU {gpu_ids[k % len(gpu_ids)]} ({share:.0%} of it)", share) for k in range(n)]
+
+
+def _ids(ids: list[int]) -> str:
+    return f"{ids[0]}-{ids[-1]}" if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)) else \
+        ",".join(map(str, ids))

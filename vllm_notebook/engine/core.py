@@ -87,7 +87,8 @@ class Engine(TaskMethods):
     # ---------------------------------------------------------------- what the back-end knows
     @property
     def kind(self) -> str:
-        """What runs the engine: ``local`` (this kernel), ``server`` or ``slurm``."""
+        """What runs the engine: ``local`` (this kernel), ``server``, ``slurm``, or ``replicas`` (several of one
+        kind, as one)."""
         return self.backend.kind
 
     @property
@@ -399,6 +400,8 @@ class Engine(TaskMethods):
                              aborted=sent.aborted if sent else 0, reused=list(restored),
                              errors={todo[j]: e for j, e in sent.errors.items()} if sent else None)
         gen.provenance = record
+        if run is not None:
+            gen.notes = list(run.notes)
         return gen
 
     # ---------------------------------------------------------------- provenance

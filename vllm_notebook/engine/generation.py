@@ -29,6 +29,7 @@ class Generation:
         self.provenance: dict[str, Any] = {}  # what made it: model, revision, versions, flags, sampling, node, job
         self.format = "auto"  # how it is shown: auto, markdown, text, json (``ui/render.py``)
         self.written_to: str | None = None  # where the texts went (``%generate --out-col``): shown instead of a table
+        self.notes: list[str] = []  # what happened on the way (a replica died and its prompts went to the others)
         n_tokens = sum(len(c.token_ids) for o in self.outputs if o for c in o.outputs)
         reused = set(reused)
         new_tokens = sum(len(c.token_ids) for i, o in enumerate(self.outputs) if o and i not in reused
@@ -128,6 +129,7 @@ class Generation:
             parts.append(f"{len(self.errors)} prompt(s) failed (.errors), e.g. prompt {first}: {self.errors[first]}")
         if self.interrupted:
             parts.append(f"interrupted: aborted {self.aborted} request(s), the text so far is kept")
+        parts += self.notes
         return " · ".join(parts)
 
     @property

@@ -36,6 +36,7 @@ class Run:
     errors: dict[int, str] = field(default_factory=dict)  # a prompt's own error (too long, refused), by index
     finished: int = 0  # requests that ended with an output
     finished_tokens: int = 0  # their output tokens
+    notes: list[str] = field(default_factory=list)  # what happened on the way, one line each (a replica died)
 
     @cached_property
     def rid_set(self) -> set[str]:

@@ -197,6 +197,7 @@ def engine_facts(llm: AsyncLLM) -> dict[str, Any]:
         "executor": str(par.distributed_executor_backend),
         "device": _device_name(),
         "kv_cache_tokens": blocks * (cache.block_size or 0),
+        "max_num_seqs": getattr(cfg.scheduler_config, "max_num_seqs", None),
         "vllm_version": VERSION,
         "runner": getattr(cfg.model_config, "runner_type", None),
         "lora": {"max_lora_rank": cfg.lora_config.max_lora_rank, "max_loras": cfg.lora_config.max_loras}

@@ -1,0 +1,128 @@
+"""Data-parallel replicas (``%vllm_load --replicas N``): one engine handle over N engines of the same model.
+
+Fast tier: the layout (which GPUs or cores each replica gets). Slow tier, in a real kernel on vLLM's CPU build with
+one core per replica: two replicas give exactly one engine's greedy output in prompt order, both take work, and a
+replica whose EngineCore is killed mid-batch loses and duplicates nothing (the journal holds each prompt once)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+from kernel import Kernel, engine_processes
+
+from vllm_notebook.cluster.plan import Plan, PlanError, make_plan, replica_layout
+
+FLAGS = "--enforce-eager --max-model-len 512"
+
+
+def _plan(replicas: int, tp: int = 1, gpus: int = 0) -> Plan:
+    return Plan(nodes=1, gpus_per_node=gpus, tensor_parallel_size=tp, pipeline_parallel_size=1, executor=None,
+                replicas=replicas)
+
+
+def test_each_replica_gets_its_own_gpus_or_cores():
+    two_gpus = replica_layout(_plan(2, gpus=2), cores=list(range(8)), gpu_ids=["0", "1"], memory=0.9)
+    assert [r.env for r in two_gpus] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert [r.memory_share for r in two_gpus] == [None, None]
+    tp2 = replica_layout(_plan(2, tp=2, gpus=4), cores=[], gpu_ids=["4", "5", "6", "7"], memory=None)
+    assert [r.env["CUDA_VISIBLE_DEVICES"] for r in tp2] == ["4,5", "6,7"]
+    shared = replica_layout(_plan(3, gpus=1), cores=[], gpu_ids=["0"], memory=0.9)  # one card: memory split
+    assert {r.env["CUDA_VISIBLE_DEVICES"] for r in shared} == {"0"} and [r.memory_share for r in shared] == [0.3] * 3
+    cpu = replica_layout(_plan(2), cores=[0, 1, 2, 3], gpu_ids=[], memory=None)
+    assert [r.env["VLLM_CPU_OMP_THREADS_BIND"] for r in cpu] == ["0,1", "2,3"] and cpu[0].place == "cores 0,1"
+    cpu_tp = replica_layout(_plan(2, tp=2), cores=list(range(8)), gpu_ids=[], memory=None)
+    assert [r.env["VLLM_CPU_OMP_THREADS_BIND"] for r in cpu_tp] == ["0,1|2,3", "4,5|6,7"]
+    with pytest.raises(PlanError, match="need 3 cores"):
+        replica_layout(_plan(3), cores=[0, 1], gpu_ids=[], memory=None)
+
+
+def test_replicas_take_one_gpu_each_unless_told_and_must_fit():
+    from types import SimpleNamespace
+
+    from vllm_notebook.cluster.allocation import Allocation
+
+    alloc = Allocation.from_env(gpu_count=4)
+    args = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, distributed_executor_backend=None)
+    plan = make_plan(alloc, {"num_attention_heads": 8}, set(), args, replicas=4)
+    assert (plan.tensor_parallel_size, plan.replicas) == (1, 4) and ("replicas", "4") in plan.rows()
+    args.tensor_parallel_size = 4
+    with pytest.raises(PlanError, match="2 replicas x 4 GPUs each = 8 GPUs"):
+        make_plan(alloc, {"num_attention_heads": 8}, {"tensor_parallel_size"}, args, replicas=2)
+
+
+def test_replicas_go_with_an_engine_in_this_kernel_only():
+    from vllm_notebook.errors import UsageError
+    from vllm_notebook.loader import LoadRequest, start
+
+    for line, said in (("m --replicas 0", "1 or more"), ("m --replicas 2 --server", "--server it is not supported")):
+        with pytest.raises(UsageError, match=said):
+            start(LoadRequest.from_argv(line.split()))
+
+
+# ------------------------------------------------------------------ real kernels, vLLM's CPU build
+CUT = """
+import os, signal, threading, time
+def _cut(path, n, pid):
+    def results():
+        try:
+            with open(path, "rb") as f:
+                return sum(b'"kind":"result"' in line for line in f)
+        except FileNotFoundError:
+            return 0
+    def watch():
+        while results() < n:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+    threading.Thread(target=watch, daemon=True).start()
+"""
+
+
+def _engine_cores(pid: int) -> list[psutil.Process]:
+    """The kernel's EngineCore processes, oldest first (replica 1's, then replica 2's)."""
+    cores = [p for p in engine_processes(pid) if "EngineCore" in p.name()]
+    return sorted(cores, key=lambda p: p.create_time())
+
+
+@pytest.mark.slow
+def test_two_replicas_give_one_engines_output_in_order_and_survive_a_killed_replica(tmp_path, demo_path):
+    journal = tmp_path / "study.vllm-journal.jsonl"
+    k = Kernel(env={"VLLM_NOTEBOOK_JOURNAL": str(journal)})
+    try:
+        k.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {FLAGS} --name one\n"
+              "prompts = [f'Tell me about the number {i}.' for i in range(24)] + ['The capital of France is']\n"
+              "ref = %generate -i prompts --name one --max-tokens 96 --temperature 0 --ignore-eos --no-journal\n"
+              "%vllm_unload --name one", timeout=400)
+        out = k.run(f"_two = %vllm_load {demo_path} {FLAGS} --max-num-seqs 2 --replicas 2", timeout=400)
+        assert "2 replicas" in out, out[-500:]
+        cores = _engine_cores(k.pid)
+        assert len(cores) == 2, cores
+        out = k.run("g = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos --no-journal\n"
+                    "print(g.texts == ref.texts, [r['served'] for r in _two.backend.parts()])")
+        same, served = out.strip().splitlines()[-1].split(" ", 1)
+        assert same == "True", out[-800:]
+        assert all(n > 0 for n in json.loads(served)), served  # both replicas took work
+
+        # Replica 2's EngineCore killed once 4 results are journaled: the batch still ends whole and right.
+        k.run(CUT + f"_cut({str(journal)!r}, 4, {cores[1].pid})")
+        out = k.run("g2 = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos\n"
+                    "print(g2.texts == ref.texts, g2.provenance['run'])\nprint(g2.footer())", timeout=400)
+        lines = out.strip().splitlines()
+        same, run_id = lines[-2].split()
+        assert same == "True", out[-1500:]
+        assert "replica" in lines[-1] and "died" in lines[-1] and "went to the other replicas" in lines[-1], lines[-1]
+        keys = [json.loads(line)["key"] for line in journal.read_text().splitlines()
+                if '"kind":"result"' in line and json.loads(line)["run"] == run_id]
+        assert len(keys) == len(set(keys)) == 25, (len(keys), len(set(keys)))  # each prompt once
+        out = k.run("%vllm_status")
+        assert "1 of 2 replicas serving" in out, out
+        again = k.run("g3 = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos --no-journal\n"
+                      "print(g3.texts == ref.texts)")
+        assert again.strip().splitlines()[-1] == "True"  # the survivor serves on alone
+        k.run("%vllm_unload --all")
+        assert not engine_processes(k.pid)
+    finally:
+        k.shutdown()
+    assert Path(journal).exists()

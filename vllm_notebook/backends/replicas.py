@@ -1,0 +1,364 @@
+"""``ReplicasBackend``: one engine over N replicas of the same model and flags (``%vllm_load MODEL --replicas N``).
+
+A model that fits on one GPU (or a few) runs fastest on a big allocation as independent copies: tensor parallelism
+pays for every token in all-reduces, replicas do not share anything. vLLM's offline API has no data parallelism
+(``LLM(data_parallel_size > 1)`` is refused), so this back-end composes other back-ends (each replica is a
+``LocalBackend`` here, with its own GPUs or cores) and is itself one back-end of the contract: the ``Engine`` above
+it, the magics, the journal and the panel see one engine.
+
+- **Work stealing.** A batch is cut into small shares handed out round-robin; each replica is kept just full
+  enough to saturate it (its ``max_num_seqs`` running, one share waiting) and takes the next share as requests
+  end, so a faster replica does more. Results keep the prompts' order (the ``Engine`` puts them by index) and are
+  journaled as each ends.
+- **Streams** go to the least-loaded replica; a chat (a prompt made by the chat template) goes to the replica its
+  conversation's beginning hashes to, whose prefix cache holds it.
+- **A replica that dies** (its EngineCore killed, out of memory) loses nothing: the requests it had not finished
+  go to the others, each prompt's result is still one; the run's footer says in one line what happened. When every
+  replica has died, the rest fail with one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import queue
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..engine.lora import Adapter
+from ..engine.requests import PromptRejected, Run, first_line
+from ..errors import EngineDiedError, EngineStartError, VllmNotebookError
+from ..prepare import scoped_env
+from .base import Backend
+
+#: Requests a replica takes at a time (fewer for a small batch, so every replica gets some).
+SHARE = 32
+#: What a replica runs at once when its own limit is unknown (vLLM's default ``max_num_seqs``).
+DEFAULT_RUNNING = 256
+
+
+class _Share:
+    """One replica's part of a run, as a ``Run`` the replica's back-end can serve: its requests under their own
+    indices 0..n-1. What the replica puts on ``q`` goes to the run's queue under the run's indices, and tells the
+    spread which requests ended."""
+
+    def __init__(self, run: Run, indices: list[int], member: int, spread: _Spread):
+        self.indices, self.member, self._spread, self._run = indices, member, spread, run
+        self.rids = [run.rids[g] for g in indices]
+        self.loras = [run.loras[g] for g in indices]
+        self.params = run.params
+        self.rid_set = set(self.rids)
+        self.open = set(range(len(indices)))  # requests of this share that have not ended
+        self.q = self  # the replica's back-end puts (i, output) here
+        self.sends_left = 0
+
+    def put(self, item) -> None:
+        i, out = item
+        if i not in self.open:
+            return
+        if isinstance(out, BaseException) and not isinstance(out, PromptRejected) and self._spread.lost(self, out):
+            return  # the replica died: this request goes to another one (``_Spread.share_done``)
+        self._run.q.put((self.indices[i], out))
+        if isinstance(out, BaseException) or getattr(out, "finished", False):
+            self.open.discard(i)
+            self._spread.ended(self, self.indices[i])
+
+
+class _Spread:
+    """One run's prompts spread over the live replicas with work stealing (see the module's text)."""
+
+    def __init__(self, backend: ReplicasBackend, items: list, params: Any, run: Run):
+        self.b, self.items, self.params, self.run = backend, items, params, run
+        self.todo: list[int] = list(range(len(items)))
+        self.flying: dict[int, set[int]] = {k: set() for k in range(len(backend.members))}
+        self.wake = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.redone: dict[int, int] = {}  # replica index -> its unfinished requests given to the others
+
+    # ------------------------------------------------------------ what the shares report
+    def ended(self, share: _Share, g: int) -> None:
+        self.flying[share.member].discard(g)
+        self.b.load[share.member] -= 1
+        self.b.served[share.member] += 1
+        self.wake.set()
+
+    def lost(self, share: _Share, exc: BaseException) -> bool:
+        """A request's error: True when it is its replica's death (the request is then redone elsewhere)."""
+        member = self.b.members[share.member]
+        if member.alive and not isinstance(member.translate(exc), EngineDiedError):
+            return False
+        self.b.died(share.member, exc)
+        return True
+
+    def share_done(self, share: _Share) -> None:
+        """Every coroutine of ``share`` has returned: what it left open goes back to the front of the queue."""
+        left = sorted(share.indices[i] for i in share.open)
+        share.open.clear()
+        if left:
+            for g in left:
+                self.flying[share.member].discard(g)
+            self.b.load[share.member] -= len(left)
+            self.redone[share.member] = self.redone.get(share.member, 0) + len(left)
+            self.todo[:0] = left
+        self.wake.set()
+
+    # ------------------------------------------------------------ handing out
+    def _launch(self, k: int, indices: list[int]) -> None:
+        member = self.b.members[k]
+        share = _Share(self.run, indices, k, self)
+        self.flying[k].update(indices)
+        self.b.load[k] += len(indices)
+        sends = member.sends([self.items[g] for g in indices], self.params, share)
+        share.sends_left = len(sends)
+        for j, coro in sends:
+            task = asyncio.ensure_future(self._guard(share, j, coro))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _guard(self, share: _Share, j: int, coro) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a request's error, or the replica's death
+            share.put((j, exc))
+        finally:
+            share.sends_left -= 1
+            if share.sends_left == 0:
+                self.share_done(share)
+
+    def _pick_one(self, live: list[int]) -> int:
+        """The replica for a run of one prompt: a chat's by its conversation's beginning, else the least loaded."""
+        prompt = self.items[0]
+        if isinstance(prompt, dict) and prompt.get("prompt_token_ids") and prompt.get("prompt"):
+            head = repr(prompt["prompt_token_ids"][:64]).encode()
+            return live[int(hashlib.sha256(head).hexdigest(), 16) % len(live)]
+        return min(live, key=lambda k: self.b.load[k])
+
+    async def go(self) -> None:
+        try:
+            while self.todo or any(self.flying.values()):
+                live = self.b.live()
+                if not live:
+                    self._fail_the_rest()
+                    return
+                if len(self.items) == 1 and self.todo:
+                    self._launch(self._pick_one(live), [self.todo.pop(0)])
+                share = max(1, min(SHARE, -(-len(self.todo) // (2 * len(live))))) if self.todo else 0
+                handed = True
+                while self.todo and handed:  # round-robin, a share at a time, while someone has room
+                    handed = False
+                    for k in sorted(live, key=lambda k: self.b.load[k]):
+                        if self.todo and self.b.load[k] + min(share, len(self.todo)) <= self.b.room(k):
+                            n = min(share, len(self.todo))
+                            self._launch(k, self.todo[:n])
+                            del self.todo[:n]
+                            handed = True
+                self.wake.clear()
+                await self.wake.wait()
+        except asyncio.CancelledError:
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            raise
+        finally:
+            if self.redone:
+                self.run.notes.append(self.b.redone_note(self.redone))
+
+    def _fail_the_rest(self) -> None:
+        error = EngineDiedError(f"every replica of engine '{self.b.name}' has died "
+                                f"({self.b.death_reason()}); run %vllm_load again to start them")
+        for g in self.todo:
+            self.run.q.put((g, error))
+        self.todo.clear()
+
+
+class ReplicasBackend(Backend):
+    """N replicas (back-ends of one kind, one configuration) as one back-end (see the module's text)."""
+
+    kind = "replicas"
+    summarised_on_load = True
+
+    def __init__(self, members: Sequence[Backend], envs: Sequence[dict[str, str]], key: tuple = (),
+                 log_path: str = "", plan: dict | None = None, places: Sequence[str] = ()):
+        super().__init__(key, log_path, plan)
+        self.members = list(members)
+        self.envs = [dict(e) for e in envs]
+        self.places = list(places) or [f"replica {k + 1}" for k in range(len(self.members))]
+        self.load = [0] * len(self.members)  # requests in flight on each replica, over every run
+        self.served = [0] * len(self.members)  # requests each replica has ended
+        self.deaths: dict[int, str] = {}  # replica index -> why it died
+
+    # ---------------------------------------------------------------- what the engine is
+    def _first(self) -> Backend:
+        live = self.live()
+        return self.members[live[0] if live else 0]
+
+    def live(self) -> list[int]:
+        return [k for k, m in enumerate(self.members) if k not in self.deaths and m.alive]
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.live())
+
+    @property
+    def tokenizer(self):
+        return self._first().tokenizer
+
+    def state(self) -> str | None:
+        live = len(self.live())
+        return f"{live} of {len(self.members)} replicas serving" if 0 < live < len(self.members) else None
+
+    def place(self) -> str:
+        return f"{len(self.members)} replicas"
+
+    def room(self, k: int) -> int:
+        """Requests replica ``k`` takes at once: what it runs, and a share waiting behind them."""
+        running = self.members[k].facts.get("max_num_seqs") or DEFAULT_RUNNING
+        return int(running) + SHARE
+
+    def rows(self) -> list[tuple[str, Any]]:
+        rows = self._first().rows()
+        state = {k: "serving" if k in self.live() else f"died: {self.deaths.get(k, 'stopped')}"
+                 for k in range(len(self.members))}
+        rows.insert(1, ("replicas", "; ".join(f"{self.places[k]} ({state[k]})" for k in range(len(self.members)))))
+        return rows
+
+    def title(self) -> str:
+        return f"vLLM engine, {len(self.members)} replicas"
+
+    def parts(self) -> list[dict[str, Any]]:
+        """Each replica for ``%vllm_status``: where, state, requests in flight and ended, and its log."""
+        return [{"replica": k + 1, "where": self.places[k],
+                 "state": "serving" if k in self.live() else f"died ({self.deaths.get(k, 'stopped')})",
+                 "in flight": self.load[k], "served": self.served[k], "log": m.log_path}
+                for k, m in enumerate(self.members)]
+
+    # ---------------------------------------------------------------- start
+    def start(self, progress: Callable[[str, float], None] | None = None) -> None:
+        """Start the replicas one after another (on a shared card, each one's memory check must see the others'
+        memory taken); if one fails, those started are stopped and the error says which replica."""
+        started: list[Backend] = []
+        total = 0.0
+        for k, member in enumerate(self.members):
+            member.loop, member.name = self.loop, f"{self.name}[{k + 1}]"
+            report = None
+            if progress is not None:
+                def report(phase: str, seconds: float, k: int = k) -> None:
+                    progress(f"replica {k + 1} of {len(self.members)} ({self.places[k]}): {phase}", total + seconds)
+            try:
+                with scoped_env(self.envs[k]):
+                    member.start(report)
+            except VllmNotebookError as exc:
+                for m in reversed(started):
+                    m.close()
+                    m.stop()
+                raise EngineStartError(f"replica {k + 1} of {len(self.members)} ({self.places[k]}) failed to "
+                                       f"start: {exc}") from None
+            started.append(member)
+            total += member.load_seconds or 0.0
+        first = self.members[0]
+        self.facts = {**first.facts, "replicas": len(self.members)}
+        self.adapters, self.vllm_version = first.adapters, first.vllm_version
+        self.load_seconds = total
+
+    # ---------------------------------------------------------------- deaths
+    def died(self, k: int, exc: BaseException) -> None:
+        if k not in self.deaths:
+            self.deaths[k] = first_line(self.members[k].translate(exc)) or type(exc).__name__
+
+    def death_reason(self) -> str:
+        return "; ".join(f"{self.places[k]}: {why}" for k, why in sorted(self.deaths.items())) or "stopped"
+
+    def redone_note(self, redone: dict[int, int]) -> str:
+        parts = [f"{self.places[k]} died ({_short(self.deaths.get(k, 'stopped'))}): its {n:,} unfinished "
+                 f"request(s) went to the other replicas" for k, n in sorted(redone.items())]
+        return "; ".join(parts)
+
+    def check_usable(self) -> None:
+        if not self.live():
+            raise EngineDiedError(f"every replica of engine '{self.name}' has died ({self.death_reason()}); "
+                                  f"run %vllm_load again to start them")
+
+    def translate(self, exc: BaseException) -> BaseException:
+        return self._first().translate(exc)
+
+    # ---------------------------------------------------------------- sampling and prompts (one configuration)
+    def sampling(self, base: Any = None, overrides: dict[str, Any] | None = None) -> Any:
+        return self._first().sampling(base, overrides)
+
+    def default_sampling(self) -> dict[str, Any]:
+        return self._first().default_sampling()
+
+    def chat_prompt(self, messages: Sequence[dict]) -> dict:
+        return self._first().chat_prompt(messages)
+
+    def sampling_record(self, params: Any) -> dict[str, Any]:
+        return self._first().sampling_record(params)
+
+    def identity(self) -> dict[str, Any]:
+        return {**self._first().identity(), "replicas": len(self.members)}
+
+    def where(self) -> dict[str, Any]:
+        return {**self.members[0].where(), "replicas": list(self.places)}
+
+    # ---------------------------------------------------------------- requests
+    def prepare(self, params: Any, stream: bool) -> Any:
+        return self._first().prepare(params, stream)
+
+    def sends(self, items: list, params: Any, run: Run) -> list[tuple[int, Any]]:
+        return [(0, _Spread(self, list(items), params, run).go())]
+
+    async def request(self, i: int, prompt, params, rid: str, q: queue.Queue, lora: Adapter | None = None) -> Any:
+        k = min(self.live(), key=lambda k: self.load[k])
+        return await self.members[k].request(i, prompt, params, rid, q, lora)
+
+    def abort(self, run: Run, pending: list[str]) -> None:
+        for k in self.live():
+            self.members[k].abort(run, pending)
+
+    def token_ids(self, text: str, special: bool = True) -> list[int]:
+        return self._first().token_ids(text, special)
+
+    def tokens_in_flight(self, run: Run) -> int | None:
+        counts = [self.members[k].tokens_in_flight(run) for k in self.live()]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    def refresh_usage(self) -> None:
+        for k in self.live():
+            self.members[k].refresh_usage()
+        self.usage = self._first().usage
+
+    async def add_lora(self, adapter: Adapter) -> None:
+        for k in self.live():
+            await self.members[k].add_lora(adapter)
+
+    async def remove_lora(self, adapter: Adapter) -> None:
+        for k in self.live():
+            await self.members[k].remove_lora(adapter)
+
+    # ---------------------------------------------------------------- sleep mode
+    def can_sleep(self) -> bool:
+        return all(self.members[k].can_sleep() for k in self.live())
+
+    async def sleep(self, level: int) -> None:
+        for k in self.live():
+            await self.members[k].sleep(level)
+
+    async def wake(self, level: int) -> None:
+        for k in self.live():
+            await self.members[k].wake(level)
+
+    # ---------------------------------------------------------------- stop
+    def close(self) -> None:
+        for m in self.members:
+            m.close()
+
+    def stop(self) -> str:
+        for m in self.members:
+            m.stop()
+        return f"unloaded engine '{self.name}' ({self.model}, {len(self.members)} replicas)"
+
+
+def _short(why: str) -> str:
+    return why if len(why) <= 120 else why[:117] + "…"
