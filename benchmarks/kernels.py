@@ -20,6 +20,9 @@ load rows ours / raw seconds (lower is better); each row shows the median ratio 
   concurrency     3 panels + a %generate batch at once / the same requests sent raw to the same engine
   server stream   %%generate over --server / the openai client streaming from the same server
   server batch    %generate over --server / one openai completions request with the prompt list
+  replicas        %generate -i with --replicas 2 / %generate -i with one engine, on the same GPU memory (the
+                  replicas split the one engine's --gpu-memory-utilization) or the same cores; batch of the
+                  first size (data parallelism's gain, not our cost: ratio > 1 is the point)
 
 Results go to ``artifacts/kernels.json``.
 """
@@ -371,6 +374,17 @@ def main() -> None:
             fill_c = dict(streams=STREAMS, tokens=a.tokens)
             rows[f"3 panels + batch {conc}"] = _paired((ours, CONC_OURS.format(**fill_c)),
                                                        (ours, CONC_RAW.format(**fill_c)), a.trials)
+        if "replicas" in wanted:
+            size = int(a.sizes.split(",")[0])
+            cell = PROMPTS_CELL.format(prompts=PROMPTS, n=size // len(PROMPTS) + 1, size=size)
+            two = Kernel(env=env)
+            try:
+                two.run(OURS_LOAD.format(line=shlex.join([model, *flags, "--replicas", "2"])), timeout=900)
+                rows[f"replicas 2 vs 1, batch {size} x {a.tokens}"] = _paired(
+                    (two, cell + OURS_RUN.format(tokens=a.tokens)), (ours, cell + OURS_RUN.format(tokens=a.tokens)),
+                    a.trials)
+            finally:
+                two.shutdown()
         if "server" in wanted:
             raw.shutdown()
             raw = Kernel(env=env)

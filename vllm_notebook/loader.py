@@ -532,7 +532,7 @@ def _replicas(prep: Prepared, args) -> ReplicasBackend:
     members = []
     for k, replica in enumerate(layout):
         own = copy.deepcopy(args)
-        if replica.memory_share is not None and "gpu_memory_utilization" not in prep.explicit:
+        if replica.memory_share is not None:  # replicas sharing a card share what one engine would take
             own.gpu_memory_utilization = replica.memory_share
         members.append(LocalBackend(own, prep.key, logs.new_log_path(f"{prep.name}-{k + 1}"),
                                     plan=prep.plan.as_dict()))

@@ -271,8 +271,8 @@ class ReplicasBackend(Backend):
         return "; ".join(f"{self.places[k]}: {why}" for k, why in sorted(self.deaths.items())) or "stopped"
 
     def redone_note(self, redone: dict[int, int]) -> str:
-        parts = [f"{self.places[k]} died ({_short(self.deaths.get(k, 'stopped'))}): its {n:,} unfinished "
-                 f"request(s) went to the other replicas" for k, n in sorted(redone.items())]
+        parts = [f"replica {k + 1} ({self.places[k]}) died ({_short(self.deaths.get(k, 'stopped'))}): its {n:,} "
+                 f"unfinished request(s) went to the other replicas" for k, n in sorted(redone.items())]
         return "; ".join(parts)
 
     def check_usable(self) -> None:
