@@ -126,3 +126,39 @@ def test_two_replicas_give_one_engines_output_in_order_and_survive_a_killed_repl
     finally:
         k.shutdown()
     assert Path(journal).exists()
+
+
+def test_replicas_auto_takes_the_smallest_tensor_parallel_size_that_holds_the_model():
+    from vllm_notebook.cluster.plan import auto_replicas
+
+    llama8b = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096,
+               "max_position_embeddings": 131072}
+    h100 = 80 * 2**30
+    est = auto_replicas(llama8b, weights=16_060_000_000, gpus=4, card_bytes=h100, utilization=0.9,
+                        max_model_len=8192, tp=None)
+    assert (est.tensor_parallel_size, est.replicas) == (1, 4)  # 16 GB + 1 GB of KV: one card each
+    assert "TP 1, 4 replicas" in est.row()[1] and "weights 16.06 GB" in est.row()[1]
+    llama70b = {**llama8b, "num_hidden_layers": 80, "num_attention_heads": 64, "hidden_size": 8192}
+    est = auto_replicas(llama70b, weights=141_000_000_000, gpus=8, card_bytes=h100, utilization=0.9,
+                        max_model_len=8192, tp=None)
+    assert (est.tensor_parallel_size, est.replicas) == (2, 4)  # 70.5 GB + 1.3 GB of KV + 2 GiB a card: fits 77 GB
+    small = {**llama8b, "num_hidden_layers": 16, "hidden_size": 2048}
+    est = auto_replicas(small, weights=1_580_000_000, gpus=1, card_bytes=h100, utilization=0.9, max_model_len=4096,
+                        tp=None)
+    assert (est.tensor_parallel_size, est.replicas) == (1, 2) and "two a card" in est.why
+    assert auto_replicas(llama8b, weights=1, gpus=0, card_bytes=None, utilization=0.9, max_model_len=None, tp=None,
+                         cpu_nodes=2).replicas == 2
+    with pytest.raises(PlanError, match="does not fit this node"):
+        auto_replicas(llama70b, weights=141_000_000_000, gpus=1, card_bytes=h100, utilization=0.9,
+                      max_model_len=8192, tp=None)
+
+
+def test_dry_run_shows_the_replicas_and_the_arithmetic(demo_path):
+    import vllm_notebook
+
+    plan = vllm_notebook.load(demo_path, name="dry", dry_run=True, replicas="auto", enforce_eager=True,
+                              max_model_len=512)
+    text = str(plan)
+    assert "replicas auto" in text and "CPU build: one replica per NUMA node" in text, text
+    two = str(vllm_notebook.load(demo_path, name="dry", dry_run=True, replicas=2, enforce_eager=True))
+    assert "replicas" in two and "2" in two

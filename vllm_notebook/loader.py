@@ -72,7 +72,9 @@ class LoadRequest:
     chain: int = 0  # slurm: successor jobs that keep the model up past the walltime
     wait: bool = True  # slurm: requests before the job is ready wait for it (else they fail at once)
     server_flag: bool = field(default=False, repr=False)  # ``--server`` typed: with --attach or --slurm, a mistake
-    replicas: int = 1  # local: that many engines of the same model and flags, as one (``backends/replicas.py``)
+    #: local: that many engines of the same model and flags, as one (``backends/replicas.py``); "auto": as many as
+    #: fit this node (``cluster/plan.auto_replicas``)
+    replicas: int | str = 1
 
     @classmethod
     def from_argv(cls, argv: list[str], default_model: str = "", progress: bool = True) -> LoadRequest:
@@ -120,9 +122,10 @@ class LoadRequest:
             return
         if self.chain or not self.wait:
             raise UsageError("%vllm_load: --chain and --no-wait go with --slurm 'SBATCH OPTIONS'")
-        if not isinstance(self.replicas, int) or self.replicas < 1:
-            raise UsageError(f"%vllm_load: --replicas takes a number of engines, 1 or more (not {self.replicas!r})")
-        if self.replicas > 1 and self.backend != "local":
+        if self.replicas != "auto" and (not isinstance(self.replicas, int) or self.replicas < 1):
+            raise UsageError(f"%vllm_load: --replicas takes a number of engines, 1 or more, or auto "
+                             f"(not {self.replicas!r})")
+        if self.replicas != 1 and self.backend != "local":
             raise UsageError(f"%vllm_load: --replicas runs engines in this kernel; with --{self.backend} it is not "
                              "supported yet")
         if self.backend == "local" and (self.host or self.port or self.api_key_file):
@@ -600,12 +603,23 @@ def _own_parser() -> argparse.ArgumentParser:
                       help="with --slurm: N successor jobs, each starting before the previous one's walltime ends")
     ours.add_argument("--no-wait", action="store_true",
                       help="with --slurm: requests before the job is ready fail at once instead of waiting")
-    ours.add_argument("--replicas", type=int, default=1, metavar="N",
+    ours.add_argument("--replicas", type=_replicas_value, default=1, metavar="N|auto",
                       help="N engines of the same model and flags as one (data parallel): a batch is spread over "
                            "them; each gets its own GPUs (--tensor-parallel-size each, else one; more replicas "
-                           "than GPUs share them) or, on the CPU build, its own cores")
+                           "than GPUs share them) or, on the CPU build, its own cores. auto: the smallest "
+                           "tensor-parallel size that holds the model, over every GPU (--dry-run shows the "
+                           "arithmetic)")
     ours.add_argument("-h", "--help", action="store_true", help="show this help")
     return p
+
+
+def _replicas_value(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of engines, or auto (not {text!r})") from None
 
 
 def _import_line(enabled: bool):

@@ -16,10 +16,12 @@ import json
 import os
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .cluster.allocation import Allocation
-from .cluster.plan import Plan, make_plan
+from .cluster.plan import Estimate, Plan, auto_replicas, make_plan
+from .engine import gpus as nvml
 from .errors import UsageError
 from .models import resolve
 from .tables import html_pairs, text_pairs
@@ -53,13 +55,21 @@ class Prepared:
 
 
 def prepare(name: str, args: Any, path: str, explicit: set[str], *, gpu_count: int, cpu_build: bool,
-            replicas: int = 1) -> Prepared:
+            replicas: int | str = 1) -> Prepared:
     """Allocation, plan, environment and configuration key for loading ``args`` (model at ``path``), as one engine
-    or as ``replicas`` engines of the same configuration."""
+    or as ``replicas`` engines of the same configuration (``"auto"``: as many as fit, ``auto_replicas``)."""
     alloc = Allocation.from_env(gpu_count=gpu_count)
     config = resolve.read_config(path)
     check_max_model_len(args, config)
+    estimate = None
+    if replicas == "auto":
+        estimate = _auto(config, args, path, explicit, alloc.gpus_per_node if not cpu_build else 0)
+        replicas = estimate.replicas
+        if estimate.tensor_parallel_size > 1 and "tensor_parallel_size" not in explicit:
+            args.tensor_parallel_size = estimate.tensor_parallel_size
+            explicit = {*explicit, "tensor_parallel_size"}
     plan = make_plan(alloc, config, explicit, args, replicas=replicas)
+    plan.estimate = estimate
     model = str(args.model)
     hub_id = model if resolve.from_cache(model, path) else None
     env = dict(HUB_OFFLINE) if hub_id else {}
@@ -68,7 +78,19 @@ def prepare(name: str, args: Any, path: str, explicit: set[str], *, gpu_count: i
     return Prepared(cpu_build=cpu_build, name=name, model=model, path=path, args=args, explicit=set(explicit),
                     allocation=alloc,
                     plan=plan, hub_id=hub_id, env=env,
-                    key=engine_key(args) + ((("replicas", replicas),) if replicas > 1 else ()))
+                    key=engine_key(args) + ((("replicas", plan.replicas),) if plan.replicas > 1 else ()))
+
+
+def _auto(config: dict, args: Any, path: str, explicit: set[str], gpus: int) -> Estimate:
+    """``--replicas auto`` on this node: its GPUs (as NVML sees them) or its NUMA nodes."""
+    cards = nvml.cards() or []
+    numa = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+    return auto_replicas(config, weights=nvml.weight_bytes(path), gpus=gpus,
+                         card_bytes=cards[0]["memory_mib"] * 2**20 if cards else None,
+                         utilization=float(getattr(args, "gpu_memory_utilization", None) or 0.9),
+                         max_model_len=getattr(args, "max_model_len", None),
+                         tp=int(args.tensor_parallel_size) if "tensor_parallel_size" in explicit else None,
+                         cpu_nodes=numa)
 
 
 def check_max_model_len(args: Any, config: dict) -> None:

@@ -9,6 +9,7 @@ plan is a one-line error before anything starts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from ..errors import UsageError
 
@@ -34,6 +35,7 @@ class Plan:
     pipeline_parallel_size: int
     executor: str | None  # None: vLLM's default for one process
     replicas: int = 1  # independent engines of the same model and flags (``--replicas``), one engine handle
+    estimate: Any = None  # ``--replicas auto``'s arithmetic (``Estimate``)
 
     @property
     def devices(self) -> str:
@@ -49,10 +51,14 @@ class Plan:
                 ("executor", self.executor or "single process")]
         if self.replicas > 1:
             rows.insert(1, ("replicas", str(self.replicas)))
+        if self.estimate is not None:
+            rows.append(self.estimate.row())
         return rows
 
     def as_dict(self) -> dict:
-        return {"devices": self.devices, **asdict(self)}
+        out = {"devices": self.devices, **asdict(self)}
+        out.pop("estimate", None)
+        return out
 
 
 def make_plan(alloc, model_config: dict, explicit: set[str], args, replicas: int = 1) -> Plan:
@@ -101,6 +107,73 @@ def make_plan(alloc, model_config: dict, explicit: set[str], args, replicas: int
         args.distributed_executor_backend = executor
     return Plan(nodes=nodes, gpus_per_node=gpus, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                 executor=executor, replicas=replicas)
+
+
+#: What an engine takes on a GPU beyond weights and KV cache (activations, CUDA graphs, the CUDA context), bytes.
+ENGINE_OVERHEAD = 2 * 2**30
+#: Below this share of a card's memory (weights and overhead), ``--replicas auto`` puts two replicas on each
+#: card: measured with raw vLLM 0.26 on an H100, two engines of a 0.79 B model (2 % of the card each) made
+#: 2.08x one engine's tokens/s, the one engine's scheduler being the limit.
+SMALL_MODEL_SHARE = 0.1
+
+
+@dataclass
+class Estimate:
+    """``--replicas auto``'s arithmetic, shown by ``--dry-run``."""
+
+    weights: int | None  # bytes of the weights (their files)
+    kv_one_sequence: int | None  # bytes of KV cache for one sequence of max_model_len tokens
+    usable_per_gpu: int | None  # bytes of one GPU that vLLM may take (memory x --gpu-memory-utilization)
+    tensor_parallel_size: int
+    replicas: int
+    why: str
+
+    def row(self) -> tuple[str, str]:
+        gb = lambda b: f"{b / 1e9:.2f} GB" if b is not None else "unknown"  # noqa: E731
+        return ("replicas auto", f"weights {gb(self.weights)} + one sequence's KV cache {gb(self.kv_one_sequence)} "
+                                 f"+ {ENGINE_OVERHEAD / 2**30:.0f} GiB per engine, {gb(self.usable_per_gpu)} usable "
+                                 f"per GPU: TP {self.tensor_parallel_size}, {self.replicas} replicas ({self.why})")
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int = 2) -> int | None:
+    """K and V of every layer for one token, from the model's config (None when it does not say)."""
+    layers, heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
+    if not layers or not heads:
+        return None
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or 0) // heads
+    return 2 * layers * kv_heads * head_dim * dtype_bytes if head_dim else None
+
+
+def auto_replicas(config: dict, *, weights: int | None, gpus: int, card_bytes: int | None, utilization: float,
+                  max_model_len: int | None, tp: int | None, cpu_nodes: int = 1) -> Estimate:
+    """``--replicas auto``: the smallest tensor-parallel size whose GPUs hold the weights, one sequence of
+    ``max_model_len`` tokens of KV cache and an engine's overhead, replicated over this node's other GPUs (two
+    a card for a small model, see ``SMALL_MODEL_SHARE``). On the CPU build (no GPUs), one replica per NUMA node.
+    ``tp`` given: kept."""
+    if not gpus:
+        return Estimate(weights, None, None, 1, max(1, cpu_nodes), "the CPU build: one replica per NUMA node")
+    heads = config.get("num_attention_heads")
+    length = max_model_len or config.get("max_position_embeddings") or 0
+    per_token = kv_bytes_per_token(config)
+    kv = per_token * length if per_token and length else None
+    usable = int(card_bytes * utilization) if card_bytes else None
+    if tp is None:
+        tp = 1
+        if usable and weights:
+            fits = [t for t in range(1, gpus + 1) if not heads or heads % t == 0]
+            need = lambda t: (weights + (kv or 0)) / t + ENGINE_OVERHEAD  # noqa: E731
+            ok = [t for t in fits if need(t) <= usable]
+            if not ok:
+                raise PlanError(f"the model needs about {need(fits[-1]) / 1e9:.0f} GB a GPU even at tensor "
+                                f"parallel {fits[-1]}, and a GPU here has {usable / 1e9:.0f} GB usable: it does not "
+                                "fit this node (a smaller --max-model-len needs less KV cache)")
+            tp = ok[0]
+    replicas = max(1, gpus // tp)
+    why = f"{gpus} GPU(s) / TP {tp}"
+    if tp == 1 and usable and weights and (weights + ENGINE_OVERHEAD) <= SMALL_MODEL_SHARE * usable:
+        replicas, why = 2 * gpus, "a small model: two a card, measured faster than one"
+    return Estimate(weights, kv, usable, tp, replicas, why)
 
 
 @dataclass
