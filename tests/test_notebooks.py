@@ -75,6 +75,12 @@ def test_notebook_runs(path, demo_path, tmp_path):
         assert "Paris" in everything and "woof" in everything and "Berlin" in everything
     if path.stem == "structured_output":
         assert "City(name=" in everything and "'answer':" in everything
+    if path.stem == "replicas":
+        assert "replicas auto" in everything and "2 replicas" in everything and "' Paris.'" in everything
+        assert "[1]" in everything and "[2]" in everything and "unloaded engine 'default'" in everything
+    if path.stem == "replicas":
+        assert "replicas auto" in everything and "2 replicas" in everything and "' Paris.'" in everything
+        assert "[1]" in everything and "[2]" in everything and "unloaded engine 'default'" in everything
     if path.stem == "offline_models":
         assert "vllm-notebook/demo-llama" in everything and " Paris." in everything
         assert "vllm-notebook download someorg/not-downloaded" in everything and "pitfalls found" in everything
