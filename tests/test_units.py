@@ -821,3 +821,20 @@ def test_sharing_the_cores_gives_the_weight_back_unless_someone_changed_it(monke
     finally:
         group.write_text(str(before))
         procs._sharing, procs._nice_set = 0, None
+
+
+def test_a_batch_bar_is_made_only_once_a_batch_has_run_a_moment():
+    """No widget for a batch done in a blink (it would cost the batch ~13 ms of comm messages), and none made
+    only to be closed at the end; once made, it counts tokens toward the estimated end."""
+    from vllm_notebook.engine.requests import Progress
+    from vllm_notebook.ui.display import BatchBar
+
+    quick = BatchBar("default", prompts=4, max_tokens=10)
+    quick(Progress(prompts=4, done=0, tokens=3, done_tokens=0, elapsed=0.05))
+    quick(Progress(prompts=4, done=4, tokens=40, done_tokens=40, elapsed=0.3, final=True))
+    assert quick.bar is None
+    quick.close()
+    slow = BatchBar("default", prompts=4, max_tokens=10)
+    slow(Progress(prompts=4, done=1, tokens=15, done_tokens=8, elapsed=0.2))
+    assert slow.bar is not None and slow.bar.n == 15 and slow.bar.total == 8 + 3 * 10
+    slow.close()

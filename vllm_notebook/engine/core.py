@@ -346,7 +346,7 @@ class Engine(TaskMethods):
             done_tokens = base_tokens + run.finished_tokens
             flying = None if final else self.backend.tokens_in_flight(run)
             on_progress(Progress(prompts=prompts, done=len(restored) + run.finished, done_tokens=done_tokens,
-                                 tokens=done_tokens + (flying or 0), elapsed=now - run.started))
+                                 tokens=done_tokens + (flying or 0), elapsed=now - run.started, final=final))
         return tick
 
     def _record(self, params: Any, adapters: list) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class Progress:
     tokens: int
     done_tokens: int
     elapsed: float
+    final: bool = False  # the run has ended: the last call
 
 
 class PromptRejected(Exception):
