@@ -162,3 +162,97 @@ def test_dry_run_shows_the_replicas_and_the_arithmetic(demo_path):
     assert "replicas auto" in text and "CPU build: one replica per NUMA node" in text, text
     two = str(vllm_notebook.load(demo_path, name="dry", dry_run=True, replicas=2, enforce_eager=True))
     assert "replicas" in two and "2" in two
+
+
+# ------------------------------------------------------------------ the spread, on fake back-ends (fast)
+class _Mortal:
+    """A fake replica that dies after it has served ``lives`` requests (its engine gone: every request fails)."""
+
+    def __new__(cls, lives: int, **kw):
+        from fake_backend import FakeBackend
+
+        class Mortal(FakeBackend):
+            async def request(self, i, prompt, fields, rid, q, lora=None):
+                if self.died or len(self.sent) >= lives:
+                    self.died = True
+                    raise EngineDiedError(f"engine '{self.name}' has died (EngineCore killed)")
+                return await super().request(i, prompt, fields, rid, q, lora)
+
+        from vllm_notebook.errors import EngineDiedError
+
+        return Mortal(**kw)
+
+
+def _replicas(*members, name: str = "default"):
+    from vllm_notebook.backends.replicas import ReplicasBackend
+    from vllm_notebook.engine.core import Engine
+
+    return Engine(name, ReplicasBackend(list(members), [{}] * len(members),
+                                        places=[f"fake {k + 1}" for k in range(len(members))])).start()
+
+
+PROMPTS = [f"prompt number {i} is here" for i in range(40)]
+
+
+def test_a_batch_over_replicas_is_one_engines_result_in_order_and_both_work():
+    from fake_backend import FakeBackend, fake_engine
+
+    one = fake_engine("one").generate(PROMPTS, max_tokens=6)
+    a, b = FakeBackend(delay=0.001), FakeBackend(delay=0.001)
+    eng = _replicas(a, b)
+    try:
+        gen = eng.generate(PROMPTS, max_tokens=6)
+        assert gen.texts == one.texts and not gen.notes
+        assert a.sent and b.sent and len(a.sent) + len(b.sent) == 40  # both took work, each prompt once
+        assert eng.generate("just one prompt", max_tokens=3).text == " just one prompt"
+        assert [p["served"] for p in eng.backend.parts()] == [len(a.sent), len(b.sent)]
+    finally:
+        eng.unload()
+
+
+def test_a_replica_that_dies_mid_batch_hands_its_requests_to_the_others():
+    from fake_backend import FakeBackend, fake_engine
+
+    one = fake_engine("one").generate(PROMPTS, max_tokens=6)
+    mortal, steady = _Mortal(5, delay=0.002), FakeBackend(delay=0.002)
+    eng = _replicas(mortal, steady)
+    try:
+        gen = eng.generate(PROMPTS, max_tokens=6)
+        assert gen.texts == one.texts and not gen.errors
+        assert len(mortal.sent) == 5 and len(steady.sent) == 35  # nothing done twice, nothing lost
+        assert "replica 1 (fake 1) died (engine 'default[1]' has died (EngineCore killed))" in gen.footer()
+        assert "unfinished request(s) went to the other replicas" in gen.footer()
+        assert eng.state == "1 of 2 replicas serving" and "died" in eng.backend.parts()[0]["state"]
+        assert eng.generate(PROMPTS[:3], max_tokens=6).texts == one.texts[:3]  # the survivor serves on
+        from vllm_notebook.errors import EngineDiedError
+
+        steady.died = True
+        with pytest.raises(EngineDiedError, match="every replica of engine 'default' has died"):
+            eng.generate(PROMPTS, max_tokens=2)
+    finally:
+        eng.unload()
+
+
+def test_a_batch_starts_on_the_first_ready_replica_and_a_late_one_joins():
+    import threading
+
+    from fake_backend import FakeBackend
+
+    class Late(FakeBackend):
+        is_ready = False
+
+        @property
+        def ready(self):
+            return self.is_ready
+
+    early, late = FakeBackend(delay=0.02), Late(delay=0.02)
+    for m in (early, late):  # each runs 8 at a time, so one alone takes the batch in turns of 8 + a share
+        m.facts["max_num_seqs"] = 8
+    eng = _replicas(early, late)
+    try:
+        threading.Timer(0.05, lambda: setattr(late, "is_ready", True)).start()  # during the first turn
+        gen = eng.generate(PROMPTS * 3, max_tokens=8)
+        assert len(gen.texts) == 120 and early.sent and late.sent  # the late one took shares once ready
+        assert len(early.sent) + len(late.sent) == 120
+    finally:
+        eng.unload()

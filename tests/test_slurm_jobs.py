@@ -225,3 +225,64 @@ def test_a_chained_successor_takes_over_and_a_cut_stream_goes_on_from_its_last_t
     finally:
         eng.unload()
     _wait(lambda: not _squeue(), 60)
+
+
+def test_replicas_as_two_jobs_on_two_nodes_and_one_cancelled_mid_batch(demo_path, tmp_path):
+    """--slurm --replicas 2: two jobs, one a node; a batch uses both once ready; one job cancelled mid-batch: the
+    batch ends whole and right, the journal holds each prompt once, the footer says what happened."""
+    import json
+
+    journal = tmp_path / "replicas.vllm-journal.jsonl"
+    load = f'%vllm_load {demo_path} {FLAGS} --max-num-seqs 2 --slurm "-N1 -c 2 --gres=gpu:1 -t 10" --replicas 2'
+    batch = ("g = %generate -i prompts --max-tokens 64 --temperature 0 --ignore-eos\n"
+             "print(g.texts == ref.texts, g.provenance['run'])\nprint(g.footer())")
+    k = Kernel(env={"VLLM_NOTEBOOK_JOURNAL": str(journal)})
+    try:
+        out = k.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {FLAGS} --name one\n"
+                    "prompts = [f'Tell me about the number {i}.' for i in range(16)]\n"
+                    "ref = %generate -i prompts --name one --max-tokens 64 --temperature 0 --ignore-eos --no-journal\n"
+                    f"%vllm_unload --name one\neng = {load}\nprint(eng.kind, eng.backend.place())", timeout=300)
+        assert "2 replicas submitted as jobs" in out and "replicas 2 replicas (slurm)" in out, out
+        jobs = _wait(lambda: len(_squeue()) == 2 and _squeue())
+        _wait(lambda: k.run("print(len(eng.backend.live()))").strip() == "2", 300, every=2)  # both READY
+        nodes = {ln.split()[0] for ln in subprocess.run(["squeue", "-h", "-o", "%i %N"], capture_output=True,
+                                                        text=True).stdout.splitlines() if ln.split()[0] in
+                 {j.split()[0] for j in jobs}}
+        assert len(nodes) == 2
+        out = k.run(batch, timeout=300)
+        assert out.strip().splitlines()[-2].split()[0] == "True", out[-800:]
+
+        # The second job cancelled once 3 results of the next batch are journaled.
+        second = jobs[1].split()[0]
+        stop = threading.Event()
+
+        def cancel_after(n: int) -> None:
+            while not stop.is_set():
+                try:
+                    results = [ln for ln in journal.read_text().splitlines() if '"kind":"result"' in ln]
+                except FileNotFoundError:
+                    results = []
+                if len(results) >= 16 + n:
+                    subprocess.run(["scancel", second])
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=cancel_after, args=(3,), daemon=True).start()
+        k.run("prompts = [f'Tell me about the colour {i}.' for i in range(16)]\n"
+              "ref = %generate -i prompts --max-tokens 64 --temperature 0 --ignore-eos --no-journal", timeout=300)
+        out = k.run(batch, timeout=400)
+        stop.set()
+        lines = out.strip().splitlines()
+        same, run_id = lines[-2].split()
+        assert same == "True", out[-1500:]
+        assert "died" in lines[-1] and "went to the other replicas" in lines[-1], lines[-1]
+        keys = [json.loads(ln)["key"] for ln in journal.read_text().splitlines()
+                if '"kind":"result"' in ln and json.loads(ln)["run"] == run_id]
+        assert len(keys) == len(set(keys)) == 16
+        assert "1 of 2 replicas serving" in k.run("%vllm_status")
+        out = k.run("%vllm_unload")
+        assert "unloaded engine 'default'" in out, out
+        _wait(lambda: not _squeue(), 60)
+        _wait(lambda: not _marked_servers(), 60)
+    finally:
+        k.shutdown()

@@ -119,6 +119,9 @@ class LoadRequest:
             if self.server_flag or self.host or self.port or self.api_key_file:
                 raise UsageError("%vllm_load --slurm runs the server in a batch job, bound to the job's node and "
                                  "keyed: drop --server, --host, --port and --api-key-file")
+            if self.replicas == "auto" or (not isinstance(self.replicas, int) or self.replicas < 1):
+                raise UsageError("%vllm_load --slurm --replicas takes a number of jobs (auto plans this node's "
+                                 "GPUs, not a job's)")
             return
         if self.chain or not self.wait:
             raise UsageError("%vllm_load: --chain and --no-wait go with --slurm 'SBATCH OPTIONS'")
@@ -126,8 +129,8 @@ class LoadRequest:
             raise UsageError(f"%vllm_load: --replicas takes a number of engines, 1 or more, or auto "
                              f"(not {self.replicas!r})")
         if self.replicas != 1 and self.backend != "local":
-            raise UsageError(f"%vllm_load: --replicas runs engines in this kernel; with --{self.backend} it is not "
-                             "supported yet")
+            raise UsageError(f"%vllm_load: --replicas runs engines in this kernel, or as Slurm jobs (--slurm); "
+                             f"with --{self.backend} it is not supported yet")
         if self.backend == "local" and (self.host or self.port or self.api_key_file):
             raise UsageError("%vllm_load: --host, --port and --api-key-file go with --server (or --attach URL)")
 
@@ -359,9 +362,12 @@ def _submit(req: LoadRequest) -> Engine | None:
     if req.dry_run:
         rec = slurm_job.JobRecord(id="DRY-RUN", name=req.name, model=model, flags=flags, options=options)
         print(f"would submit: sbatch {shlex.join(options)} {rec.script}"
-              + (f" (and {req.chain} chained successors)" if req.chain else "") + "\n")
+              + (f" (and {req.chain} chained successors)" if req.chain else "")
+              + (f", {req.replicas} times: {req.replicas} replicas" if req.replicas > 1 else "") + "\n")
         print(slurm_job.script_text(rec, job_name=f"vnb-{req.name}"))
         return None
+    if req.replicas > 1:
+        return _submit_replicas(req, model, flags, options)
     if found is not None:  # the same submission, live: follow it (no vLLM import to find it again)
         return install(req.name, ("slurm", found.id),
                        lambda line: slurm_backend.follow(req.name, found, wait=req.wait, progress=req.progress,
@@ -379,6 +385,36 @@ def _submit(req: LoadRequest) -> Engine | None:
     return install(req.name, None, lambda line: slurm_backend.follow(req.name, rec, wait=req.wait,
                                                                       progress=req.progress, earlier=False),
                    progress=req.progress, needs_devices=False)
+
+
+def _submit_replicas(req: LoadRequest, model: str, flags: list[str], options: list[str]) -> Engine:
+    """``--slurm 'OPTIONS' --replicas N``: N jobs (each with ``--chain`` successors if asked), one engine over them
+    that uses each job as soon as its server is ready."""
+    recs: list = []
+    try:
+        for k in range(req.replicas):
+            recs.append(slurm_job.submit(f"{req.name}-{k + 1}", model, flags, options, req.chain))
+    except VllmNotebookError as exc:
+        for rec in recs:  # all or nothing: no job stays queued for an engine that was not made
+            slurm_job.cancel(rec)
+        old = engine_registry.engines().get(req.name)
+        if old is None or not old.alive:
+            raise
+        raise type(exc)(f"{exc}; engine '{req.name}' ({old.model}) still serves") from None
+
+    def make(line: LiveLine) -> Engine:
+        members = []
+        for rec in recs:
+            member = slurm_backend.SlurmBackend(rec, wait=req.wait, progress=req.progress)
+            member.progress = slurm_job.Progress("pending", rec.jobs[0], f"submitted job {', '.join(rec.jobs)}")
+            members.append(member)
+        backend = ReplicasBackend(members, [{}] * len(recs), ("slurm", *(rec.id for rec in recs)),
+                                  places=[f"job {rec.jobs[0]}" for rec in recs])
+        line.done(f"vllm-notebook: engine '{req.name}': {len(recs)} replicas submitted as jobs "
+                  f"{', '.join(rec.jobs[0] for rec in recs)}; a batch starts on the first one ready")
+        return Engine(req.name, backend).start()
+
+    return install(req.name, None, make, progress=req.progress, needs_devices=False)
 
 
 # ------------------------------------------------------------------ reuse or replace

@@ -79,6 +79,11 @@ class Backend(abc.ABC):
     def alive(self) -> bool:
         """The engine can answer (it may be asleep)."""
 
+    @property
+    def ready(self) -> bool:
+        """It takes requests now (a queued job's engine is alive but not ready yet)."""
+        return self.alive
+
     def state(self) -> str | None:
         """A state of the back-end's own (a job's place in the queue), or None for the engine's usual one."""
         return None

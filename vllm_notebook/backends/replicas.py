@@ -12,9 +12,12 @@ it, the magics, the journal and the panel see one engine.
   journaled as each ends.
 - **Streams** go to the least-loaded replica; a chat (a prompt made by the chat template) goes to the replica its
   conversation's beginning hashes to, whose prefix cache holds it.
-- **A replica that dies** (its EngineCore killed, out of memory) loses nothing: the requests it had not finished
-  go to the others, each prompt's result is still one; the run's footer says in one line what happened. When every
-  replica has died, the rest fail with one line.
+- **A replica that dies** (its EngineCore killed, out of memory, its job cancelled) loses nothing: the requests it
+  had not finished go to the others, each prompt's result is still one; the run's footer says in one line what
+  happened. When every replica has died, the rest fail with one line.
+- **Replicas as Slurm jobs** (``--slurm "OPTIONS" --replicas N``: one ``SlurmBackend`` each) join as each job's
+  server becomes ready: a batch starts on the first, the others take shares as they come; a job that ends leaves,
+  and one that is back (requeued, ready again) takes shares again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import queue
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -139,12 +143,12 @@ class _Spread:
         try:
             while self.todo or any(self.flying.values()):
                 live = self.b.live()
-                if not live:
+                if not live and not self.b.waiting():
                     self._fail_the_rest()
                     return
-                if len(self.items) == 1 and self.todo:
+                if len(self.items) == 1 and self.todo and live:
                     self._launch(self._pick_one(live), [self.todo.pop(0)])
-                share = max(1, min(SHARE, -(-len(self.todo) // (2 * len(live))))) if self.todo else 0
+                share = max(1, min(SHARE, -(-len(self.todo) // (2 * len(live))))) if self.todo and live else 0
                 handed = True
                 while self.todo and handed:  # round-robin, a share at a time, while someone has room
                     handed = False
@@ -155,7 +159,10 @@ class _Spread:
                             del self.todo[:n]
                             handed = True
                 self.wake.clear()
-                await self.wake.wait()
+                try:  # woken by a request's end or a replica's death; every second, a replica that became ready
+                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                except TimeoutError:
+                    pass
         except asyncio.CancelledError:
             for task in list(self.tasks):
                 task.cancel()
@@ -181,8 +188,11 @@ class ReplicasBackend(Backend):
 
     def __init__(self, members: Sequence[Backend], envs: Sequence[dict[str, str]], key: tuple = (),
                  log_path: str = "", plan: dict | None = None, places: Sequence[str] = ()):
-        super().__init__(key, log_path, plan)
         self.members = list(members)
+        super().__init__(key, log_path, plan)
+        first = self.members[0]  # the replicas are of one kind: they say what the whole is
+        self.outlives_kernel, self.holds_devices_here = first.outlives_kernel, first.holds_devices_here
+        self.summarised_on_load = first.summarised_on_load
         self.envs = [dict(e) for e in envs]
         self.places = list(places) or [f"replica {k + 1}" for k in range(len(self.members))]
         self.load = [0] * len(self.members)  # requests in flight on each replica, over every run
@@ -195,22 +205,46 @@ class ReplicasBackend(Backend):
         return self.members[live[0] if live else 0]
 
     def live(self) -> list[int]:
-        return [k for k, m in enumerate(self.members) if k not in self.deaths and m.alive]
+        """The replicas that take requests now."""
+        return [k for k, m in enumerate(self.members) if m.alive and m.ready]
+
+    def waiting(self) -> list[int]:
+        """The replicas that will take requests once ready (a job in the queue, or loading)."""
+        return [k for k, m in enumerate(self.members) if m.alive and not m.ready]
 
     @property
     def alive(self) -> bool:
+        return any(m.alive for m in self.members)
+
+    @property
+    def ready(self) -> bool:
         return bool(self.live())
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        return {**self._first().facts, "replicas": len(self.members)}
+
+    @facts.setter
+    def facts(self, value) -> None:  # Backend's constructor sets it; the replicas' own facts are the answer
+        pass
+
+    @property
+    def model(self) -> str:
+        return self.members[0].model
 
     @property
     def tokenizer(self):
         return self._first().tokenizer
 
     def state(self) -> str | None:
-        live = len(self.live())
-        return f"{live} of {len(self.members)} replicas serving" if 0 < live < len(self.members) else None
+        live, waiting = len(self.live()), len(self.waiting())
+        if live == len(self.members) or not (live or waiting):
+            return None
+        return f"{live} of {len(self.members)} replicas serving" + (f", {waiting} starting" if waiting else "")
 
     def place(self) -> str:
-        return f"{len(self.members)} replicas"
+        return f"{len(self.members)} replicas" + (f" ({self.members[0].kind})" if self.members[0].kind != "local"
+                                                  else "")
 
     def room(self, k: int) -> int:
         """Requests replica ``k`` takes at once: what it runs, and a share waiting behind them."""
@@ -219,8 +253,7 @@ class ReplicasBackend(Backend):
 
     def rows(self) -> list[tuple[str, Any]]:
         rows = self._first().rows()
-        state = {k: "serving" if k in self.live() else f"died: {self.deaths.get(k, 'stopped')}"
-                 for k in range(len(self.members))}
+        state = {k: self._state_of(k) for k in range(len(self.members))}
         rows.insert(1, ("replicas", "; ".join(f"{self.places[k]} ({state[k]})" for k in range(len(self.members)))))
         return rows
 
@@ -229,10 +262,17 @@ class ReplicasBackend(Backend):
 
     def parts(self) -> list[dict[str, Any]]:
         """Each replica for ``%vllm_status``: where, state, requests in flight and ended, and its log."""
-        return [{"replica": k + 1, "where": self.places[k],
-                 "state": "serving" if k in self.live() else f"died ({self.deaths.get(k, 'stopped')})",
+        return [{"replica": k + 1, "where": self.places[k], "state": self._state_of(k),
                  "in flight": self.load[k], "served": self.served[k], "log": m.log_path}
                 for k, m in enumerate(self.members)]
+
+    def _state_of(self, k: int) -> str:
+        m = self.members[k]
+        if m.alive and m.ready:
+            return "serving"
+        if m.alive:
+            return m.state() or "starting"
+        return f"died ({self.deaths.get(k) or m.state() or 'stopped'})"
 
     # ---------------------------------------------------------------- start
     def start(self, progress: Callable[[str, float], None] | None = None) -> None:
@@ -258,7 +298,6 @@ class ReplicasBackend(Backend):
             started.append(member)
             total += member.load_seconds or 0.0
         first = self.members[0]
-        self.facts = {**first.facts, "replicas": len(self.members)}
         self.adapters, self.vllm_version = first.adapters, first.vllm_version
         self.load_seconds = total
 
@@ -276,9 +315,19 @@ class ReplicasBackend(Backend):
         return "; ".join(parts)
 
     def check_usable(self) -> None:
-        if not self.live():
-            raise EngineDiedError(f"every replica of engine '{self.name}' has died ({self.death_reason()}); "
-                                  f"run %vllm_load again to start them")
+        """One replica taking requests is enough; before that (jobs in the queue), wait for the first as one
+        engine would (``check_usable`` of a waiting replica: its progress line, Ctrl-C, ``--no-wait``)."""
+        while not self.live():
+            waiting = self.waiting()
+            if not waiting:
+                raise EngineDiedError(f"every replica of engine '{self.name}' has died ({self.death_reason()}); "
+                                      f"run %vllm_load again to start them")
+            try:
+                self.members[waiting[0]].check_usable()
+            except EngineDiedError:
+                continue  # that one will not come: the next
+            if not self.live():
+                time.sleep(0.2)
 
     def translate(self, exc: BaseException) -> BaseException:
         return self._first().translate(exc)
