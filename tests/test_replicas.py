@@ -256,3 +256,24 @@ def test_a_batch_starts_on_the_first_ready_replica_and_a_late_one_joins():
         assert len(early.sent) + len(late.sent) == 120
     finally:
         eng.unload()
+
+
+def test_a_stream_goes_to_the_least_loaded_replica_and_a_chat_stays_on_one():
+    from fake_backend import FakeBackend
+
+    a, b = FakeBackend(delay=0.001), FakeBackend(delay=0.001)
+    eng = _replicas(a, b)
+    try:
+        eng.backend.load[0] = 5  # replica 1 is busy: a stream goes to replica 2
+        assert "".join(eng.stream("a dog says", max_tokens=3)) and len(b.sent) == 1 and not a.sent
+        eng.backend.load[0] = 0
+        history = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello there"}]
+        turns = []
+        for reply in ("Hi.", "Fine.", "Bye."):
+            before = (len(a.sent), len(b.sent))
+            eng.chat(history, max_tokens=2)
+            turns.append(0 if len(a.sent) > before[0] else 1)
+            history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+        assert len(set(turns)) == 1, turns  # every turn on the replica that holds the conversation's prefix
+    finally:
+        eng.unload()

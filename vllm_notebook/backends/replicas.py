@@ -37,6 +37,8 @@ from .base import Backend
 
 #: Requests a replica takes at a time (fewer for a small batch, so every replica gets some).
 SHARE = 32
+#: Chat prompts whose conversation is remembered (``ReplicasBackend.chat_prompt``).
+CHATS_KEPT = 256
 #: What a replica runs at once when its own limit is unknown (vLLM's default ``max_num_seqs``).
 DEFAULT_RUNNING = 256
 
@@ -133,10 +135,9 @@ class _Spread:
 
     def _pick_one(self, live: list[int]) -> int:
         """The replica for a run of one prompt: a chat's by its conversation's beginning, else the least loaded."""
-        prompt = self.items[0]
-        if isinstance(prompt, dict) and prompt.get("prompt_token_ids") and prompt.get("prompt"):
-            head = repr(prompt["prompt_token_ids"][:64]).encode()
-            return live[int(hashlib.sha256(head).hexdigest(), 16) % len(live)]
+        chat = self.b.conversation_of(self.items[0])
+        if chat is not None:
+            return live[int(hashlib.sha256(chat).hexdigest(), 16) % len(live)]
         return min(live, key=lambda k: self.b.load[k])
 
     async def go(self) -> None:
@@ -198,6 +199,7 @@ class ReplicasBackend(Backend):
         self.load = [0] * len(self.members)  # requests in flight on each replica, over every run
         self.served = [0] * len(self.members)  # requests each replica has ended
         self.deaths: dict[int, str] = {}  # replica index -> why it died
+        self._chats: dict[str, bytes] = {}  # a chat prompt -> its conversation (``chat_prompt``), the latest kept
 
     # ---------------------------------------------------------------- what the engine is
     def _first(self) -> Backend:
@@ -340,7 +342,22 @@ class ReplicasBackend(Backend):
         return self._first().default_sampling()
 
     def chat_prompt(self, messages: Sequence[dict]) -> dict:
-        return self._first().chat_prompt(messages)
+        """The model's prompt for ``messages``, noted with its conversation (its system prompt and first message,
+        which every later turn repeats), so that each turn goes to the replica whose prefix cache holds it."""
+        prompt = self._first().chat_prompt(messages)
+        opening = [m for m in messages if m.get("role") == "system"][:1] + \
+            [m for m in messages if m.get("role") == "user"][:1]
+        key = _prompt_key(prompt)
+        if key is not None:
+            self._chats[key] = repr([(m.get("role"), m.get("content")) for m in opening]).encode()
+            while len(self._chats) > CHATS_KEPT:
+                self._chats.pop(next(iter(self._chats)))
+        return prompt
+
+    def conversation_of(self, prompt) -> bytes | None:
+        """The conversation a chat prompt belongs to (from ``chat_prompt``), or None."""
+        key = _prompt_key(prompt)
+        return self._chats.get(key) if key is not None else None
 
     def sampling_record(self, params: Any) -> dict[str, Any]:
         return self._first().sampling_record(params)
@@ -407,6 +424,14 @@ class ReplicasBackend(Backend):
         for m in self.members:
             m.stop()
         return f"unloaded engine '{self.name}' ({self.model}, {len(self.members)} replicas)"
+
+
+def _prompt_key(prompt) -> str | None:
+    """A chat prompt's content, to find its conversation again (None for a plain prompt)."""
+    if not isinstance(prompt, dict):
+        return None
+    ids = prompt.get("prompt_token_ids")
+    return repr(list(ids)) if ids else repr(prompt.get("prompt") or prompt.get("messages"))
 
 
 def _short(why: str) -> str:
