@@ -559,7 +559,7 @@ def _start_new(prep: Prepared, args, line: LiveLine, t0: float, ray_address: str
         eng.on_unload.append(lambda unloaded: _stop_ray_when_unused(cluster, unloaded))
     eng.plan["executor"] = eng.facts.get("executor", eng.plan.get("executor"))
     if prep.hub_id is not None:
-        eng.facts.update(model=prep.hub_id, path=prep.path)
+        eng.backend.facts = {**eng.facts, "model": prep.hub_id, "path": prep.path}
     return eng
 
 

@@ -224,15 +224,18 @@ class ReplicasBackend(Backend):
 
     @property
     def facts(self) -> dict[str, Any]:
-        return {**self._first().facts, "replicas": len(self.members)}
+        """A serving replica's facts (they share one configuration), with what was set on the whole."""
+        return {**self._first().facts, **self.__dict__.get("_set_facts", {}), "replicas": len(self.members)}
 
     @facts.setter
-    def facts(self, value) -> None:  # Backend's constructor sets it; the replicas' own facts are the answer
-        pass
+    def facts(self, value: dict) -> None:  # what differs from the replicas' own facts is kept (a Hub id for a path)
+        own = self._first().facts if self.__dict__.get("members") else {}
+        kept = self.__dict__.setdefault("_set_facts", {})
+        kept.update({k: v for k, v in value.items() if own.get(k) != v and k != "replicas"})
 
     @property
     def model(self) -> str:
-        return self.members[0].model
+        return str(self.facts.get("model") or self.members[0].model)
 
     @property
     def tokenizer(self):
