@@ -268,9 +268,10 @@ def test_replicas_as_two_jobs_on_two_nodes_and_one_cancelled_mid_batch(demo_path
                 time.sleep(0.05)
 
         threading.Thread(target=cancel_after, args=(3,), daemon=True).start()
-        k.run("prompts = [f'Tell me about the colour {i}.' for i in range(16)]\n"
-              "ref = %generate -i prompts --max-tokens 64 --temperature 0 --ignore-eos --no-journal", timeout=300)
-        out = k.run(batch, timeout=400)
+        # A longer batch (32 prompts x 256 tokens, two at a time on each replica: ~15 s), so the cut comes mid-way.
+        k.run("prompts = [f'Tell me about the colour {i}.' for i in range(32)]\n"
+              "ref = %generate -i prompts --max-tokens 256 --temperature 0 --ignore-eos --no-journal", timeout=300)
+        out = k.run(batch.replace("--max-tokens 64", "--max-tokens 256"), timeout=400)
         stop.set()
         lines = out.strip().splitlines()
         same, run_id = lines[-2].split()
@@ -278,7 +279,7 @@ def test_replicas_as_two_jobs_on_two_nodes_and_one_cancelled_mid_batch(demo_path
         assert "died" in lines[-1] and "went to the other replicas" in lines[-1], lines[-1]
         keys = [json.loads(ln)["key"] for ln in journal.read_text().splitlines()
                 if '"kind":"result"' in ln and json.loads(ln)["run"] == run_id]
-        assert len(keys) == len(set(keys)) == 16
+        assert len(keys) == len(set(keys)) == 32
         assert "1 of 2 replicas serving" in k.run("%vllm_status")
         out = k.run("%vllm_unload")
         assert "unloaded engine 'default'" in out, out

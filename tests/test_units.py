@@ -838,3 +838,20 @@ def test_a_batch_bar_is_made_only_once_a_batch_has_run_a_moment():
     slow(Progress(prompts=4, done=1, tokens=15, done_tokens=8, elapsed=0.2))
     assert slow.bar is not None and slow.bar.n == 15 and slow.bar.total == 8 + 3 * 10
     slow.close()
+
+
+def test_a_server_whose_engine_died_says_so_not_server_error_500():
+    """vLLM's server answers 500 with EngineDeadError's message once its EngineCore is gone (a job cancelled, the
+    core killed): that is the engine's death (a replica's requests then go to the others), not a request's error."""
+    import json
+
+    from vllm_notebook.backends.server import ServerBackend
+    from vllm_notebook.errors import EngineDiedError, RequestError
+
+    srv = ServerBackend("http://127.0.0.1:9", None)
+    srv.name = "s"
+    other = srv._http_error(500, json.dumps({"error": {"message": "something else went wrong"}}).encode())
+    assert isinstance(other, RequestError) and srv.gone is None
+    dead = srv._http_error(500, json.dumps({"error": {"message": "EngineCore encountered an issue. See stack trace "
+                                                                 "(above) for the root cause."}}).encode())
+    assert isinstance(dead, EngineDiedError) and "its engine died: EngineCore encountered an issue" in str(dead)

@@ -66,6 +66,9 @@ def _prompt_field(prompt) -> str | list[int]:
     return prompt
 
 
+#: What vLLM's server answers (HTTP 500) once its EngineCore has died (``EngineDeadError``'s message).
+ENGINE_DEAD = "EngineCore encountered an issue"
+
 class ServerBackend(Backend):
     """An engine that is a vLLM server: one we started (``record``) or any we attached to."""
 
@@ -456,6 +459,9 @@ class ServerBackend(Backend):
         if status == 401:
             return AuthRefusedError(self.url)
         msg = error_message(content)
+        if status >= 500 and ENGINE_DEAD in msg:  # the server answers, its engine is gone: no request can succeed
+            self._gone = f"its engine died: {msg.split('. See')[0]}"
+            return self._died()
         return request_error(msg if status == 400 else f"server error {status}: {msg}")
 
     def abort(self, run: Run, pending: list[str]) -> None:
