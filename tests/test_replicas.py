@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 from kernel import Kernel, engine_processes
+from test_journal import CUT  # a thread in the kernel that SIGKILLs pids once the journal holds n results
 
 from vllm_notebook.cluster.plan import Plan, PlanError, make_plan, replica_layout
 
@@ -63,21 +64,6 @@ def test_replicas_go_with_an_engine_in_this_kernel_only():
 
 
 # ------------------------------------------------------------------ real kernels, vLLM's CPU build
-CUT = """
-import os, signal, threading, time
-def _cut(path, n, pid):
-    def results():
-        try:
-            with open(path, "rb") as f:
-                return sum(b'"kind":"result"' in line for line in f)
-        except FileNotFoundError:
-            return 0
-    def watch():
-        while results() < n:
-            time.sleep(0.01)
-        os.kill(pid, signal.SIGKILL)
-    threading.Thread(target=watch, daemon=True).start()
-"""
 
 
 def _engine_cores(pid: int) -> list[psutil.Process]:
@@ -106,7 +92,7 @@ def test_two_replicas_give_one_engines_output_in_order_and_survive_a_killed_repl
         assert all(n > 0 for n in json.loads(served)), served  # both replicas took work
 
         # Replica 2's EngineCore killed once 4 results are journaled: the batch still ends whole and right.
-        k.run(CUT + f"_cut({str(journal)!r}, 4, {cores[1].pid})")
+        k.run(CUT + f"_cut({str(journal)!r}, 4, [{cores[1].pid}])")
         out = k.run("g2 = %generate -i prompts --max-tokens 96 --temperature 0 --ignore-eos\n"
                     "print(g2.texts == ref.texts, g2.provenance['run'])\nprint(g2.footer())", timeout=400)
         lines = out.strip().splitlines()

@@ -91,6 +91,8 @@ class _Spread:
     def lost(self, share: _Share, exc: BaseException) -> bool:
         """A request's error: True when it is its replica's death (the request is then redone elsewhere)."""
         member = self.b.members[share.member]
+        if share.member in self.b.deaths and not member.alive:
+            return True  # told once already: each of its requests need not read its log again
         if member.alive and not isinstance(member.translate(exc), EngineDiedError):
             return False
         self.b.died(share.member, exc)
@@ -379,7 +381,11 @@ class ReplicasBackend(Backend):
         return [(0, _Spread(self, list(items), params, run).go())]
 
     async def request(self, i: int, prompt, params, rid: str, q: queue.Queue, lora: Adapter | None = None) -> Any:
-        k = min(self.live(), key=lambda k: self.load[k])
+        live = self.live()
+        if not live:  # on the event loop: no waiting here (``check_usable`` waits, before a run)
+            raise EngineStartError(f"no replica of engine '{self.name}' is ready") if self.waiting() else \
+                EngineDiedError(f"every replica of engine '{self.name}' has died ({self.death_reason()})")
+        k = min(live, key=lambda k: self.load[k])
         return await self.members[k].request(i, prompt, params, rid, q, lora)
 
     def abort(self, run: Run, pending: list[str]) -> None:
@@ -398,25 +404,26 @@ class ReplicasBackend(Backend):
             self.members[k].refresh_usage()
         self.usage = self._first().usage
 
-    async def add_lora(self, adapter: Adapter) -> None:
+    async def _each(self, call: Callable[[Backend], Any]) -> None:
+        """``await call(replica)`` for every serving replica, one after another."""
         for k in self.live():
-            await self.members[k].add_lora(adapter)
+            await call(self.members[k])
+
+    async def add_lora(self, adapter: Adapter) -> None:
+        await self._each(lambda m: m.add_lora(adapter))
 
     async def remove_lora(self, adapter: Adapter) -> None:
-        for k in self.live():
-            await self.members[k].remove_lora(adapter)
+        await self._each(lambda m: m.remove_lora(adapter))
 
     # ---------------------------------------------------------------- sleep mode
     def can_sleep(self) -> bool:
         return all(self.members[k].can_sleep() for k in self.live())
 
     async def sleep(self, level: int) -> None:
-        for k in self.live():
-            await self.members[k].sleep(level)
+        await self._each(lambda m: m.sleep(level))
 
     async def wake(self, level: int) -> None:
-        for k in self.live():
-            await self.members[k].wake(level)
+        await self._each(lambda m: m.wake(level))
 
     # ---------------------------------------------------------------- stop
     def close(self) -> None:
