@@ -219,6 +219,67 @@ def test_a_replica_that_dies_mid_batch_hands_its_requests_to_the_others():
         eng.unload()
 
 
+def test_requests_a_stopping_replica_aborts_go_to_the_others():
+    """A replica's server shutting down (its job cancelled) answers ``finish_reason="abort"`` before it stops
+    answering: those requests are redone on the other replica, not returned as aborted (CI caught 8 lost)."""
+    import copy
+
+    from fake_backend import FakeBackend, fake_engine
+    from vllm_notebook.engine.outputs import Completion, RequestOutput
+
+    class Stopping(FakeBackend):
+        async def request(self, i, prompt, fields, rid, q, lora=None):
+            if len(self.sent) < 4:
+                return await super().request(i, prompt, fields, rid, q, lora)
+            self.sent.append((prompt, dict(fields)))
+            if len(self.sent) > 6:
+                self.died = True  # gone now: later requests fail
+                raise EngineDiedError(f"the server of engine '{self.name}' stopped answering")
+            out = RequestOutput(rid, prompt, prompt_token_ids=[0], outputs=[Completion(index=0)])
+            out.outputs[0].finish_reason, out.finished = "abort", True
+            q.put((i, copy.deepcopy(out)))
+            return out
+
+    from vllm_notebook.errors import EngineDiedError
+
+    one = fake_engine("one").generate(PROMPTS, max_tokens=6)
+    stopping, steady = Stopping(delay=0.002), FakeBackend(delay=0.002)
+    eng = _replicas(stopping, steady)
+    try:
+        gen = eng.generate(PROMPTS, max_tokens=6)
+        assert gen.texts == one.texts and not gen.errors and not gen.aborted
+        assert gen.finish_reasons.count("length") == 40
+        assert "replica 1 (fake 1) died" in gen.footer() and "went to the other replicas" in gen.footer()
+    finally:
+        eng.unload()
+
+
+def test_a_request_aborted_twice_or_by_the_run_itself_is_its_result():
+    """A request aborted again on its redo keeps that result (redone once, never in a loop); the footer says the
+    replica aborted them, not that it died."""
+    import copy
+
+    from fake_backend import FakeBackend
+    from vllm_notebook.engine.outputs import Completion, RequestOutput
+
+    class Aborts(FakeBackend):
+        async def request(self, i, prompt, fields, rid, q, lora=None):
+            self.sent.append((prompt, dict(fields)))
+            out = RequestOutput(rid, prompt, prompt_token_ids=[0], outputs=[Completion(index=0)])
+            out.outputs[0].finish_reason, out.finished = "abort", True
+            q.put((i, copy.deepcopy(out)))
+            return out
+
+    a, b = Aborts(), Aborts()
+    eng = _replicas(a, b)
+    try:
+        gen = eng.generate(PROMPTS[:4], max_tokens=3)
+        assert gen.finish_reasons == ["abort"] * 4 and len(a.sent) + len(b.sent) == 8  # each redone once
+        assert "aborted requests on its own" in gen.footer()
+    finally:
+        eng.unload()
+
+
 def test_a_batch_starts_on_the_first_ready_replica_and_a_late_one_joins():
     import threading
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..engine.lora import Adapter
-from ..engine.requests import PromptRejected, Run, first_line
+from ..engine.requests import PromptRejected, Run, aborted, first_line
 from ..errors import EngineDiedError, EngineStartError, VllmNotebookError
 from ..prepare import scoped_env
 from .base import Backend
@@ -64,6 +64,8 @@ class _Share:
             return
         if isinstance(out, BaseException) and not isinstance(out, PromptRejected) and self._spread.lost(self, out):
             return  # the replica died: this request goes to another one (``_Spread.share_done``)
+        if getattr(out, "finished", False) and aborted(out) and self._spread.cut(self, self.indices[i]):
+            return  # the replica's server ended it (shutting down): it goes to another one, as above
         self._run.q.put((self.indices[i], out))
         if isinstance(out, BaseException) or getattr(out, "finished", False):
             self.open.discard(i)
@@ -80,6 +82,8 @@ class _Spread:
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
         self.redone: dict[int, int] = {}  # replica index -> its unfinished requests given to the others
+        self.recut: set[int] = set()  # requests a replica aborted on its own, redone elsewhere (once each)
+        self.shy: set[int] = set()  # replicas that did so: given no more of this run while another serves
 
     # ------------------------------------------------------------ what the shares report
     def ended(self, share: _Share, g: int) -> None:
@@ -96,6 +100,16 @@ class _Spread:
         if member.alive and not isinstance(member.translate(exc), EngineDiedError):
             return False
         self.b.died(share.member, exc)
+        return True
+
+    def cut(self, share: _Share, g: int) -> bool:
+        """Request ``g`` ended aborted though the run did not ask (its replica's server is going: a job cancelled
+        or at its time limit answers ``finish_reason="abort"`` before its connections break). True: it is redone
+        on another replica, once; an abort that comes again is the request's result."""
+        if self.run.stopping or g in self.recut:
+            return False
+        self.recut.add(g)
+        self.shy.add(share.member)
         return True
 
     def share_done(self, share: _Share) -> None:
@@ -145,7 +159,7 @@ class _Spread:
     async def go(self) -> None:
         try:
             while self.todo or any(self.flying.values()):
-                live = self.b.live()
+                live = [k for k in self.b.live() if k not in self.shy] or self.b.live()
                 if not live and not self.b.waiting():
                     self._fail_the_rest()
                     return
@@ -317,8 +331,13 @@ class ReplicasBackend(Backend):
         return "; ".join(f"{self.places[k]}: {why}" for k, why in sorted(self.deaths.items())) or "stopped"
 
     def redone_note(self, redone: dict[int, int]) -> str:
-        parts = [f"replica {k + 1} ({self.places[k]}) died ({_short(self.deaths.get(k, 'stopped'))}): its {n:,} "
-                 f"unfinished request(s) went to the other replicas" for k, n in sorted(redone.items())]
+        parts = []
+        for k, n in sorted(redone.items()):
+            m = self.members[k]
+            what = "died ({})".format(_short(self.deaths.get(k) or m.state() or "stopped")) \
+                if k in self.deaths or not m.alive else "aborted requests on its own"
+            parts.append(f"replica {k + 1} ({self.places[k]}) {what}: its {n:,} unfinished request(s) went to the "
+                         f"other replicas")
         return "; ".join(parts)
 
     def check_usable(self) -> None:

@@ -531,6 +531,7 @@ class Engine(TaskMethods):
     def _stop_run(self, run: Run) -> None:
         """Abort what is still running and collect the final (partial) outputs, within ~1 s."""
         pending = [r for r, o in zip(run.rids, run.outputs) if o is None or not o.finished]
+        run.stopping = True
         if pending:
             self.backend.abort(run, pending)
         deadline = time.monotonic() + 1.0

@@ -37,6 +37,7 @@ class Run:
     finished: int = 0  # requests that ended with an output
     finished_tokens: int = 0  # their output tokens
     notes: list[str] = field(default_factory=list)  # what happened on the way, one line each (a replica died)
+    stopping: bool = False  # the run asked its requests to end (Ctrl-C, Stop): their aborts are its own
 
     @cached_property
     def rid_set(self) -> set[str]:
