@@ -219,6 +219,45 @@ def test_kernel_in_allocation_plans_and_runs_ray(job, slurm_kernel, demo_path):
     print(f"Ray head + worker up in {up_seconds:.1f} s")
 
 
+def _replica_steps(job: str) -> list[str]:
+    out = subprocess.run(["squeue", "-s", "-h", "-j", job, "-o", "%i %j %N"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if "vnb-replica" in ln]
+
+
+def test_replicas_over_the_allocations_nodes_run_as_job_steps(job, slurm_kernel, demo_path):
+    """Issue 33: ``--replicas 2`` in a kernel of a two-node allocation: a replica on each node, each a
+    ``vllm serve`` in a job step (srun --overlap); a batch uses both and is one engine's greedy result in order;
+    %vllm_unload ends both steps."""
+    flags = "--enforce-eager --max-model-len 512"
+    k = Kernel(slurm_kernel)
+    try:
+        k.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {flags} --name one -tp 1 -pp 1\n"  # on n1 alone
+              "prompts = [f'Tell me about the number {i}.' for i in range(12)]\n"
+              "ref = %generate -i prompts --name one --max-tokens 24 --temperature 0 --ignore-eos --no-journal\n"
+              "%vllm_unload --name one", timeout=300)
+        out = k.run(f"p = %vllm_load {demo_path} {flags} --replicas 2 --dry-run\nprint(p)")
+        assert "2 over 2 nodes" in out, out
+        out = k.run(f"eng = %vllm_load {demo_path} {flags} --max-num-seqs 4 --replicas 2\n"
+                    "print(eng.backend.place(), [p['where'] for p in eng.backend.parts()])", timeout=600)
+        assert "2 replicas (job steps" in out and "['n1', 'n2']" in out, out
+        steps = _replica_steps(job)
+        assert sorted(ln.split()[-1] for ln in steps) == ["n1", "n2"], steps
+        out = k.run("g = %generate -i prompts --max-tokens 24 --temperature 0 --ignore-eos --no-journal\n"
+                    "print(g.texts == ref.texts, min(p['served'] for p in eng.backend.parts()))", timeout=300)
+        same, least = out.strip().splitlines()[-1].split()
+        assert same == "True" and int(least) > 0, out[-1500:]
+        status = k.run("%vllm_status")
+        assert "n1" in status and "n2" in status and "serving" in status, status
+        out = k.run("%vllm_unload", timeout=120)
+        assert "unloaded engine 'default'" in out, out
+        deadline = time.monotonic() + 60
+        while _replica_steps(job) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not _replica_steps(job), _replica_steps(job)
+    finally:
+        k.shutdown()
+
+
 def test_multi_node_notebook_runs_in_the_allocation(slurm_kernel, demo_path, shared_path):
     nb = nbformat.read(ROOT / "notebooks" / "multi_node.ipynb", as_version=4)
     NotebookClient(nb, timeout=600, km=kernel_manager(slurm_kernel),

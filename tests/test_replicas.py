@@ -54,6 +54,58 @@ def test_replicas_take_one_gpu_each_unless_told_and_must_fit():
         make_plan(alloc, {"num_attention_heads": 8}, {"tensor_parallel_size"}, args, replicas=2)
 
 
+def test_replicas_over_the_nodes_of_an_allocation_one_node_each():
+    """A multi-node allocation: each replica on one node (no pipeline across nodes), spread evenly, this node
+    first; the step's server takes its share of its node as an in-kernel replica would."""
+    from types import SimpleNamespace
+
+    from vllm_notebook.cluster.allocation import Allocation
+    from vllm_notebook.cluster.plan import replica_nodes, replica_share
+
+    env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "g[1-2]", "SLURMD_NODENAME": "g2", "SLURM_GPUS_ON_NODE": "4",
+           "SLURM_JOB_CPUS_PER_NODE": "16(x2)"}
+    alloc = Allocation.from_env(env)
+    args = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, distributed_executor_backend=None)
+    plan = make_plan(alloc, {"num_attention_heads": 8}, set(), args, replicas=8)
+    assert (plan.nodes, plan.tensor_parallel_size, plan.pipeline_parallel_size, plan.executor) == (2, 1, 1, None)
+    assert ("replicas", "8 over 2 nodes (a job step each, srun --overlap)") in plan.rows()
+    args.tensor_parallel_size = 2
+    plan = make_plan(alloc, {"num_attention_heads": 8}, {"tensor_parallel_size"}, args, replicas=4)
+    assert (plan.tensor_parallel_size, plan.executor) == (2, "mp")
+    with pytest.raises(PlanError, match="3 a node x 2 GPUs each = 6 GPUs, but a node has 4"):
+        make_plan(alloc, {"num_attention_heads": 8}, {"tensor_parallel_size"}, args, replicas=5)
+    args.pipeline_parallel_size = 2
+    with pytest.raises(PlanError, match="a replica runs on one node"):
+        make_plan(alloc, {"num_attention_heads": 8}, {"pipeline_parallel_size"}, args, replicas=2)
+    assert replica_nodes(3, ["g1", "g2"], "g2") == [("g2", 0, 2), ("g2", 1, 2), ("g1", 0, 1)]
+    assert replica_nodes(2, ["g1", "g2"], None) == [("g1", 0, 1), ("g2", 0, 1)]
+    # in the step on g2: its node alone, the GPUs its share was given
+    step = Allocation.from_env({**env, "VLLM_NOTEBOOK_REPLICA": "1/2/1", "CUDA_VISIBLE_DEVICES": "2"})
+    assert (step.nodes, step.gpus_per_node, step.cpus_per_node) == (["g2"], 1, [16])
+    part = replica_share("1/2/2", cores=list(range(16)), gpu_ids=["0", "1", "2", "3"], memory=None)
+    assert part.env == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    shared = replica_share("2/3/1", cores=[], gpu_ids=["0"], memory=0.9)
+    assert shared.env == {"CUDA_VISIBLE_DEVICES": "0"} and shared.memory_share == pytest.approx(0.3)
+    assert replica_share("1/2/1", cores=[0, 1, 2, 3], gpu_ids=[], memory=None).env == {
+        "VLLM_CPU_OMP_THREADS_BIND": "2,3"}
+
+
+def test_a_replica_steps_command_has_no_secret_and_its_flags_no_adapters():
+    from vllm_notebook.backends.server import ServerBackend
+    from vllm_notebook.backends.step import Step
+    from vllm_notebook.loader import _without_loras
+
+    flags = ["--enable-lora", "--lora-modules", "a=/x", "b=/y", "--max-model-len", "512"]
+    assert _without_loras(flags) == ["--enable-lora", "--max-model-len", "512"]
+    step = Step("/models/m", ["--max-model-len", "512"], node="g2", share="0/1/1", job_id="9", cpus=16)
+    step.key_file = "/home/u/.local/state/vllm-notebook/servers/step.key"
+    cmd = step.command()
+    assert cmd[:8] == ["srun", "--overlap", "--jobid=9", "-N1", "-n1", "-w", "g2", "--cpus-per-task=16"]
+    assert cmd[-2:] == ["--api-key-file", step.key_file] and "serve" in cmd
+    member = ServerBackend("", None, model="m", launcher=step)
+    assert not member.alive and member.place() == "g2 (job step)" and not member.outlives_kernel
+
+
 def test_replicas_go_with_an_engine_in_this_kernel_only():
     from vllm_notebook.errors import UsageError
     from vllm_notebook.loader import LoadRequest, start
@@ -192,6 +244,13 @@ def test_a_batch_over_replicas_is_one_engines_result_in_order_and_both_work():
         assert a.sent and b.sent and len(a.sent) + len(b.sent) == 40  # both took work, each prompt once
         assert eng.generate("just one prompt", max_tokens=3).text == " just one prompt"
         assert [p["served"] for p in eng.backend.parts()] == [len(a.sent), len(b.sent)]
+        assert all(p["tokens/s"] > 0 for p in eng.backend.parts())  # each replica's, while it had requests
+        from vllm_notebook.engine import registry
+        from vllm_notebook.ui.status import Status
+
+        registry.register(eng)
+        rows = [r for r in Status.collect().rows if r["engine"].startswith("  default[")]
+        assert [r["tok/s"] != "-" for r in rows] == [True, True] and rows[0]["where"] == "fake 1"
     finally:
         eng.unload()
 

@@ -10,7 +10,8 @@ import sys
 import time
 
 from . import __version__, private
-from .cluster.allocation import Allocation
+from .cluster.allocation import REPLICA_ENV, Allocation
+from .cluster.plan import replica_share
 from .cluster.notebook_job import configure_ipc_kernels, connection_lines, install_kernel, jupyter, sbatch_template
 from .doctor import diagnose
 from .errors import UsageError, VllmNotebookError
@@ -89,6 +90,8 @@ def _jupyter(args) -> int:
 def _serve(args) -> int:
     """``vllm-notebook serve MODEL [flags]``: a server for notebooks elsewhere (an sbatch job); runs until stopped."""
     argv = args.argv
+    if os.environ.get(REPLICA_ENV):
+        argv = _as_replica(argv, os.environ[REPLICA_ENV])
     if "--host" not in argv:
         alloc = Allocation.from_env()
         argv = [*argv, "--host", alloc.node_addr() if alloc.source == "slurm" else "127.0.0.1"]
@@ -113,6 +116,25 @@ def _serve(args) -> int:
     server_process.stop(rec)
     print("server stopped")
     return 0
+
+
+def _as_replica(argv: list[str], share: str) -> list[str]:
+    """A replica's server in a job step (``backends/step.py``): its share of this node, as an in-kernel replica's
+    (its GPUs or cores in this process's environment, its part of the GPU memory when replicas share a card)."""
+    from .engine import vllm_api
+
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    gpu_ids = [] if vllm_api.is_cpu_build() else (
+        [g.strip() for g in gpus.split(",") if g.strip()] if gpus else [str(i) for i in range(vllm_api.device_count())])
+    flag = "--gpu-memory-utilization"
+    memory = next((float(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == flag), None)
+    part = replica_share(share, cores=sorted(os.sched_getaffinity(0)), gpu_ids=gpu_ids, memory=memory)
+    os.environ.update(part.env)
+    print(f"replica {int(share.split('/')[0]) + 1} of this node's {share.split('/')[1]}: {part.place}", flush=True)
+    if part.memory_share is None:
+        return argv
+    kept = [a for i, a in enumerate(argv) if a != flag and (i == 0 or argv[i - 1] != flag)]
+    return [*kept, flag, str(part.memory_share)]
 
 
 def _jobs(args) -> int:

@@ -28,9 +28,10 @@ from . import launch, logs, prepare
 from .backends import slurm as slurm_backend
 from .backends.local import LocalBackend
 from .backends.replicas import ReplicasBackend
-from .backends.server import connect
+from .backends.step import Step
+from .backends.server import ServerBackend, connect
 from .cluster import ray as ray_cluster
-from .cluster.plan import replica_layout
+from .cluster.plan import replica_layout, replica_nodes
 from .engine import lora, vllm_import
 from .engine import registry as engine_registry
 from .engine.core import Engine
@@ -263,6 +264,7 @@ def _prepared_from_keywords(req: LoadRequest) -> tuple[Prepared, list[tuple[str,
     args = _vllm.engine_args(model=req.model, **engine_args)
     prep = prepare.prepare(req.name, args, path, set(engine_args), gpu_count=_vllm.device_count(),
                            cpu_build=_vllm.is_cpu_build(), replicas=req.replicas)
+    prep.flags = prepare.engine_flags(engine_args)
     return prep, loras
 
 
@@ -290,6 +292,10 @@ def _prepared_from_line(req: LoadRequest, words: list[str]):
         raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
     _refuse_secrets(ns)
     explicit = {k for k, v in vars(ns).items() if v != parser.get_default(k)} - {"model_tag"}
+    for word in words:  # a flag given at its default counts too (-pp 1 in a two-node allocation: one node)
+        action = parser._option_string_actions.get(word.split("=", 1)[0]) if word.startswith("-") else None
+        if action is not None and action.dest in vars(ns):
+            explicit.add(action.dest)
     model = ns.model_tag or (ns.model if "model" in explicit else None) or req.default_model
     if not model:
         raise UsageError("no model given: %vllm_load MODEL, or set %config VllmMagics.default_model "
@@ -308,6 +314,7 @@ def _prepared_from_line(req: LoadRequest, words: list[str]):
         raise UsageError(str(exc).splitlines()[0]) from None
     prep = prepare.prepare(req.name, args, path, explicit, gpu_count=_vllm.device_count(),
                            cpu_build=_vllm.is_cpu_build(), replicas=req.replicas)
+    prep.flags = list(user_flags)
     return prep, loras, user_flags
 
 
@@ -564,7 +571,10 @@ def _start_new(prep: Prepared, args, line: LiveLine, t0: float, ray_address: str
 
 
 def _replicas(prep: Prepared, args) -> ReplicasBackend:
-    """``--replicas N``: N in-kernel back-ends of the same arguments, each with its share of the node."""
+    """``--replicas N``: N in-kernel back-ends of the same arguments, each with its share of the node; over the
+    nodes of a multi-node allocation, N servers in job steps (``_step_replicas``)."""
+    if prep.plan.nodes > 1:
+        return _step_replicas(prep)
     gpu_ids = visible_gpus() if not prep.cpu_build else []
     memory = getattr(args, "gpu_memory_utilization", None)
     layout = replica_layout(prep.plan, cores=sorted(os.sched_getaffinity(0)), gpu_ids=gpu_ids, memory=memory)
@@ -577,6 +587,41 @@ def _replicas(prep: Prepared, args) -> ReplicasBackend:
                                     plan=prep.plan.as_dict()))
     return ReplicasBackend(members, [r.env for r in layout], prep.key, members[0].log_path,
                            plan=prep.plan.as_dict(), places=[r.place for r in layout])
+
+
+def _step_replicas(prep: Prepared) -> ReplicasBackend:
+    """``--replicas N`` in a multi-node allocation: each replica a ``vllm serve`` in a job step on its node
+    (``backends/step.py``), spread over the nodes (``cluster/plan.replica_nodes``), this node first."""
+    alloc = prep.allocation
+    target, flags = launch.server_flags(prep, _without_loras(prep.flags))  # adapters: added once it serves
+    for name, value in (("tensor_parallel_size", prep.plan.tensor_parallel_size), ("pipeline_parallel_size", 1)):
+        flag = "--" + name.replace("_", "-")
+        if name not in prep.explicit and flag not in flags:  # the plan's, said: the step's server plans no more
+            flags += [flag, str(value)]
+    cpus = dict(zip(alloc.nodes, alloc.cpus_per_node)) if len(alloc.cpus_per_node) == len(alloc.nodes) else {}
+    tp = prep.plan.tensor_parallel_size
+    members, places = [], []
+    for node, j, count in replica_nodes(prep.plan.replicas, alloc.nodes, alloc.node_name):
+        step = Step(target, flags, node=node, share=f"{j}/{count}/{tp}", job_id=str(alloc.job_id),
+                    cpus=cpus.get(node), env=prep.env)
+        members.append(ServerBackend("", None, model=prep.model, launcher=step))
+        places.append(node if count == 1 else f"{node} #{j + 1}")
+    return ReplicasBackend(members, [{}] * len(members), prep.key, "", plan=prep.plan.as_dict(), places=places,
+                           how="job steps on the allocation's nodes")
+
+
+def _without_loras(flags: list[str]) -> list[str]:
+    """``flags`` less ``--lora-modules`` and its values (the loader adds adapters once the engine serves)."""
+    out, skipping = [], False
+    for word in flags:
+        if word == "--lora-modules" or word.startswith("--lora-modules="):
+            skipping = word == "--lora-modules"
+            continue
+        if skipping and not word.startswith("-"):
+            continue
+        skipping = False
+        out.append(word)
+    return out
 
 
 def visible_gpus() -> list[str]:

@@ -44,6 +44,7 @@ class Prepared:
     env: dict[str, str] = field(default_factory=dict)  # for the engine processes
     key: tuple = ()
     cpu_build: bool = False  # vLLM's CPU build: its engine keeps every core busy (``procs.share_cores``)
+    flags: list[str] = field(default_factory=list)  # the user's engine flags as ``vllm serve`` takes them
 
     def dry_run(self, server_command: list[str] | None = None) -> LoadPlan:
         shown = {k: getattr(self.args, k) for k in sorted(self.explicit - {"model"}) if hasattr(self.args, k)}
@@ -64,6 +65,9 @@ def prepare(name: str, args: Any, path: str, explicit: set[str], *, gpu_count: i
     estimate = None
     if replicas == "auto":
         estimate = _auto(config, args, path, explicit, alloc.gpus_per_node if not cpu_build else 0)
+        if alloc.num_nodes > 1:  # as many on each node of the allocation
+            estimate.replicas *= alloc.num_nodes
+            estimate.why += f"; on each of {alloc.num_nodes} nodes"
         replicas = estimate.replicas
         if estimate.tensor_parallel_size > 1 and "tensor_parallel_size" not in explicit:
             args.tensor_parallel_size = estimate.tensor_parallel_size

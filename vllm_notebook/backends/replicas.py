@@ -69,7 +69,8 @@ class _Share:
         self._run.q.put((self.indices[i], out))
         if isinstance(out, BaseException) or getattr(out, "finished", False):
             self.open.discard(i)
-            self._spread.ended(self, self.indices[i])
+            made = 0 if isinstance(out, BaseException) else sum(len(c.token_ids) for c in out.outputs)
+            self._spread.ended(self, self.indices[i], made)
 
 
 class _Spread:
@@ -86,10 +87,11 @@ class _Spread:
         self.shy: set[int] = set()  # replicas that did so: given no more of this run while another serves
 
     # ------------------------------------------------------------ what the shares report
-    def ended(self, share: _Share, g: int) -> None:
+    def ended(self, share: _Share, g: int, tokens: int = 0) -> None:
         self.flying[share.member].discard(g)
-        self.b.load[share.member] -= 1
+        self.b.carry(share.member, -1)
         self.b.served[share.member] += 1
+        self.b.tokens[share.member] += tokens
         self.wake.set()
 
     def lost(self, share: _Share, exc: BaseException) -> bool:
@@ -119,7 +121,7 @@ class _Spread:
         if left:
             for g in left:
                 self.flying[share.member].discard(g)
-            self.b.load[share.member] -= len(left)
+            self.b.carry(share.member, -len(left))
             self.redone[share.member] = self.redone.get(share.member, 0) + len(left)
             self.todo[:0] = left
         self.wake.set()
@@ -129,7 +131,7 @@ class _Spread:
         member = self.b.members[k]
         share = _Share(self.run, indices, k, self)
         self.flying[k].update(indices)
-        self.b.load[k] += len(indices)
+        self.b.carry(k, len(indices))
         sends = member.sends([self.items[g] for g in indices], self.params, share)
         share.sends_left = len(sends)
         for j, coro in sends:
@@ -204,8 +206,9 @@ class ReplicasBackend(Backend):
     summarised_on_load = True
 
     def __init__(self, members: Sequence[Backend], envs: Sequence[dict[str, str]], key: tuple = (),
-                 log_path: str = "", plan: dict | None = None, places: Sequence[str] = ()):
+                 log_path: str = "", plan: dict | None = None, places: Sequence[str] = (), how: str = ""):
         self.members = list(members)
+        self.how = how  # what the replicas are, for people (else their back-ends' kind)
         super().__init__(key, log_path, plan)
         first = self.members[0]  # the replicas are of one kind: they say what the whole is
         self.outlives_kernel, self.holds_devices_here = first.outlives_kernel, first.holds_devices_here
@@ -214,6 +217,9 @@ class ReplicasBackend(Backend):
         self.places = list(places) or [f"replica {k + 1}" for k in range(len(self.members))]
         self.load = [0] * len(self.members)  # requests in flight on each replica, over every run
         self.served = [0] * len(self.members)  # requests each replica has ended
+        self.tokens = [0] * len(self.members)  # their output tokens
+        self.busy_s = [0.0] * len(self.members)  # seconds each replica had requests in flight
+        self._busy_since = [0.0] * len(self.members)
         self.deaths: dict[int, str] = {}  # replica index -> why it died
         self._chats: dict[str, bytes] = {}  # a chat prompt -> its conversation (``chat_prompt``), the latest kept
 
@@ -264,8 +270,8 @@ class ReplicasBackend(Backend):
         return f"{live} of {len(self.members)} replicas serving" + (f", {waiting} starting" if waiting else "")
 
     def place(self) -> str:
-        return f"{len(self.members)} replicas" + (f" ({self.members[0].kind})" if self.members[0].kind != "local"
-                                                  else "")
+        kind = self.how or self.members[0].kind
+        return f"{len(self.members)} replicas" + (f" ({kind})" if kind != "local" else "")
 
     def room(self, k: int) -> int:
         """Requests replica ``k`` takes at once: what it runs, and a share waiting behind them."""
@@ -284,8 +290,22 @@ class ReplicasBackend(Backend):
     def parts(self) -> list[dict[str, Any]]:
         """Each replica for ``%vllm_status``: where, state, requests in flight and ended, and its log."""
         return [{"replica": k + 1, "where": self.places[k], "state": self._state_of(k),
-                 "in flight": self.load[k], "served": self.served[k], "log": m.log_path}
+                 "in flight": self.load[k], "served": self.served[k], "tokens/s": self.tokens_per_s(k),
+                 "log": m.log_path}
                 for k, m in enumerate(self.members)]
+
+    def carry(self, k: int, n: int) -> None:
+        """Replica ``k`` takes ``n`` more requests (fewer when negative); its busy time counts while it has any."""
+        before, self.load[k] = self.load[k], self.load[k] + n
+        if before <= 0 < self.load[k]:
+            self._busy_since[k] = time.monotonic()
+        elif before > 0 >= self.load[k]:
+            self.busy_s[k] += time.monotonic() - self._busy_since[k]
+
+    def tokens_per_s(self, k: int) -> int | None:
+        """Replica ``k``'s output tokens a second while it had requests (None before it has served any)."""
+        busy = self.busy_s[k] + (time.monotonic() - self._busy_since[k] if self.load[k] > 0 else 0.0)
+        return round(self.tokens[k] / busy) if self.tokens[k] and busy > 0 else None
 
     def _state_of(self, k: int) -> str:
         m = self.members[k]

@@ -75,7 +75,7 @@ class ServerBackend(Backend):
     kind = "server"
     outlives_kernel = True
 
-    def __init__(self, url: str, api_key: str | None, record=None, model: str | None = None):
+    def __init__(self, url: str, api_key: str | None, record=None, model: str | None = None, launcher=None):
         super().__init__(("server", record.id if record is not None else url),
                          record.log if record is not None else "", plan=dict(record.plan) if record is not None else {})
         self.url = url.rstrip("/")
@@ -87,6 +87,9 @@ class ServerBackend(Backend):
         self._base = None  # the all-zero adapter base-model requests use on a CPU-build server (lora.BASE_NAME)
         self._closed = False
         self._sleeping = 0  # the level the server slept at when this kernel connected
+        self.launcher = launcher  # what starts and stops a server elsewhere (``step.Step``), None otherwise
+        if launcher is not None:
+            self.outlives_kernel, self.holds_devices_here = launcher.outlives_kernel, launcher.holds_devices_here
 
     @property
     def owned(self) -> bool:
@@ -96,6 +99,10 @@ class ServerBackend(Backend):
     # ---------------------------------------------------------------- connect
     def start(self, progress=None) -> None:
         t0 = time.monotonic()
+        if self.launcher is not None and self.record is None:  # a server to start first (a replica's job step)
+            rec = self.launcher.start(progress)
+            self.url, self.record, self.plan, self.log_path = rec.url.rstrip("/"), rec, dict(rec.plan), rec.log
+            self._api_key = rec.api_key()
         listed = get_json(self.url, "/v1/models", self._api_key).get("data") or []
         served = [m for m in listed if not m.get("parent")]  # LoRA adapters are listed with their base as parent
         ids = [m.get("id") for m in served]
@@ -179,6 +186,8 @@ class ServerBackend(Backend):
         return fields_record(params)
 
     def place(self) -> str:
+        if self.launcher is not None:
+            return self.launcher.place
         port = self.url.rstrip("/").rsplit(":", 1)[-1].split("/")[0] if self.url else "?"
         return f"server :{port}"
 
@@ -193,6 +202,8 @@ class ServerBackend(Backend):
         return not self._closed and self._client is not None and self._gone is None and self._process_alive()
 
     def _process_alive(self) -> bool:
+        if self.launcher is not None:
+            return self.launcher.alive()
         if self.record is None or not self.record.here:
             return True
         return self.record.alive()
@@ -583,6 +594,9 @@ class ServerBackend(Backend):
     def stop(self) -> str:
         """Stop the server if vllm-notebook started it; only detach from one we attached to."""
         self._closed = True
+        if self.launcher is not None:
+            self.launcher.stop()
+            return f"stopped the server at {self.url} ({self.model}) on {self.launcher.place}"
         if not self.owned:
             return f"detached from the server at {self.url} (not stopped: vllm-notebook did not start it)"
         process.stop(self.record)

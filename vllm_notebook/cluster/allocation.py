@@ -19,6 +19,10 @@ from pathlib import Path
 
 from ..errors import VllmNotebookError
 
+#: Set in a replica's server started on a node of a multi-node allocation (``backends/step.py``): "J/K/TP", its
+#: index among the K replicas of that node and their tensor-parallel size. Its allocation is then its node alone.
+REPLICA_ENV = "VLLM_NOTEBOOK_REPLICA"
+
 
 class AllocationError(VllmNotebookError):
     """A Slurm variable that cannot be understood."""
@@ -195,8 +199,15 @@ class Allocation:
         if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
             cpus = [int(env["SLURM_CPUS_PER_TASK"])] * len(nodes)
         gpu_ids = _gpu_ids(env)
+        gpus = _gpus_per_node(env, gpu_ids, gpu_count)
+        if env.get(REPLICA_ENV) and node_name in nodes:  # one replica's server: its node, its share of the GPUs
+            cpus = cpus[nodes.index(node_name):][:1] if len(cpus) == len(nodes) else cpus[:1]
+            nodes = [node_name]
+            if env.get("CUDA_VISIBLE_DEVICES", "").strip():
+                gpu_ids = parse_device_list(env["CUDA_VISIBLE_DEVICES"])
+                gpus = len(gpu_ids)
         return cls(
-            source="slurm", nodes=nodes, gpus_per_node=_gpus_per_node(env, gpu_ids, gpu_count),
+            source="slurm", nodes=nodes, gpus_per_node=gpus,
             cpus_per_node=cpus, gpu_ids=gpu_ids, job_id=env["SLURM_JOB_ID"], node_name=node_name,
             mem_mb=_mem_mb(env, cpus), in_step=bool(env.get("SLURM_STEP_ID")), env=env,
         )

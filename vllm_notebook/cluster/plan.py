@@ -50,7 +50,8 @@ class Plan:
                 ("pipeline parallel", str(self.pipeline_parallel_size)),
                 ("executor", self.executor or "single process")]
         if self.replicas > 1:
-            rows.insert(1, ("replicas", str(self.replicas)))
+            over = f" over {self.nodes} nodes (a job step each, srun --overlap)" if self.nodes > 1 else ""
+            rows.insert(1, ("replicas", f"{self.replicas}{over}"))
         if self.estimate is not None:
             rows.append(self.estimate.row())
         return rows
@@ -70,8 +71,7 @@ def make_plan(alloc, model_config: dict, explicit: set[str], args, replicas: int
     if replicas < 1:
         raise PlanError("--replicas must be at least 1")
     if replicas > 1 and nodes > 1:
-        raise PlanError(f"--replicas over {nodes} nodes is not supported yet: replicas share this node's GPUs "
-                        "(or run one engine per node with --slurm)")
+        return _replicas_over_nodes(alloc, model_config, explicit, args, replicas)
     if nodes > 1 and gpus == 0:
         raise PlanError(f"the allocation has {nodes} nodes but no GPUs on them: multi-node needs GPUs "
                         "(ask Slurm for them, e.g. --gpus-per-node=4)")
@@ -107,6 +107,44 @@ def make_plan(alloc, model_config: dict, explicit: set[str], args, replicas: int
         args.distributed_executor_backend = executor
     return Plan(nodes=nodes, gpus_per_node=gpus, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                 executor=executor, replicas=replicas)
+
+
+def _replicas_over_nodes(alloc, model_config: dict, explicit: set[str], args, replicas: int) -> Plan:
+    """``--replicas N`` over a multi-node allocation: each replica on one node (its own tensor-parallel group of
+    that node's GPUs, no pipeline across nodes), the replicas spread evenly over the nodes (``replica_nodes``)."""
+    gpus, nodes, heads = alloc.gpus_per_node, alloc.num_nodes, model_config.get("num_attention_heads")
+    pp = int(args.pipeline_parallel_size) if "pipeline_parallel_size" in explicit else 1
+    if pp != 1:
+        raise PlanError("a replica runs on one node: --pipeline-parallel-size over nodes is for one engine "
+                        "(drop --replicas, or drop --pipeline-parallel-size)")
+    tp = int(args.tensor_parallel_size) if "tensor_parallel_size" in explicit else 1
+    if tp < 1:
+        raise PlanError("--tensor-parallel-size must be >= 1")
+    if heads and heads % tp:
+        raise PlanError(f"--tensor-parallel-size {tp} does not divide the model's {heads} attention heads "
+                        f"(try {largest_valid_tp(tp, heads)})")
+    per_node = -(-replicas // nodes)
+    if gpus and tp > gpus:
+        raise PlanError(f"--tensor-parallel-size {tp} needs {tp} GPUs on one node, and a node here has {gpus}")
+    if gpus and tp > 1 and per_node * tp > gpus:
+        raise PlanError(f"{replicas} replicas over {nodes} nodes: {per_node} a node x {tp} GPUs each = "
+                        f"{per_node * tp} GPUs, but a node has {gpus}: use fewer replicas or a smaller "
+                        "--tensor-parallel-size")
+    executor = args.distributed_executor_backend if "distributed_executor_backend" in explicit else (
+        "mp" if tp > 1 else None)
+    args.tensor_parallel_size, args.pipeline_parallel_size = tp, 1
+    if executor == "mp" and "distributed_executor_backend" not in explicit:
+        args.distributed_executor_backend = executor
+    return Plan(nodes=nodes, gpus_per_node=gpus, tensor_parallel_size=tp, pipeline_parallel_size=1,
+                executor=executor, replicas=replicas)
+
+
+def replica_nodes(replicas: int, nodes: list[str], here: str | None) -> list[tuple[str, int, int]]:
+    """Where each of ``replicas`` goes over an allocation's ``nodes``: (node, its index on that node, how many
+    that node runs), this node (``here``) first, the others in the allocation's order, as evenly as they go."""
+    order = ([here] if here in nodes else []) + [n for n in nodes if n != here]
+    counts = [replicas // len(order) + (1 if i < replicas % len(order) else 0) for i in range(len(order))]
+    return [(node, j, count) for node, count in zip(order, counts) for j in range(count)]
 
 
 #: What an engine takes on a GPU beyond weights and KV cache (activations, CUDA graphs, the CUDA context), bytes.
@@ -216,3 +254,15 @@ def replica_layout(plan: Plan, *, cores: list[int], gpu_ids: list[str], memory: 
 def _ids(ids: list[int]) -> str:
     return f"{ids[0]}-{ids[-1]}" if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)) else \
         ",".join(map(str, ids))
+
+
+def replica_share(value: str, *, cores: list[int], gpu_ids: list[str], memory: float | None) -> Replica:
+    """The share of this node of the replica a job step was started for (``REPLICA_ENV``: "J/K/TP"): the same
+    layout the K replicas of an in-kernel ``--replicas K`` would have here, its J-th part."""
+    try:
+        j, k, tp = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise PlanError(f"VLLM_NOTEBOOK_REPLICA={value!r} is not J/K/TP") from None
+    plan = Plan(nodes=1, gpus_per_node=len(gpu_ids), tensor_parallel_size=tp, pipeline_parallel_size=1,
+                executor=None, replicas=k)
+    return replica_layout(plan, cores=cores, gpu_ids=gpu_ids, memory=memory)[j]

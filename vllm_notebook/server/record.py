@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .. import paths, private, procs
 from ..cluster import slurm
+from ..cluster.allocation import REPLICA_ENV
 from ..engine import registry as engine_registry
 from ..errors import ServerError
 from ..tables import Table
@@ -208,6 +209,8 @@ def find(model: str, argv: list[str] | None = None, key: list | None = None) -> 
 
     Inside a Slurm job, only a server of the same job counts: another job's server ends with that job.
     """
+    if os.environ.get(REPLICA_ENV):  # a replica's server (``backends/step.py``) is its own, never a sibling's
+        return None
     job = os.environ.get("SLURM_JOB_ID") or None
     for r in records():
         if r.model != model or not r.here or not r.alive() or (job is not None and r.job_id != job):

@@ -71,7 +71,8 @@ class Status:
             for k, part in enumerate(eng.backend.parts(), 1):  # a replica: where, state, its load
                 rows.append({**{key: "" for key in rows[-1]}, "engine": f"  {name}[{k}]", "where": part["where"],
                              "state": f"{part['state']} · {part['in flight']} in flight · {part['served']:,} done",
-                             "tok/s": "", "KV use": "", "log": part["log"]})
+                             "tok/s": f"{part['tokens/s']:,}" if part.get("tokens/s") else "-", "KV use": "",
+                             "log": part["log"]})
         rss = psutil.Process(os.getpid()).memory_info().rss / 2**20
         return cls(rows, rss, _rss_mb(os.getpid()) - rss, journal_line(), all=all)
 
