@@ -224,20 +224,26 @@ def _replica_steps(job: str) -> list[str]:
     return [ln for ln in out.splitlines() if "vnb-replica" in ln]
 
 
-def test_replicas_over_the_allocations_nodes_run_as_job_steps(job, slurm_kernel, demo_path):
+def test_replicas_over_the_allocations_nodes_run_as_job_steps(job, slurm_kernel, demo_path, shared_path):
     """Issue 33: ``--replicas 2`` in a kernel of a two-node allocation: a replica on each node, each a
     ``vllm serve`` in a job step (srun --overlap); a batch uses both and is one engine's greedy result in order;
-    %vllm_unload ends both steps."""
-    flags = "--enforce-eager --max-model-len 512"
-    k = Kernel(slurm_kernel)
+    n2's step cancelled mid-batch: the batch ends whole and right, each prompt journaled once, the footer says
+    what happened; %vllm_unload ends the other step."""
+    # One sequence at a time on every engine: a greedy text is then the same whichever replica runs it and with
+    # whichever others (in a batch, a near-tie of the random demo model can flip with the batch's shape).
+    flags = "--enforce-eager --max-model-len 512 --max-num-seqs 1"
+    journal = shared_path / "replicas.vllm-journal.jsonl"  # the kernel runs on n1: not this machine's /tmp
+    k = Kernel(slurm_kernel, env={"VLLM_NOTEBOOK_JOURNAL": str(journal)})
     try:
         k.run(f"%load_ext vllm_notebook\n%vllm_load {demo_path} {flags} --name one -tp 1 -pp 1\n"  # on n1 alone
               "prompts = [f'Tell me about the number {i}.' for i in range(12)]\n"
               "ref = %generate -i prompts --name one --max-tokens 24 --temperature 0 --ignore-eos --no-journal\n"
+              "longer = [f'Tell me about the colour {i}.' for i in range(24)]\n"
+              "ref2 = %generate -i longer --name one --max-tokens 128 --temperature 0 --ignore-eos --no-journal\n"
               "%vllm_unload --name one", timeout=300)
         out = k.run(f"p = %vllm_load {demo_path} {flags} --replicas 2 --dry-run\nprint(p)")
         assert "2 over 2 nodes" in out, out
-        out = k.run(f"eng = %vllm_load {demo_path} {flags} --max-num-seqs 4 --replicas 2\n"
+        out = k.run(f"eng = %vllm_load {demo_path} {flags} --replicas 2\n"
                     "print(eng.backend.place(), [p['where'] for p in eng.backend.parts()])", timeout=600)
         assert "2 replicas (job steps" in out and "['n1', 'n2']" in out, out
         steps = _replica_steps(job)
@@ -248,6 +254,27 @@ def test_replicas_over_the_allocations_nodes_run_as_job_steps(job, slurm_kernel,
         assert same == "True" and int(least) > 0, out[-1500:]
         status = k.run("%vllm_status")
         assert "n1" in status and "n2" in status and "serving" in status, status
+
+        n2 = next(ln.split()[0] for ln in steps if ln.split()[-1] == "n2")
+        msg = k.submit("g2 = %generate -i longer --max-tokens 128 --temperature 0 --ignore-eos\n"
+                                              "print(g2.texts == ref2.texts, g2.provenance['run'])\nprint(g2.footer())")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # n2's step cancelled once 3 results are journaled
+            results = journal.read_text().count('"kind":"result"') if journal.exists() else 0
+            if results >= 3:
+                subprocess.run(["scancel", n2])
+                break
+            time.sleep(0.05)
+        out, error = k.collect(msg, timeout=400)
+        assert error is None, error
+        lines = out.strip().splitlines()
+        same, run_id = lines[-2].split()
+        assert same == "True", out[-1500:]
+        assert "died" in lines[-1] and "went to the other replicas" in lines[-1], lines[-1]
+        keys = [json.loads(ln)["key"] for ln in journal.read_text().splitlines()
+                if '"kind":"result"' in ln and json.loads(ln)["run"] == run_id]
+        assert len(keys) == len(set(keys)) == 24
+        assert "1 of 2 replicas serving" in k.run("%vllm_status")
         out = k.run("%vllm_unload", timeout=120)
         assert "unloaded engine 'default'" in out, out
         deadline = time.monotonic() + 60
