@@ -23,6 +23,9 @@ load rows ours / raw seconds (lower is better); each row shows the median ratio 
   replicas        %generate -i with --replicas 2 / %generate -i with one engine, on the same GPU memory (the
                   replicas split the one engine's --gpu-memory-utilization) or the same cores; batch of the
                   first size (data parallelism's gain, not our cost: ratio > 1 is the point)
+  scaling         (--scale R) R replicas on R GPUs / one engine on one GPU (target >= 0.9 x R), and R replicas /
+                  one engine of --tensor-parallel-size R on the same R GPUs; batch of the first size. On the
+                  CPU build a "GPU" is a core (VLLM_CPU_OMP_THREADS_BIND), and the tensor-parallel row is left out
 
 Results go to ``artifacts/kernels.json``.
 """
@@ -229,6 +232,44 @@ def _paired(ours: tuple, raw: tuple, trials: int, warm: bool = True) -> dict:
     return _summary(rows)
 
 
+def _scaling(out: dict, model: str, flags: list[str], env: dict, r: int, run: str, size: int, a) -> None:
+    """Issue 34's rows: R replicas on R GPUs against one engine on one of them, and against one engine with
+    tensor parallelism over the same R (GPUs only: vLLM's CPU build has no tensor parallelism across cores
+    worth comparing). Each side in a kernel of its own that sees only its devices."""
+    gpu = "VLLM_CPU_KVCACHE_SPACE" not in env
+    if gpu:
+        ids = [i.strip() for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip()] or \
+            subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                           text=True).stdout.split()
+        see = lambda n: {**env, "CUDA_VISIBLE_DEVICES": ",".join(ids[:n])}  # noqa: E731
+    else:
+        ids = [str(c) for c in sorted(os.sched_getaffinity(0))]
+        see = lambda n: {**env, "VLLM_CPU_OMP_THREADS_BIND": ",".join(ids[:n])}  # noqa: E731
+    if len(ids) < r:
+        raise SystemExit(f"--scale {r} needs {r} {'GPUs' if gpu else 'cores'}; this machine has {len(ids)}")
+    kernels: dict[str, Kernel] = {}
+
+    def up(name: str, side_env: dict, extra: list[str]) -> Kernel:
+        kernels[name] = Kernel(env=side_env)
+        kernels[name].run(OURS_LOAD.format(line=shlex.join([model, *flags, *extra])), timeout=900)
+        return kernels[name]
+
+    try:  # two sides loaded at a time (each GPU then holds two engines' --gpu-memory-utilization, not three)
+        replicas = up("replicas", see(r), ["--replicas", str(r)])
+        one = up("one", see(1), [])
+        what = "GPUs" if gpu else "cores"
+        out[f"replicas {r} on {r} {what} vs 1 engine on 1, batch {size} x {a.tokens}"] = _paired(
+            (replicas, run), (one, run), a.trials)
+        if gpu:
+            kernels.pop("one").shutdown()
+            tp = up("tp", see(r), ["--tensor-parallel-size", str(r)])
+            out[f"replicas {r} vs TP {r} on {r} GPUs, batch {size} x {a.tokens}"] = _paired(
+                (replicas, run), (tp, run), a.trials)
+    finally:
+        for k in kernels.values():
+            k.shutdown()
+
+
 def _cpu(k: Kernel) -> tuple[float, float]:
     """CPU-seconds so far of the kernel process (the front end) and of its engine processes (its children;
     a server's engine is not one). Wall time on a small node is noisy; CPU-seconds show who did the work."""
@@ -329,6 +370,7 @@ def main() -> None:
     ap.add_argument("--load-pairs", type=int, default=2, help="fresh-kernel load pairs (order alternates)")
     ap.add_argument("--rows", default="load,batch,stream,panel,concurrency,server",
                     help="which rows, comma-separated")
+    ap.add_argument("--scale", type=int, default=2, help="the scaling rows' R: replicas on R GPUs (or cores)")
     ap.add_argument("--json", default="artifacts/kernels.json")
     ap.add_argument("--kernel-nice", type=int, default=None,
                     help="the kernels' session nice as they start (default: the tests' 10; 0 leaves them as a "
@@ -350,6 +392,14 @@ def main() -> None:
     wanted = set(a.rows.split(","))
     results: dict = {"model": model, "flags": flags, "tokens": a.tokens, "trials": a.trials, "rows": {}}
     rows = results["rows"] = _Rows(lambda: _save(results, a.json))
+    if "scaling" in wanted:  # first, in kernels of its own (no other engine holding the GPUs' memory)
+        size = int(a.sizes.split(",")[0])
+        cell = PROMPTS_CELL.format(prompts=PROMPTS, n=size // len(PROMPTS) + 1, size=size)
+        _scaling(rows, model, flags, env, a.scale, cell + OURS_RUN.format(tokens=a.tokens), size, a)
+        wanted.discard("scaling")
+    if not wanted:
+        _report(model, flags, a, results)
+        return
     load, ours, raw = _load(model, flags, env, a.load_pairs, timed="load" in wanted, raw_engine="batch" in wanted)
     if "load" in wanted:
         rows["load, cold"] = load["cold"]
@@ -411,6 +461,12 @@ def main() -> None:
     finally:
         ours.shutdown()
         raw.shutdown()
+    _report(model, flags, a, results)
+
+
+def _report(model: str, flags: list[str], a, results: dict) -> None:
+    """The table of rows, the bandwidth bound of a stream row, CPU-seconds; the JSON saved."""
+    rows = results["rows"]
     print(f"\nreal Jupyter kernels, {model} {' '.join(flags)}; {a.trials} paired trials per row")
     print(f"{'row':<28}{'ours / raw':>11}{'spread':>16}{'ours':>14}{'raw':>14}")
     for name, row in rows.items():
