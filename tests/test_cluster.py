@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -243,6 +244,21 @@ def test_replicas_over_the_allocations_nodes_run_as_job_steps(job, slurm_kernel,
               "%vllm_unload --name one", timeout=300)
         out = k.run(f"p = %vllm_load {demo_path} {flags} --replicas 2 --dry-run\nprint(p)")
         assert "2 over 2 nodes" in out, out
+        # Ctrl-C while both steps load (they start together): both ended, one line, the kernel goes on
+        kernel_pid = next(p.pid for p in psutil.process_iter(["cmdline"])
+                          if "ipykernel_launcher" in " ".join(p.info["cmdline"] or [])
+                          and k.km.connection_file in " ".join(p.info["cmdline"] or []) and "srun" not in
+                          (p.info["cmdline"] or [""])[0])
+        msg = k.submit(f"%vllm_load {demo_path} {flags} --replicas 2")
+        deadline = time.monotonic() + 120
+        while len(_replica_steps(job)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_replica_steps(job)) == 2
+        os.kill(kernel_pid, signal.SIGINT)
+        out, error = k.collect(msg, timeout=120)
+        assert error is not None and "load interrupted; the 0 replica(s) started were stopped" in error["evalue"], \
+            (error, out[-800:])
+        assert not _replica_steps(job) and k.run("print(6 * 7)").strip() == "42"
         out = k.run(f"eng = %vllm_load {demo_path} {flags} --replicas 2\n"
                     "print(eng.backend.place(), [p['where'] for p in eng.backend.parts()])", timeout=600)
         assert "2 replicas (job steps" in out and "['n1', 'n2']" in out, out
@@ -292,6 +308,7 @@ def test_multi_node_notebook_runs_in_the_allocation(slurm_kernel, demo_path, sha
     text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "n1, n2" in text and "ray" in text and "2 / 4" in text and "stopped the Ray cluster" in text
+    assert "('n1', " in text and "('n2', " in text and "unloaded engine 'default'" in text  # the replicas' cells
     assert "Traceback" not in text
     assert not (left := ray_gone(20)), left
 

@@ -7,6 +7,7 @@ replica whose EngineCore is killed mid-batch loses and duplicates nothing (the j
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import psutil
@@ -337,6 +338,69 @@ def test_a_request_aborted_twice_or_by_the_run_itself_is_its_result():
         assert "aborted requests on its own" in gen.footer()
     finally:
         eng.unload()
+
+
+def _slow_starters(n: int, seconds: float, fail: int | None = None):
+    """Fake replicas whose start takes ``seconds`` (replica ``fail`` fails half-way); each notes when it ran,
+    whether it was stopped, and gives up when abandoned."""
+    import threading
+
+    from fake_backend import FakeBackend
+    from vllm_notebook.errors import EngineStartError, VllmNotebookError
+
+    class Slow(FakeBackend):
+        def __init__(self, k):
+            super().__init__(delay=0.001)
+            self.k, self.ran, self.stopped, self.gave_up = k, None, False, threading.Event()
+
+        def start(self, progress=None):
+            t0 = time.monotonic()
+            if self.gave_up.wait(seconds / 2 if self.k == fail else seconds):
+                raise VllmNotebookError("load interrupted")
+            if self.k == fail:
+                raise EngineStartError("out of memory on its node")
+            self.ran = (t0, time.monotonic())
+
+        def abandon_start(self):
+            self.gave_up.set()
+
+        def stop(self):
+            self.stopped = True
+            return super().stop()
+
+    return [Slow(k) for k in range(n)]
+
+
+def test_replicas_on_nodes_of_their_own_start_together_and_a_failure_stops_them_all():
+    from vllm_notebook.backends.replicas import ReplicasBackend
+    from vllm_notebook.engine.core import Engine
+    from vllm_notebook.errors import EngineStartError
+
+    members = _slow_starters(3, 0.4)
+    t0 = time.monotonic()
+    eng = Engine("default", ReplicasBackend(members, [{}] * 3, places=["n1", "n2", "n3"],
+                                            start_groups=[[0], [1], [2]])).start()
+    took = time.monotonic() - t0
+    try:
+        assert took < 1.0, took  # together: about one start, not three
+        assert len(eng.generate(PROMPTS[:6], max_tokens=2).texts) == 6
+    finally:
+        eng.unload()
+    members = _slow_starters(2, 0.2)
+    Engine("default", ReplicasBackend(members, [{}] * 2, start_groups=[[0, 1]])).start().unload()
+    assert members[0].ran[1] <= members[1].ran[0]  # one group: one after another (a shared card)
+
+    members = _slow_starters(3, 3.0, fail=1)
+    t0 = time.monotonic()
+    with pytest.raises(EngineStartError, match=r"replica 2 of 3 \(n2\) failed to start: out of memory on its node"):
+        Engine("default", ReplicasBackend(members, [{}] * 3, places=["n1", "n2", "n3"],
+                                          start_groups=[[0], [1], [2]])).start()
+    assert time.monotonic() - t0 < 2.5  # the others gave up when it failed (1.5 s), not after their 3 s
+    assert all(m.gave_up.is_set() for m in (members[0], members[2]))
+    members = _slow_starters(2, 0.2, fail=1)
+    with pytest.raises(EngineStartError, match="replica 2 of 2"):
+        Engine("default", ReplicasBackend(members, [{}] * 2, start_groups=[[0, 1]])).start()
+    assert members[0].stopped  # the one started before the failure is stopped: nothing left running
 
 
 def test_a_batch_starts_on_the_first_ready_replica_and_a_late_one_joins():

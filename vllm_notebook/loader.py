@@ -600,14 +600,16 @@ def _step_replicas(prep: Prepared) -> ReplicasBackend:
             flags += [flag, str(value)]
     cpus = dict(zip(alloc.nodes, alloc.cpus_per_node)) if len(alloc.cpus_per_node) == len(alloc.nodes) else {}
     tp = prep.plan.tensor_parallel_size
-    members, places = [], []
-    for node, j, count in replica_nodes(prep.plan.replicas, alloc.nodes, alloc.node_name):
+    members, places, together = [], [], {}
+    for k, (node, j, count) in enumerate(replica_nodes(prep.plan.replicas, alloc.nodes, alloc.node_name)):
+        shares_cards = alloc.gpus_per_node and count * tp > alloc.gpus_per_node  # then one after another
+        together.setdefault(node if shares_cards else k, []).append(k)
         step = Step(target, flags, node=node, share=f"{j}/{count}/{tp}", job_id=str(alloc.job_id),
                     cpus=cpus.get(node), env=prep.env)
         members.append(ServerBackend("", None, model=prep.model, launcher=step))
         places.append(node if count == 1 else f"{node} #{j + 1}")
     return ReplicasBackend(members, [{}] * len(members), prep.key, "", plan=prep.plan.as_dict(), places=places,
-                           how="job steps on the allocation's nodes")
+                           how="job steps on the allocation's nodes", start_groups=list(together.values()))
 
 
 def _without_loras(flags: list[str]) -> list[str]:

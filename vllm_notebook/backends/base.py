@@ -122,6 +122,11 @@ class Backend(abc.ABC):
         """Bring the engine up (or connect to it) on ``loop``, which runs; ``progress(phase, seconds)`` while it
         loads. A Slurm job's back-end only starts following its job here."""
 
+    def abandon_start(self) -> None:
+        """Ask a ``start`` running on another thread to give up soon (it then stops what it started and raises
+        ``VllmNotebookError``): Ctrl-C during replicas started together. Most back-ends start in the caller's
+        thread, where Ctrl-C reaches them itself: nothing to do."""
+
     # ---------------------------------------------------------------- checks
     @abc.abstractmethod
     def check_usable(self) -> None:

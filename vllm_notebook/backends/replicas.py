@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -206,9 +207,11 @@ class ReplicasBackend(Backend):
     summarised_on_load = True
 
     def __init__(self, members: Sequence[Backend], envs: Sequence[dict[str, str]], key: tuple = (),
-                 log_path: str = "", plan: dict | None = None, places: Sequence[str] = (), how: str = ""):
+                 log_path: str = "", plan: dict | None = None, places: Sequence[str] = (), how: str = "",
+                 start_groups: Sequence[Sequence[int]] = ()):
         self.members = list(members)
         self.how = how  # what the replicas are, for people (else their back-ends' kind)
+        self.start_groups = [list(g) for g in start_groups]  # replicas that start together (``start``)
         super().__init__(key, log_path, plan)
         first = self.members[0]  # the replicas are of one kind: they say what the whole is
         self.outlives_kernel, self.holds_devices_here = first.outlives_kernel, first.holds_devices_here
@@ -317,30 +320,69 @@ class ReplicasBackend(Backend):
 
     # ---------------------------------------------------------------- start
     def start(self, progress: Callable[[str, float], None] | None = None) -> None:
-        """Start the replicas one after another (on a shared card, each one's memory check must see the others'
-        memory taken); if one fails, those started are stopped and the error says which replica."""
-        started: list[Backend] = []
-        total = 0.0
+        """Start the replicas: the groups of ``start_groups`` at once (replicas on nodes or cards of their own),
+        each group's one after another (on a shared card each one's memory check must see the others' memory
+        taken; in this process each starts in its own environment). If one fails, or Ctrl-C comes, those started
+        are stopped and the error says which replica."""
+        n = len(self.members)
         for k, member in enumerate(self.members):
             member.loop, member.name = self.loop, f"{self.name}[{k + 1}]"
-            report = None
-            if progress is not None:
-                def report(phase: str, seconds: float, k: int = k) -> None:
-                    progress(f"replica {k + 1} of {len(self.members)} ({self.places[k]}): {phase}", total + seconds)
+        started: list[int] = []
+        failed: list[tuple[int, BaseException]] = []
+        give_up = threading.Event()
+        t0 = time.monotonic()
+
+        def start_group(group: list[int]) -> None:
+            for k in group:
+                if give_up.is_set():
+                    return
+                report = None
+                if progress is not None:
+                    def report(phase: str, seconds: float, k: int = k) -> None:
+                        progress(f"replica {k + 1} of {n} ({self.places[k]}): {phase}", time.monotonic() - t0)
+                try:
+                    with scoped_env(self.envs[k]):
+                        self.members[k].start(report)
+                except BaseException as exc:  # noqa: BLE001 - said below, once the others are stopped
+                    failed.append((k, exc))
+                    give_up.set()
+                    return
+                started.append(k)
+
+        groups = [list(g) for g in self.start_groups] or [list(range(n))]
+        if len(groups) == 1:
+            start_group(groups[0])  # in this thread: Ctrl-C reaches the replica's own start
+        else:
+            threads = [threading.Thread(target=start_group, args=(g,), daemon=True,
+                                        name=f"vllm-notebook:{self.name}:start") for g in groups]
+            for t in threads:
+                t.start()
             try:
-                with scoped_env(self.envs[k]):
-                    member.start(report)
-            except VllmNotebookError as exc:
-                for m in reversed(started):
-                    m.close()
-                    m.stop()
-                raise EngineStartError(f"replica {k + 1} of {len(self.members)} ({self.places[k]}) failed to "
-                                       f"start: {exc}") from None
-            started.append(member)
-            total += member.load_seconds or 0.0
+                while any(t.is_alive() for t in threads):
+                    if give_up.is_set():  # one failed: the others need not finish loading
+                        for m in self.members:
+                            m.abandon_start()
+                    time.sleep(0.2)
+            except KeyboardInterrupt:
+                give_up.set()
+                for m in self.members:
+                    m.abandon_start()
+                for t in threads:
+                    t.join()
+                failed.insert(0, (-1, VllmNotebookError("load interrupted")))
+        if failed:
+            for k in reversed(started):
+                self.members[k].close()
+                self.members[k].stop()
+            k, exc = failed[0]
+            if k < 0 or isinstance(exc, KeyboardInterrupt):
+                raise VllmNotebookError(f"load interrupted; the {len(started)} replica(s) started were stopped") \
+                    from None
+            raise EngineStartError(f"replica {k + 1} of {n} ({self.places[k]}) failed to start: "
+                                   f"{first_line(exc) if not isinstance(exc, VllmNotebookError) else exc}") from None
         first = self.members[0]
         self.adapters, self.vllm_version = first.adapters, first.vllm_version
-        self.load_seconds = total
+        self.load_seconds = time.monotonic() - t0
 
     # ---------------------------------------------------------------- deaths
     def died(self, k: int, exc: BaseException) -> None:

@@ -201,6 +201,10 @@ class ServerBackend(Backend):
     def alive(self) -> bool:
         return not self._closed and self._client is not None and self._gone is None and self._process_alive()
 
+    def abandon_start(self) -> None:
+        if self.launcher is not None:
+            self.launcher.abandon()
+
     def _process_alive(self) -> bool:
         if self.launcher is not None:
             return self.launcher.alive()

@@ -18,6 +18,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Step:
         self.key_file = ""
         self.log = ""
         self.record: record.ServerRecord | None = None
+        self._abandoned = threading.Event()
 
     def command(self) -> list[str]:
         """The ``srun`` line (no secret in it: the key is in a file, the server reads it)."""
@@ -67,10 +69,18 @@ class Step:
         procs.guard(self.proc.pid)
         try:
             self.record = self._wait_for_server(t0, progress)
+        except KeyboardInterrupt:
+            self.stop(grace=10)
+            raise VllmNotebookError(f"load interrupted; the half-started replica on {self.node} was stopped") \
+                from None
         except BaseException:
             self.stop(grace=10)
             raise
         return self.record
+
+    def abandon(self) -> None:
+        """Give up a start waiting on another thread (``ServerBackend.abandon_start``)."""
+        self._abandoned.set()
 
     def _wait_for_server(self, t0: float, progress) -> record.ServerRecord:
         """The server's record once it is ready (it wrote it with our key file); one line if the step ends first."""
@@ -79,6 +89,8 @@ class Step:
             rec = next((r for r in record.records(prune=False) if r.key_file == self.key_file), None)
             if rec is not None and rec.ready:
                 return rec
+            if self._abandoned.is_set():
+                raise KeyboardInterrupt
             if self.proc.poll() is not None:
                 raise EngineStartError(f"the replica's server on {self.node} ended before it served: "
                                        f"{self._why()}  (log: {self.log})")
@@ -89,7 +101,7 @@ class Step:
                 phase = logs.phase_of("\n".join(logs.tail(rec.log, 30)), phase)
             if progress is not None:
                 progress(f"on {self.node}: {phase}", time.monotonic() - t0)
-            time.sleep(0.5)
+            self._abandoned.wait(0.5)
 
     def _why(self) -> str:
         marker = "vllm-notebook: error: "
