@@ -23,6 +23,7 @@ import psutil
 import pytest
 from kernel import Kernel, kernel_manager, ray_gone, ray_processes
 from nbclient import NotebookClient
+from test_replicas import assert_whole_after_a_cut
 
 ROOT = Path(__file__).parent.parent
 # scripts/dev-cluster's cluster of this checkout (its folder named by a hash of the checkout's path)
@@ -283,14 +284,7 @@ def test_replicas_over_the_allocations_nodes_run_as_job_steps(job, slurm_kernel,
             time.sleep(0.05)
         out, error = k.collect(msg, timeout=400)
         assert error is None, error
-        lines = out.strip().splitlines()
-        same, run_id = lines[-2].split()
-        assert same == "True", out[-1500:]
-        assert "died" in lines[-1] and "went to the other replicas" in lines[-1], lines[-1]
-        keys = [json.loads(ln)["key"] for ln in journal.read_text().splitlines()
-                if '"kind":"result"' in ln and json.loads(ln)["run"] == run_id]
-        assert len(keys) == len(set(keys)) == 24
-        assert "1 of 2 replicas serving" in k.run("%vllm_status")
+        assert_whole_after_a_cut(k, out, journal, 24)
         out = k.run("%vllm_unload", timeout=120)
         assert "unloaded engine 'default'" in out, out
         deadline = time.monotonic() + 60

@@ -17,6 +17,7 @@ import time
 import psutil
 import pytest
 from kernel import Kernel
+from test_replicas import assert_whole_after_a_cut
 from test_cluster import SLURM_CONF, _cluster_up, slurm_report
 
 PARIS = " Paris."
@@ -230,8 +231,6 @@ def test_a_chained_successor_takes_over_and_a_cut_stream_goes_on_from_its_last_t
 def test_replicas_as_two_jobs_on_two_nodes_and_one_cancelled_mid_batch(demo_path, tmp_path):
     """--slurm --replicas 2: two jobs, one a node; a batch uses both once ready; one job cancelled mid-batch: the
     batch ends whole and right, the journal holds each prompt once, the footer says what happened."""
-    import json
-
     journal = tmp_path / "replicas.vllm-journal.jsonl"
     load = f'%vllm_load {demo_path} {FLAGS} --max-num-seqs 2 --slurm "-N1 -c 2 --gres=gpu:1 -t 10" --replicas 2'
     batch = ("g = %generate -i prompts --max-tokens 64 --temperature 0 --ignore-eos\n"
@@ -273,14 +272,7 @@ def test_replicas_as_two_jobs_on_two_nodes_and_one_cancelled_mid_batch(demo_path
               "ref = %generate -i prompts --max-tokens 256 --temperature 0 --ignore-eos --no-journal", timeout=300)
         out = k.run(batch.replace("--max-tokens 64", "--max-tokens 256"), timeout=400)
         stop.set()
-        lines = out.strip().splitlines()
-        same, run_id = lines[-2].split()
-        assert same == "True", out[-1500:]
-        assert "died" in lines[-1] and "went to the other replicas" in lines[-1], lines[-1]
-        keys = [json.loads(ln)["key"] for ln in journal.read_text().splitlines()
-                if '"kind":"result"' in ln and json.loads(ln)["run"] == run_id]
-        assert len(keys) == len(set(keys)) == 32
-        assert "1 of 2 replicas serving" in k.run("%vllm_status")
+        assert_whole_after_a_cut(k, out, journal, 32)
         out = k.run("%vllm_unload")
         assert "unloaded engine 'default'" in out, out
         _wait(lambda: not _squeue(), 60)
