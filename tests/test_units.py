@@ -855,3 +855,17 @@ def test_a_server_whose_engine_died_says_so_not_server_error_500():
     dead = srv._http_error(500, json.dumps({"error": {"message": "EngineCore encountered an issue. See stack trace "
                                                                  "(above) for the root cause."}}).encode())
     assert isinstance(dead, EngineDiedError) and "its engine died: EngineCore encountered an issue" in str(dead)
+
+
+def test_a_result_tables_cell_is_cut_at_five_lines_counting_wrapped_ones():
+    """A row of a result table stays a few lines tall whatever the model wrote: at most 400 characters and five
+    lines, a line longer than 80 characters counting as the lines it wraps to (the browser tour bounds the
+    table's height in pixels)."""
+    from vllm_notebook.tables import cell
+
+    assert cell("a\nb<c>", 400) == "a<br>b&lt;c&gt;"
+    assert cell("x" * 400, 400) == "x" * 400  # 5 wrapped lines
+    assert cell("x" * 500, 400) == "x" * 400 + "…"  # cut by characters alone
+    assert cell("one\n" + "y" * 200 + "\nthree\nfour", 400) == "one<br>" + "y" * 200 + "<br>three …"
+    assert cell("\n".join("z" * 10 for _ in range(9)), 400).count("<br>") == 4
+    assert cell("w" * 90 + "\n" + "v" * 450, 1000) == "w" * 90 + "<br>" + "v" * 240 + " …"

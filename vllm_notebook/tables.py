@@ -9,18 +9,30 @@ import html
 from collections.abc import Iterable, Sequence
 
 
-MAX_LINES = 6  # a cut cell's most lines: a row of a result table stays a few lines tall
+MAX_LINES = 5  # a cut cell's most lines: 10 rows of a result table (its first and last 5) stay one screen
+LINE_CHARS = 80  # what a cut cell counts as one line: a longer line wraps, and counts once per 80 characters
 
 
 def cell(value, limit: int | None = None) -> str:
-    """One escaped HTML cell (newlines kept as line breaks; long text cut at ``limit`` characters and
-    ``MAX_LINES`` lines)."""
+    """One escaped HTML cell (newlines kept as line breaks; long text cut at ``limit`` characters and at
+    ``MAX_LINES`` lines, a line of more than ``LINE_CHARS`` characters counting as the lines it wraps to)."""
     text = str(value)
-    if limit is not None and len(text) > limit:
-        text = text[:limit] + "…"
-    if limit is not None and text.count("\n") >= MAX_LINES:
-        text = "\n".join(text.split("\n")[:MAX_LINES]) + " …"
+    if limit is not None:
+        text = _cut(text, limit)
     return html.escape(text).replace("\n", "<br>")
+
+
+def _cut(text: str, limit: int) -> str:
+    kept, used = [], 0
+    for line in text[:limit].split("\n"):
+        need = max(1, -(-len(line) // LINE_CHARS))
+        if used + need > MAX_LINES:
+            if MAX_LINES - used > 0:
+                kept.append(line[:(MAX_LINES - used) * LINE_CHARS])
+            return "\n".join(kept) + " …"
+        kept.append(line)
+        used += need
+    return "\n".join(kept) + ("…" if len(text) > limit else "")
 
 
 def html_table(rows: Iterable[Sequence], header: Sequence[str] = (), limit: int | None = None) -> str:
