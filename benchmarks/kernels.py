@@ -21,8 +21,9 @@ load rows ours / raw seconds (lower is better); each row shows the median ratio 
   server stream   %%generate over --server / the openai client streaming from the same server
   server batch    %generate over --server / one openai completions request with the prompt list
   replicas        %generate -i with --replicas 2 / %generate -i with one engine, on the same GPU memory (the
-                  replicas split the one engine's --gpu-memory-utilization) or the same cores; batch of the
-                  first size (data parallelism's gain, not our cost: ratio > 1 is the point)
+                  replicas split the one engine's --gpu-memory-utilization; on a GPU the raw engine is unloaded first)
+                  or the same cores; batch of --replicas-size, else the largest size (data parallelism's gain,
+                  not our cost: ratio > 1 is the point)
   scaling         (--scale R) R replicas on R GPUs / one engine on one GPU (target >= 0.9 x R), and R replicas /
                   one engine of --tensor-parallel-size R on the same R GPUs; batch of the first size. On the
                   CPU build a "GPU" is a core (VLLM_CPU_OMP_THREADS_BIND), and the tensor-parallel row is left out
@@ -370,6 +371,9 @@ def main() -> None:
     ap.add_argument("--load-pairs", type=int, default=2, help="fresh-kernel load pairs (order alternates)")
     ap.add_argument("--rows", default="load,batch,stream,panel,concurrency,server",
                     help="which rows, comma-separated")
+    ap.add_argument("--replicas-size", type=int, default=None,
+                    help="the replicas row's batch (default: the largest of --sizes)")
+    ap.add_argument("--replicas-trials", type=int, default=None, help="the replicas row's trials (default: --trials)")
     ap.add_argument("--scale", type=int, default=2, help="the scaling rows' R: replicas on R GPUs (or cores)")
     ap.add_argument("--json", default="artifacts/kernels.json")
     ap.add_argument("--kernel-nice", type=int, default=None,
@@ -426,7 +430,10 @@ def main() -> None:
             rows[f"3 panels + batch {conc}"] = _paired((ours, CONC_OURS.format(**fill_c)),
                                                        (ours, CONC_RAW.format(**fill_c)), a.trials)
         if "replicas" in wanted:
-            size = int(a.sizes.split(",")[0])
+            size = a.replicas_size or max(int(s) for s in a.sizes.split(","))
+            if "VLLM_CPU_KVCACHE_SPACE" not in env:  # a GPU: the raw engine's memory goes to the replicas
+                raw.shutdown()
+                raw = Kernel(env=env)
             cell = PROMPTS_CELL.format(prompts=PROMPTS, n=size // len(PROMPTS) + 1, size=size)
             # The one engine on the same cores as the two replicas: vLLM's CPU build would keep one core for the
             # front end ("auto" binding), which the replicas (one core each, bound by us) do not.
@@ -439,7 +446,7 @@ def main() -> None:
                 two.run(OURS_LOAD.format(line=shlex.join([model, *flags, "--replicas", "2"])), timeout=900)
                 rows[f"replicas 2 vs 1, batch {size} x {a.tokens}"] = _paired(
                     (two, cell + OURS_RUN.format(tokens=a.tokens)), (one, cell + OURS_RUN.format(tokens=a.tokens)),
-                    a.trials)
+                    a.replicas_trials or a.trials)
             finally:
                 two.shutdown()
                 if one is not ours:

@@ -15,7 +15,7 @@ from .cluster.plan import replica_share
 from .cluster.notebook_job import configure_ipc_kernels, connection_lines, install_kernel, jupyter, sbatch_template
 from .doctor import diagnose
 from .errors import UsageError, VllmNotebookError
-from .loader import load_from_argv
+from .loader import load_from_argv, visible_gpus
 from .models.demo import demo_model
 from .models.starter import starter_model
 from .models.hub import download, install_folder, models_table
@@ -123,18 +123,17 @@ def _as_replica(argv: list[str], share: str) -> list[str]:
     (its GPUs or cores in this process's environment, its part of the GPU memory when replicas share a card)."""
     from .engine import vllm_api
 
-    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    gpu_ids = [] if vllm_api.is_cpu_build() else (
-        [g.strip() for g in gpus.split(",") if g.strip()] if gpus else [str(i) for i in range(vllm_api.device_count())])
-    flag = "--gpu-memory-utilization"
-    memory = next((float(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == flag), None)
-    part = replica_share(share, cores=sorted(os.sched_getaffinity(0)), gpu_ids=gpu_ids, memory=memory)
+    memory = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    memory.add_argument("--gpu-memory-utilization", type=float)
+    given, rest = memory.parse_known_args(argv)  # --gpu-memory-utilization 0.4 and --gpu-memory-utilization=0.4
+    gpu_ids = [] if vllm_api.is_cpu_build() else visible_gpus()
+    part = replica_share(share, cores=sorted(os.sched_getaffinity(0)), gpu_ids=gpu_ids,
+                         memory=given.gpu_memory_utilization)
     os.environ.update(part.env)
     print(f"replica {int(share.split('/')[0]) + 1} of this node's {share.split('/')[1]}: {part.place}", flush=True)
     if part.memory_share is None:
         return argv
-    kept = [a for i, a in enumerate(argv) if a != flag and (i == 0 or argv[i - 1] != flag)]
-    return [*kept, flag, str(part.memory_share)]
+    return [*rest, "--gpu-memory-utilization", str(part.memory_share)]
 
 
 def _jobs(args) -> int:

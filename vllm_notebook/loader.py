@@ -291,11 +291,7 @@ def _prepared_from_line(req: LoadRequest, words: list[str]):
     except SystemExit:
         raise UsageError("invalid %vllm_load arguments; see %vllm_load --help") from None
     _refuse_secrets(ns)
-    explicit = {k for k, v in vars(ns).items() if v != parser.get_default(k)} - {"model_tag"}
-    for word in words:  # a flag given at its default counts too (-pp 1 in a two-node allocation: one node)
-        action = parser._option_string_actions.get(word.split("=", 1)[0]) if word.startswith("-") else None
-        if action is not None and action.dest in vars(ns):
-            explicit.add(action.dest)
+    explicit = _given(parser, words, ns) - {"model_tag"}
     model = ns.model_tag or (ns.model if "model" in explicit else None) or req.default_model
     if not model:
         raise UsageError("no model given: %vllm_load MODEL, or set %config VllmMagics.default_model "
@@ -694,6 +690,28 @@ def _own_parser() -> argparse.ArgumentParser:
                            "arithmetic)")
     ours.add_argument("-h", "--help", action="store_true", help="show this help")
     return p
+
+
+class _Unset(list):
+    """A namespace value that no flag set: a list, so that an ``append`` action can copy and extend it, and equal
+    to anything, so that vLLM's parser (which warns of a deprecated flag whose value is not its default) is quiet."""
+
+    def __eq__(self, other):
+        return True
+
+    def __ne__(self, other):
+        return False
+
+    __hash__ = None
+
+
+def _given(parser: argparse.ArgumentParser, words: list[str], ns: argparse.Namespace) -> set[str]:
+    """The destinations that ``words`` set, a value equal to the default included (``-pp 1`` in a two-node
+    allocation means one node): parsed again into a namespace whose every value is a marker, which argparse
+    keeps where no flag writes (it fills in a default only where the namespace has no value)."""
+    unset = _Unset()
+    marked = parser.parse_args(words, namespace=argparse.Namespace(**dict.fromkeys(vars(ns), unset)))
+    return {k for k, v in vars(marked).items() if v is not unset}
 
 
 def _replicas_value(text: str) -> int | str:
