@@ -330,9 +330,18 @@ class ReplicasBackend(Backend):
         started: list[int] = []
         failed: list[tuple[int, BaseException]] = []
         give_up = threading.Event()
+        changed = threading.Event()  # a group ended or failed: the waiting thread looks at once
+        ended: list[int] = []
         t0 = time.monotonic()
 
         def start_group(group: list[int]) -> None:
+            try:
+                start_members(group)
+            finally:
+                ended.append(1)
+                changed.set()
+
+        def start_members(group: list[int]) -> None:
             for k in group:
                 if give_up.is_set():
                     return
@@ -351,18 +360,21 @@ class ReplicasBackend(Backend):
 
         groups = [list(g) for g in self.start_groups] or [list(range(n))]
         if len(groups) == 1:
-            start_group(groups[0])  # in this thread: Ctrl-C reaches the replica's own start
+            start_members(groups[0])  # in this thread: Ctrl-C reaches the replica's own start
         else:
             threads = [threading.Thread(target=start_group, args=(g,), daemon=True,
                                         name=f"vllm-notebook:{self.name}:start") for g in groups]
             for t in threads:
                 t.start()
             try:
-                while any(t.is_alive() for t in threads):
+                while len(ended) < len(threads):
                     if give_up.is_set():  # one failed: the others need not finish loading
                         for m in self.members:
                             m.abandon_start()
-                    time.sleep(0.2)
+                    changed.wait(1.0)  # a bounded wait: Ctrl-C is seen within it on any Python
+                    changed.clear()
+                for t in threads:
+                    t.join()
             except KeyboardInterrupt:
                 give_up.set()
                 for m in self.members:
