@@ -276,3 +276,26 @@ def test_serve_help_prints_usage(demo_path):
     out = cli("serve", demo_path, "--help")  # after the model: every flag of vllm serve, and ours
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--api-key-file" in out.stdout and "--max-model-len" in out.stdout and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow  # starts a kernel
+def test_run_executes_a_notebook_in_a_kernel_on_ipc_and_leaves_nothing(tmp_path):
+    """`vllm-notebook run` (what scripts/quickstart.sh calls) starts its kernel on Unix sockets in the user's private
+    folder, as `vllm-notebook jupyter` does: on TCP any user of the node could read what the cells print."""
+    import nbformat
+
+    from vllm_notebook import private
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from ipykernel.kernelapp import IPKernelApp\n_app = IPKernelApp.instance()\n"
+        "print('TRANSPORT', _app.transport, _app.connection_file)")])
+    path = tmp_path / "probe.ipynb"
+    nbformat.write(nb, path)
+    out = cli("run", str(path), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("TRANSPORT"))
+    _, transport, connection = line.split()
+    folder = private.runtime_dir()
+    assert transport == "ipc" and os.path.dirname(connection) == str(folder), line
+    assert "without encryption" not in out.stderr  # Jupyter's warning about a TCP kernel
+    assert not [p for p in os.listdir(folder) if p.startswith(os.path.basename(connection)[:-5])]  # sockets, file

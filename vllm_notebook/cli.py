@@ -12,7 +12,7 @@ import time
 from . import __version__, private
 from .cluster.allocation import REPLICA_ENV, Allocation
 from .cluster.plan import replica_share
-from .cluster.notebook_job import configure_ipc_kernels, connection_lines, install_kernel, jupyter, sbatch_template
+from .cluster.notebook_job import KERNEL_TRANSPORT, configure_ipc_kernels, connection_lines, install_kernel, jupyter, sbatch_template
 from .doctor import diagnose
 from .errors import UsageError, VllmNotebookError
 from .loader import load_from_argv, visible_gpus
@@ -174,9 +174,9 @@ def _run(args) -> int:
         raise UsageError(f"no such notebook: {args.notebook}") from None
     except Exception as exc:  # noqa: BLE001 - not JSON, not a notebook
         raise UsageError(f"cannot read {args.notebook} as a notebook: {exc}") from None
-    client = NotebookClient(nb, timeout=args.timeout, kernel_name=args.kernel)
+    client = NotebookClient(nb, timeout=args.timeout, kernel_name=args.kernel, km=_ipc_kernel_manager(args.kernel))
     try:
-        client.execute()
+        client.execute(cleanup_kc=True)  # our kernel manager: nbclient shuts the kernel down only if told
         status = 0
     except CellExecutionError as exc:
         print(str(exc).strip().splitlines()[-1], file=sys.stderr)
@@ -201,6 +201,17 @@ def _run(args) -> int:
                 print(f"{out.ename}: {out.evalue}")
         _print_stream(text)
     return status
+
+
+def _ipc_kernel_manager(kernel: str):
+    """A kernel on Unix sockets in this user's private 0700 folder (``private.runtime_dir``), as ``vllm-notebook
+    jupyter`` starts them: Jupyter's default TCP ports on 127.0.0.1 would let any user of the node read what the
+    notebook's cells print (iopub needs no key)."""
+    from jupyter_client import KernelManager
+
+    connection = private.runtime_dir() / f"kernel-run-{os.getpid()}.json"
+    return KernelManager(kernel_name=kernel, transport=KERNEL_TRANSPORT, connection_file=str(connection),
+                         ip=str(connection.with_suffix("")) + "-ipc")
 
 
 def _print_stream(text: str) -> None:
