@@ -281,14 +281,16 @@ def test_serve_help_prints_usage(demo_path):
 @pytest.mark.slow  # starts a kernel
 def test_run_executes_a_notebook_in_a_kernel_on_ipc_and_leaves_nothing(tmp_path):
     """`vllm-notebook run` (what scripts/quickstart.sh calls) starts its kernel on Unix sockets in the user's private
-    folder, as `vllm-notebook jupyter` does: on TCP any user of the node could read what the cells print."""
+    folder, as `vllm-notebook jupyter` does: on TCP any user of the node could read what the cells print. It prints
+    no live widget (a progress bar's text would be its first state, 0%)."""
     import nbformat
 
     from vllm_notebook import private
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "from ipykernel.kernelapp import IPKernelApp\n_app = IPKernelApp.instance()\n"
-        "print('TRANSPORT', _app.transport, _app.connection_file)")])
+        "print('TRANSPORT', _app.transport, _app.connection_file)"),
+        nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='probe-bar'):\n    pass")])
     path = tmp_path / "probe.ipynb"
     nbformat.write(nb, path)
     out = cli("run", str(path), timeout=120)
@@ -298,4 +300,5 @@ def test_run_executes_a_notebook_in_a_kernel_on_ipc_and_leaves_nothing(tmp_path)
     folder = private.runtime_dir()
     assert transport == "ipc" and os.path.dirname(connection) == str(folder), line
     assert "without encryption" not in out.stderr  # Jupyter's warning about a TCP kernel
+    assert "probe-bar" not in out.stdout, out.stdout  # a progress widget's text is its first state: "0%"
     assert not [p for p in os.listdir(folder) if p.startswith(os.path.basename(connection)[:-5])]  # sockets, file

@@ -195,12 +195,17 @@ def _run(args) -> int:
                 continue
             _print_stream(text)
             text = ""
+            if "data" in out and WIDGET in out.data:
+                continue  # a live widget (a progress bar): its text is its first state (0%), not what it became
             if "data" in out and "text/plain" in out.data:
                 print(out.data["text/plain"])
             elif out.output_type == "error":
                 print(f"{out.ename}: {out.evalue}")
         _print_stream(text)
     return status
+
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 def _ipc_kernel_manager(kernel: str):

@@ -207,14 +207,14 @@ class LocalBackend(Backend):
         return params
 
     def sends(self, items, params, run: Run) -> list[tuple[int, Any]]:
-        """A batch that wants only final outputs goes as one coroutine (``_batch``); a streamed batch is
-        tokenized in one call first (``vllm_api.render_batch``). A single prompt and pooling keep vLLM's own
-        per-request path."""
+        """A batch that wants only final outputs goes as one coroutine (``_batch``); other generation (a stream,
+        one prompt) is rendered in one call first (``vllm_api.render_batch``), as ``LLM.generate`` does. Pooling
+        keeps vLLM's own per-request path."""
         vllm_api = _vllm()
-        if len(items) > 1 and isinstance(params, vllm_api.SamplingParams):
-            if params.output_kind == vllm_api.FINAL_ONLY:
+        if isinstance(params, vllm_api.SamplingParams):
+            if len(items) > 1 and params.output_kind == vllm_api.FINAL_ONLY:
                 return [(0, self._batch(items, params, run))]
-            items = vllm_api.render_batch(self._llm, items) or items
+            items = vllm_api.render_batch(self._llm, items) or items  # vLLM 0.32 deprecates unrendered prompts
         return super().sends(items, params, run)
 
     async def _batch(self, prompts: list, params, run: Run) -> None:
