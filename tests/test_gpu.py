@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from kernel import Kernel, engine_processes, ray_gone, ray_processes
+from test_journal import CUT  # a thread in the kernel that SIGKILLs pids once the journal holds n results
 
 from vllm_notebook.engine import gpus
 
@@ -426,22 +427,6 @@ def test_cuda_used_in_the_kernel_before_the_load(raw, idle, figures, left_as_fou
 
 
 REPLICA_PROMPTS = [f"Tell me about the number {i}." for i in range(48)] + PROMPTS
-CUT = """
-import os, signal, threading, time
-def _cut(path, n, pids):
-    def results():
-        try:
-            with open(path, "rb") as f:
-                return sum(b'"kind":"result"' in line for line in f)
-        except FileNotFoundError:
-            return 0
-    def watch():
-        while results() < n:
-            time.sleep(0.005)
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-    threading.Thread(target=watch, daemon=True).start()
-"""
 
 
 @full_tier
