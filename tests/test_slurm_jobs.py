@@ -272,7 +272,9 @@ def test_replicas_as_two_jobs_on_two_nodes_and_one_cancelled_mid_batch(demo_path
               "ref = %generate -i prompts --max-tokens 256 --temperature 0 --ignore-eos --no-journal", timeout=300)
         out = k.run(batch.replace("--max-tokens 64", "--max-tokens 256"), timeout=400)
         stop.set()
-        assert_whole_after_a_cut(k, out, journal, 32)
+        # scancel: the job's server aborts what it runs as it shuts down, and the batch may end before Slurm shows
+        # the job gone; the footer then says the replica aborted its requests on its own (both say what happened)
+        assert_whole_after_a_cut(k, out, journal, 32, gone=("died", "aborted requests on its own"))
         out = k.run("%vllm_unload")
         assert "unloaded engine 'default'" in out, out
         _wait(lambda: not _squeue(), 60)
