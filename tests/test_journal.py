@@ -158,7 +158,10 @@ def test_an_interrupted_batch_resumes_with_only_the_missing_prompts(engine, book
     first = engine.run(PROMPTS, greedy, on_output=stop_after_three, stop_event=stop)
     assert first.interrupted
     kept = sum(1 for r in book.records() if r["kind"] == "result")
-    assert 3 <= kept < len(PROMPTS)
+    # Five prompts end at their 5th token, three run on to the 21st or 24th. Those three are aborted once the stop
+    # lands; on a loaded machine they may end first, and what ends before the abort is kept (nothing computed is
+    # lost). The arithmetic below holds either way; test_a_batch_cut_by_engine_death_... cuts for certain.
+    assert 3 <= kept <= len(PROMPTS)
     before = engine.stats.requests
     again = engine.run(PROMPTS, greedy)
     assert again.reused == kept and engine.stats.requests - before == len(PROMPTS) - kept
