@@ -7,9 +7,10 @@
 Both kernels load the same model with the same engine flags (with a GPU, each also gets
 ``--gpu-memory-utilization 0.4`` unless given, so both fit). Every row alternates trials between the two
 sides, and which goes first alternates too (an even count of trials), so drift hits both alike; with
-``--repeat K`` each side's trial is its fastest of K runs in a row (a shared host's interference only slows). Each trial is timed inside its kernel
-around the one call a user makes. A trial's ratio is ours / raw tokens/s (higher is better), but for the
-load rows ours / raw seconds (lower is better); each row shows the median ratio and the spread (lowest..highest).
+``--repeat K`` each side's trial is its fastest of K runs in a row (a shared host's interference only slows).
+Each trial is timed inside its kernel around the one call a user makes. A trial's ratio is ours / raw tokens/s
+(higher is better), but for the load rows ours / raw seconds (lower is better); each row shows the median ratio
+and the spread (lowest..highest).
 
   load, cold      fresh kernels: %load_ext + %vllm_load / import vllm + LLM(...); page cache warmed first,
                   and torch.compile's cache by a load before the clock (a user's every load but the first)
@@ -392,6 +393,7 @@ def main() -> None:
     a = ap.parse_args()
     global REPEAT
     REPEAT = max(1, a.repeat)
+    a.trials += a.trials % 2  # each side first as often as the other (``_paired`` rounds up too)
     if a.kernel_nice is not None:
         kernel_driver.YIELD_NICE = a.kernel_nice
     if a.model:
@@ -405,7 +407,7 @@ def main() -> None:
         flags = [*flags, "--gpu-memory-utilization", "0.4"]
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"} if not shutil.which("nvidia-smi") else {}
     wanted = set(a.rows.split(","))
-    results: dict = {"model": model, "flags": flags, "tokens": a.tokens, "trials": a.trials + a.trials % 2,
+    results: dict = {"model": model, "flags": flags, "tokens": a.tokens, "trials": a.trials,
                      "repeat": a.repeat, "rows": {}}
     rows = results["rows"] = _Rows(lambda: _save(results, a.json))
     if "scaling" in wanted:  # first, in kernels of its own (no other engine holding the GPUs' memory)
@@ -486,7 +488,7 @@ def main() -> None:
 def _report(model: str, flags: list[str], a, results: dict) -> None:
     """The table of rows, the bandwidth bound of a stream row, CPU-seconds; the JSON saved."""
     rows = results["rows"]
-    print(f"\nreal Jupyter kernels, {model} {' '.join(flags)}; {a.trials + a.trials % 2} paired trials per row"
+    print(f"\nreal Jupyter kernels, {model} {' '.join(flags)}; {a.trials} paired trials per row"
           + (f", each side's fastest of {a.repeat} runs a trial" if a.repeat > 1 else ""))
     print(f"{'row':<28}{'ours / raw':>11}{'spread':>16}{'ours':>14}{'raw':>14}")
     for name, row in rows.items():

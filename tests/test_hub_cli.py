@@ -301,4 +301,5 @@ def test_run_executes_a_notebook_in_a_kernel_on_ipc_and_leaves_nothing(tmp_path)
     assert transport == "ipc" and os.path.dirname(connection) == str(folder), line
     assert "without encryption" not in out.stderr  # Jupyter's warning about a TCP kernel
     assert "probe-bar" not in out.stdout, out.stdout  # a progress widget's text is its first state: "0%"
-    assert not [p for p in os.listdir(folder) if p.startswith(os.path.basename(connection)[:-5])]  # sockets, file
+    stem = os.path.basename(connection).removesuffix(".json")
+    assert not [p for p in os.listdir(folder) if p == f"{stem}.json" or p.startswith(f"{stem}-ipc-")]  # all removed

@@ -144,24 +144,32 @@ PROMPTS = [f"Story number {i}:" for i in range(8)]
 
 
 @pytest.mark.slow
-def test_an_interrupted_batch_resumes_with_only_the_missing_prompts(engine, book):
+def test_an_interrupted_batch_resumes_with_only_the_missing_prompts(engine, book, tmp_path):
+    from vllm_notebook.engine import journal
+
     greedy = engine.params(None, {"max_tokens": 24, "temperature": 0})
     reference = engine.run(PROMPTS, greedy, journal_results=False)
-    stop, finished = threading.Event(), []
+    # Five prompts end at their 5th token, three run on to the 21st or 24th, and the stop comes with the 3rd result.
+    # On a loaded machine the three may end before the abort lands, and what ends first is kept (nothing computed is
+    # lost): then nothing is missing and the run is tried again, on a journal of its own (CI saw all 8 kept once).
+    for attempt in range(3):
+        if attempt:
+            book = journal.at(tmp_path / f"attempt-{attempt}.vllm-journal.jsonl")
+            journal.configure(path=str(book.path))
+        stop, finished = threading.Event(), []
 
-    def stop_after_three(i, out):
-        if out.finished:
-            finished.append(i)
-            if len(finished) == 3:
-                stop.set()
+        def stop_after_three(i, out):
+            if out.finished:
+                finished.append(i)
+                if len(finished) == 3:
+                    stop.set()
 
-    first = engine.run(PROMPTS, greedy, on_output=stop_after_three, stop_event=stop)
+        first = engine.run(PROMPTS, greedy, on_output=stop_after_three, stop_event=stop)
+        kept = sum(1 for r in book.records() if r["kind"] == "result")
+        if kept < len(PROMPTS):
+            break
     assert first.interrupted
-    kept = sum(1 for r in book.records() if r["kind"] == "result")
-    # Five prompts end at their 5th token, three run on to the 21st or 24th. Those three are aborted once the stop
-    # lands; on a loaded machine they may end first, and what ends before the abort is kept (nothing computed is
-    # lost). The arithmetic below holds either way; test_a_batch_cut_by_engine_death_... cuts for certain.
-    assert 3 <= kept <= len(PROMPTS)
+    assert 3 <= kept < len(PROMPTS)
     before = engine.stats.requests
     again = engine.run(PROMPTS, greedy)
     assert again.reused == kept and engine.stats.requests - before == len(PROMPTS) - kept

@@ -12,7 +12,8 @@ import time
 from . import __version__, private
 from .cluster.allocation import REPLICA_ENV, Allocation
 from .cluster.plan import replica_share
-from .cluster.notebook_job import KERNEL_TRANSPORT, configure_ipc_kernels, connection_lines, install_kernel, jupyter, sbatch_template
+from .cluster.notebook_job import (KERNEL_TRANSPORT, configure_ipc_kernels, connection_lines, install_kernel, jupyter,
+                                   sbatch_template)
 from .doctor import diagnose
 from .errors import UsageError, VllmNotebookError
 from .loader import load_from_argv, visible_gpus
